@@ -1,0 +1,316 @@
+//! The command line: parses arguments, runs one command, maps the result to an exit code.
+//!
+//! Exit codes: 0 success; 1 the command ran but something failed (a message could not be
+//! stored, the database is down); 2 bad usage or bad configuration.
+
+use crate::config::Config;
+use crate::ingest::{self, Outcome, Pipeline};
+use crate::logging::{self, LogFormat};
+use crate::store;
+use clap::{Parser, Subcommand};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Exit code: the command ran, and something in it failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: bad usage or bad configuration.
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "mail2ticket",
+    version,
+    about = "Email to helpdesk tickets in Postgres, exactly once"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "MAIL2TICKET_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The configuration file.
+    #[arg(long, short = 'c', env = "MAIL2TICKET_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the configuration file and report every problem found.
+    CheckConfig(ConfigArg),
+    /// Apply pending database migrations.
+    Migrate(ConfigArg),
+    /// Turn raw RFC 5322 messages (files, directories, or stdin) into tickets.
+    Ingest {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The parser (mailbox) the messages belong to.
+        #[arg(long, short = 'p')]
+        parser: String,
+        /// Message files, or directories read recursively (hidden files skipped);
+        /// none or `-` reads one message from stdin.
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Runs the program and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::CheckConfig(args) => match load_config(&args.config) {
+            Ok(config) => {
+                println!(
+                    "{}: OK ({} parser(s), {} active; {} credential(s))",
+                    config.path.display(),
+                    config.parsers.len(),
+                    config
+                        .parsers
+                        .iter()
+                        .filter(|p| p.status == crate::config::ParserStatus::Active)
+                        .count(),
+                    config.credentials.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Migrate(args) => {
+            let config = match load_config(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match connect_and_migrate(&config).await {
+                Ok(_) => {
+                    println!("database schema is up to date");
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            }
+        }
+        Command::Ingest {
+            config,
+            parser,
+            files,
+        } => {
+            let config = match load_config(&config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            ingest_command(&config, &parser, files).await
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+async fn connect_and_migrate(config: &Config) -> Result<sqlx::PgPool, ExitCode> {
+    let pool = store::connect(&config.database).await.map_err(|e| {
+        eprintln!("error: cannot connect to the database: {e}");
+        ExitCode::from(EXIT_FAILED)
+    })?;
+    store::migrate(&pool).await.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_FAILED)
+    })?;
+    Ok(pool)
+}
+
+/// One message to ingest: where it came from, for the report.
+enum Input {
+    Stdin,
+    File(PathBuf),
+}
+
+impl Input {
+    fn label(&self) -> String {
+        match self {
+            Input::Stdin => "<stdin>".to_string(),
+            Input::File(p) => p.display().to_string(),
+        }
+    }
+
+    fn read(&self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Input::Stdin => {
+                let mut raw = Vec::new();
+                std::io::stdin().lock().read_to_end(&mut raw)?;
+                Ok(raw)
+            }
+            Input::File(p) => std::fs::read(p),
+        }
+    }
+}
+
+/// Expands directories (recursively, sorted, hidden entries skipped) into files.
+fn collect_inputs(args: Vec<PathBuf>) -> Result<Vec<Input>, String> {
+    if args.is_empty() {
+        return Ok(vec![Input::Stdin]);
+    }
+    let mut inputs = Vec::new();
+    for arg in args {
+        if arg.as_os_str() == "-" {
+            inputs.push(Input::Stdin);
+        } else if arg.is_dir() {
+            walk(&arg, &mut inputs)
+                .map_err(|e| format!("cannot read directory {}: {e}", arg.display()))?;
+        } else {
+            inputs.push(Input::File(arg));
+        }
+    }
+    Ok(inputs)
+}
+
+fn walk(dir: &Path, out: &mut Vec<Input>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            walk(&path, out)?;
+        } else {
+            out.push(Input::File(path));
+        }
+    }
+    Ok(())
+}
+
+async fn ingest_command(config: &Config, parser_name: &str, files: Vec<PathBuf>) -> ExitCode {
+    let Some(parser) = config.parser(parser_name) else {
+        let known: Vec<&str> = config.parsers.iter().map(|p| p.name.as_str()).collect();
+        eprintln!(
+            "{}: no [[parser]] is named {parser_name:?} (defined: {known:?})",
+            config.path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let inputs = match collect_inputs(files) {
+        Ok(inputs) => inputs,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let pool = match connect_and_migrate(config).await {
+        Ok(pool) => pool,
+        Err(code) => return code,
+    };
+    let pipeline = Pipeline::from(parser);
+    let mut tally = Tally::default();
+    let total = inputs.len();
+    for (index, input) in inputs.iter().enumerate() {
+        let label = input.label();
+        let raw = match input.read() {
+            Ok(raw) => raw,
+            Err(e) => {
+                println!("failed       {label}: cannot read: {e}");
+                tally.failed += 1;
+                continue;
+            }
+        };
+        match ingest::ingest_one(&pool, &pipeline, &raw).await {
+            Ok(outcome) => {
+                println!("{}", describe(&outcome, &label));
+                tally.count(&outcome);
+            }
+            Err(e) => {
+                println!("failed       {label}: {e}");
+                tally.failed += 1;
+                tally.not_attempted = total - index - 1;
+                tracing::error!(parser = parser_name, error = %e, "stopping: a message could not be stored");
+                break;
+            }
+        }
+    }
+    println!("{}", tally.summary());
+    if tally.failed == 0 && tally.not_attempted == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
+}
+
+fn describe(outcome: &Outcome, label: &str) -> String {
+    match outcome {
+        Outcome::Created { ticket_id } => format!("created      ticket {ticket_id:<8} {label}"),
+        Outcome::Duplicate { ticket_id } => format!("duplicate    ticket {ticket_id:<8} {label}"),
+        Outcome::Quarantined { id, reason } => {
+            format!("quarantined  #{id:<13} {label}: {reason}")
+        }
+        Outcome::DuplicateQuarantined { id } => {
+            format!("duplicate    quarantine #{id:<2} {label}")
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    created: usize,
+    duplicate: usize,
+    quarantined: usize,
+    failed: usize,
+    not_attempted: usize,
+}
+
+impl Tally {
+    fn count(&mut self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Created { .. } => self.created += 1,
+            Outcome::Duplicate { .. } | Outcome::DuplicateQuarantined { .. } => self.duplicate += 1,
+            Outcome::Quarantined { .. } => self.quarantined += 1,
+        }
+    }
+
+    fn summary(&self) -> String {
+        let mut s = format!(
+            "summary: {} created, {} duplicate, {} quarantined, {} failed",
+            self.created, self.duplicate, self.quarantined, self.failed
+        );
+        if self.not_attempted > 0 {
+            s.push_str(&format!(", {} not attempted", self.not_attempted));
+        }
+        s
+    }
+}

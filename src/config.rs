@@ -1,0 +1,833 @@
+//! The TOML configuration: schema, loading, validation.
+//!
+//! Loading is two steps: serde reads the file into `Raw*` structs (unknown keys are errors,
+//! with line and column from the TOML parser), then [`Config::load`] checks what serde
+//! cannot (references between tables, required keys per credential type, unsafe settings)
+//! and resolves secrets. Every error names the file, the key and what to do about it, and
+//! all of them are reported at once so that one `check-config` run shows everything.
+
+use crate::secret::SecretSource;
+use secrecy::SecretString;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Environment variable that overrides `[database] url` (containers pass the URL this way).
+pub const DATABASE_URL_ENV: &str = "MAIL2TICKET_DATABASE_URL";
+/// Default `authority` for Entra ID token requests.
+pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+/// Default scope for app-only IMAP access to Exchange Online.
+pub const DEFAULT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Default largest message turned into a ticket: 35 MiB, Exchange Online's default limit.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 35 * 1024 * 1024;
+
+/// The validated configuration the program runs with.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it was loaded from (for messages).
+    pub path: PathBuf,
+    /// Where tickets are stored.
+    pub database: DatabaseConfig,
+    /// OAuth identities, each usable by many parsers.
+    pub credentials: Vec<CredentialConfig>,
+    /// The mailboxes read into tickets.
+    pub parsers: Vec<ParserConfig>,
+}
+
+/// `[database]`: the Postgres that holds tickets.
+#[derive(Debug)]
+pub struct DatabaseConfig {
+    /// Connection URL; may hold a password, hence secret.
+    pub url: SecretString,
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+/// Which OAuth flow a credential uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    /// Entra ID app-only access (client credentials grant).
+    ClientCredentials,
+}
+
+/// `[[credential]]`: an OAuth identity. Many parsers may share one (one token cache).
+#[derive(Debug)]
+pub struct CredentialConfig {
+    /// Name parsers refer to.
+    pub name: String,
+    /// The OAuth flow.
+    pub kind: CredentialKind,
+    /// Entra "Directory ID".
+    pub tenant_id: String,
+    /// Entra "Application ID".
+    pub client_id: String,
+    /// The application's client secret.
+    pub client_secret: SecretString,
+    /// Token endpoint base, e.g. `https://login.microsoftonline.com`.
+    pub authority: String,
+    /// Requested scope.
+    pub scope: String,
+}
+
+/// Whether a parser runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParserStatus {
+    /// Polled by `run`.
+    Active,
+    /// Kept in the file but not polled (ingest still accepts it explicitly).
+    Inactive,
+}
+
+/// How a parser authenticates to its IMAP server.
+#[derive(Debug)]
+pub enum ParserAuth {
+    /// XOAUTH2 with a token from the named `[[credential]]`.
+    Credential(String),
+    /// Plain LOGIN with a password (non-Microsoft servers).
+    Password(SecretString),
+}
+
+/// `[[parser]]`: one mailbox read into tickets (an "Email Parser").
+#[derive(Debug)]
+pub struct ParserConfig {
+    /// Unique name, the key of this parser's rows in the database.
+    pub name: String,
+    /// The mailbox read (for Microsoft 365: the shared mailbox address).
+    pub email: String,
+    /// The identity that logs in (defaults to `email`).
+    pub username: String,
+    /// XOAUTH2 `user=` is `email` when true, `username` when false.
+    pub shared_mailbox: bool,
+    /// Active or inactive.
+    pub status: ParserStatus,
+    /// Store attachments with the ticket.
+    pub add_attachments: bool,
+    /// Add Cc (and other To) addresses as ticket participants.
+    pub add_ccs: bool,
+    /// How to log in.
+    pub auth: ParserAuth,
+    /// Messages larger than this (bytes) are quarantined instead of ticketed.
+    pub max_message_size: u64,
+    /// The IMAP server.
+    pub imap: ImapConfig,
+}
+
+impl ParserConfig {
+    /// The `user=` of XOAUTH2 (and the LOGIN user): the mailbox to open.
+    pub fn login_user(&self) -> &str {
+        if self.shared_mailbox {
+            &self.email
+        } else {
+            &self.username
+        }
+    }
+}
+
+/// Transport security of the IMAP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encryption {
+    /// Implicit TLS (port 993).
+    Ssl,
+    /// Plain connection upgraded with STARTTLS.
+    Starttls,
+    /// No encryption: refused to non-loopback hosts unless `allow_insecure = true`.
+    None,
+}
+
+/// `[parser.imap]`: where the mailbox lives.
+#[derive(Debug, Clone)]
+pub struct ImapConfig {
+    /// Server host name.
+    pub host: String,
+    /// Server port.
+    pub port: u16,
+    /// Transport security.
+    pub encryption: Encryption,
+    /// Folder searched for new mail.
+    pub folder: String,
+    /// Extra trust root (PEM) besides the system's web roots.
+    pub ca_file: Option<PathBuf>,
+    /// Allow `encryption = "none"` to a non-loopback host.
+    pub allow_insecure: bool,
+}
+
+// ---------------------------------------------------------------------------------------
+// The file as serde reads it.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database: Option<RawDatabase>,
+    #[serde(default)]
+    credential: Vec<Spanned<RawCredential>>,
+    #[serde(default)]
+    parser: Vec<Spanned<RawParser>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<SecretSource>,
+    #[serde(default = "default_max_connections")]
+    max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    5
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    name: String,
+    #[serde(rename = "type")]
+    kind: CredentialKind,
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<SecretSource>,
+    authority: Option<String>,
+    scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParser {
+    name: String,
+    email: String,
+    username: Option<String>,
+    #[serde(default)]
+    shared_mailbox: bool,
+    #[serde(default = "default_status")]
+    status: ParserStatus,
+    #[serde(default = "yes")]
+    add_attachments: bool,
+    #[serde(default)]
+    add_ccs: bool,
+    credential: Option<String>,
+    password: Option<SecretSource>,
+    max_message_size: Option<ByteSize>,
+    imap: RawImap,
+}
+
+fn default_status() -> ParserStatus {
+    ParserStatus::Active
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImap {
+    host: String,
+    #[serde(default = "default_port")]
+    port: u16,
+    #[serde(default = "default_encryption")]
+    encryption: Encryption,
+    #[serde(default = "default_folder")]
+    folder: String,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_insecure: bool,
+}
+
+fn default_port() -> u16 {
+    993
+}
+
+fn default_encryption() -> Encryption {
+    Encryption::Ssl
+}
+
+fn default_folder() -> String {
+    "INBOX".to_string()
+}
+
+/// A size written as bytes (`36700160`) or with a unit (`"35 MB"`, `"512KiB"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            ByteSize::Bytes(n) => Ok(*n),
+            ByteSize::Text(text) => parse_byte_size(text),
+        }
+    }
+}
+
+/// Parses "35 MB", "35MiB", "900 kB", "1G" (binary multiples: a mail admin's MB is 2^20).
+fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size; write e.g. 36700160 or \"35 MB\""))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}`; use B, KB, MB or GB")),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors.
+
+/// One problem in the configuration file, located as precisely as we can.
+#[derive(Debug, Clone)]
+pub struct ConfigProblem {
+    /// Dotted key path, e.g. `parser[1].imap.port` (empty for a syntax error).
+    pub key: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// The problems, in file order where known.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.path.display())?;
+            if let Some(line) = p.line {
+                write!(f, ":{line}")?;
+            }
+            if p.key.is_empty() {
+                write!(f, ": {}", p.message)?;
+            } else {
+                write!(f, ": key `{}`: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems with the line of the table they belong to.
+struct Problems<'a> {
+    text: &'a str,
+    list: Vec<ConfigProblem>,
+}
+
+impl Problems<'_> {
+    fn add(
+        &mut self,
+        key: impl Into<String>,
+        span_start: Option<usize>,
+        message: impl Into<String>,
+    ) {
+        let line = span_start.map(|offset| line_of(self.text, offset));
+        self.list.push(ConfigProblem {
+            key: key.into(),
+            line,
+            message: message.into(),
+        });
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading.
+
+impl Config {
+    /// Reads, validates and resolves a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |message: String| ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![ConfigProblem {
+                key: String::new(),
+                line: None,
+                message,
+            }],
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Validates configuration text; `path` is used for messages and relative paths.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            ConfigError {
+                path: path.to_path_buf(),
+                problems: vec![ConfigProblem {
+                    key: String::new(),
+                    line,
+                    message: e.message().trim_end().to_string(),
+                }],
+            }
+        })?;
+        let config_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let mut problems = Problems {
+            text,
+            list: Vec::new(),
+        };
+        let database = validate_database(raw.database, &config_dir, &mut problems);
+        let credentials = validate_credentials(&raw.credential, &config_dir, &mut problems);
+        let parsers = validate_parsers(&raw.parser, &credentials, &config_dir, &mut problems);
+        if !problems.list.is_empty() {
+            return Err(ConfigError {
+                path: path.to_path_buf(),
+                problems: problems.list,
+            });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            database: database.expect("no problems means a database"),
+            credentials,
+            parsers,
+        })
+    }
+
+    /// The parser of that name.
+    pub fn parser(&self, name: &str) -> Option<&ParserConfig> {
+        self.parsers.iter().find(|p| p.name == name)
+    }
+}
+
+fn validate_database(
+    raw: Option<RawDatabase>,
+    config_dir: &Path,
+    problems: &mut Problems,
+) -> Option<DatabaseConfig> {
+    let max_connections = raw.as_ref().map_or(5, |d| d.max_connections);
+    if max_connections == 0 {
+        problems.add("database.max_connections", None, "must be at least 1");
+    }
+    let url = match std::env::var(DATABASE_URL_ENV) {
+        Ok(url) if !url.is_empty() => SecretString::from(url),
+        _ => match raw.and_then(|d| d.url) {
+            Some(source) => match source.resolve(config_dir) {
+                Ok(url) => url,
+                Err(e) => {
+                    problems.add("database.url", None, e);
+                    return None;
+                }
+            },
+            None => {
+                problems.add(
+                    "database.url",
+                    None,
+                    format!("missing: set [database] url = \"postgres://...\" or the environment variable {DATABASE_URL_ENV}"),
+                );
+                return None;
+            }
+        },
+    };
+    Some(DatabaseConfig {
+        url,
+        max_connections,
+    })
+}
+
+fn validate_credentials(
+    raw: &[Spanned<RawCredential>],
+    config_dir: &Path,
+    problems: &mut Problems,
+) -> Vec<CredentialConfig> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, spanned) in raw.iter().enumerate() {
+        let at = Some(spanned.span().start);
+        let c = spanned.get_ref();
+        let key = |field: &str| format!("credential[{i}].{field}");
+        if c.name.trim().is_empty() {
+            problems.add(key("name"), at, "must not be empty");
+        } else if !seen.insert(c.name.clone()) {
+            problems.add(
+                key("name"),
+                at,
+                format!(
+                    "a credential named {:?} is already defined; names must be unique",
+                    c.name
+                ),
+            );
+        }
+        let mut required = |field: &str, value: &Option<String>| -> String {
+            match value.as_deref().map(str::trim) {
+                Some(v) if !v.is_empty() => v.to_string(),
+                _ => {
+                    problems.add(
+                        key(field),
+                        at,
+                        format!(
+                            "missing: a {:?} credential needs {field}",
+                            "client_credentials"
+                        ),
+                    );
+                    String::new()
+                }
+            }
+        };
+        let tenant_id = required("tenant_id", &c.tenant_id);
+        let client_id = required("client_id", &c.client_id);
+        let client_secret = match &c.client_secret {
+            Some(source) => source.resolve(config_dir).unwrap_or_else(|e| {
+                problems.add(key("client_secret"), at, e);
+                SecretString::from(String::new())
+            }),
+            None => {
+                problems.add(
+                    key("client_secret"),
+                    at,
+                    "missing: set client_secret = { env = \"VAR\" } (or { file = \"...\" })",
+                );
+                SecretString::from(String::new())
+            }
+        };
+        let authority = c
+            .authority
+            .clone()
+            .unwrap_or_else(|| DEFAULT_AUTHORITY.to_string())
+            .trim_end_matches('/')
+            .to_string();
+        if !(authority.starts_with("https://") || authority.starts_with("http://")) {
+            problems.add(
+                key("authority"),
+                at,
+                format!("must be an http(s) URL such as {DEFAULT_AUTHORITY}"),
+            );
+        }
+        out.push(CredentialConfig {
+            name: c.name.clone(),
+            kind: c.kind,
+            tenant_id,
+            client_id,
+            client_secret,
+            authority,
+            scope: c
+                .scope
+                .clone()
+                .unwrap_or_else(|| DEFAULT_APP_SCOPE.to_string()),
+        });
+    }
+    out
+}
+
+fn validate_parsers(
+    raw: &[Spanned<RawParser>],
+    credentials: &[CredentialConfig],
+    config_dir: &Path,
+    problems: &mut Problems,
+) -> Vec<ParserConfig> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, spanned) in raw.iter().enumerate() {
+        let at = Some(spanned.span().start);
+        let p = spanned.get_ref();
+        let key = |field: &str| format!("parser[{i}].{field}");
+        let name = p.name.trim().to_string();
+        if name.is_empty() || name.chars().any(char::is_control) {
+            problems.add(
+                key("name"),
+                at,
+                "must be a non-empty name without control characters",
+            );
+        } else if !seen.insert(name.clone()) {
+            problems.add(
+                key("name"),
+                at,
+                format!("a parser named {name:?} is already defined; names must be unique (they key the database rows)"),
+            );
+        }
+        if !looks_like_address(&p.email) {
+            problems.add(
+                key("email"),
+                at,
+                format!("{:?} is not an email address", p.email),
+            );
+        }
+        let username = p.username.clone().unwrap_or_else(|| p.email.clone());
+        if !looks_like_address(&username) {
+            problems.add(
+                key("username"),
+                at,
+                format!("{username:?} is not an email address"),
+            );
+        }
+        let auth = match (&p.credential, &p.password) {
+            (Some(_), Some(_)) => {
+                problems.add(
+                    key("credential"),
+                    at,
+                    "set either credential (OAuth) or password (plain LOGIN), not both",
+                );
+                None
+            }
+            (None, None) => {
+                problems.add(
+                    key("credential"),
+                    at,
+                    "missing: name a [[credential]] (credential = \"...\") or set password = { env = \"VAR\" }",
+                );
+                None
+            }
+            (Some(name), None) => {
+                if !credentials.iter().any(|c| &c.name == name) {
+                    let known: Vec<&str> = credentials.iter().map(|c| c.name.as_str()).collect();
+                    problems.add(
+                        key("credential"),
+                        at,
+                        format!("no [[credential]] is named {name:?} (defined: {known:?}); fix the name or add that credential"),
+                    );
+                }
+                Some(ParserAuth::Credential(name.clone()))
+            }
+            (None, Some(source)) => match source.resolve(config_dir) {
+                Ok(secret) => Some(ParserAuth::Password(secret)),
+                Err(e) => {
+                    problems.add(key("password"), at, e);
+                    None
+                }
+            },
+        };
+        let max_message_size = match &p.max_message_size {
+            None => DEFAULT_MAX_MESSAGE_SIZE,
+            Some(size) => size.bytes().unwrap_or_else(|e| {
+                problems.add(key("max_message_size"), at, e);
+                DEFAULT_MAX_MESSAGE_SIZE
+            }),
+        };
+        if max_message_size == 0 {
+            problems.add(key("max_message_size"), at, "must be larger than 0");
+        }
+        let imap = &p.imap;
+        if imap.host.trim().is_empty() {
+            problems.add(key("imap.host"), at, "must not be empty");
+        }
+        if imap.port == 0 {
+            problems.add(
+                key("imap.port"),
+                at,
+                "must be 1-65535 (993 for ssl, 143 for starttls)",
+            );
+        }
+        if imap.folder.trim().is_empty() {
+            problems.add(
+                key("imap.folder"),
+                at,
+                "must not be empty (INBOX is the default)",
+            );
+        }
+        if imap.encryption == Encryption::None && !imap.allow_insecure && !is_loopback(&imap.host) {
+            problems.add(
+                key("imap.encryption"),
+                at,
+                format!("\"none\" sends the login in clear text to {}; use \"ssl\" or \"starttls\", or set allow_insecure = true if you really mean it", imap.host),
+            );
+        }
+        let ca_file = imap.ca_file.as_ref().map(|f| config_dir.join(f));
+        if let Some(f) = &ca_file
+            && !f.is_file()
+        {
+            problems.add(
+                key("imap.ca_file"),
+                at,
+                format!("{} is not a readable file", f.display()),
+            );
+        }
+        let Some(auth) = auth else { continue };
+        out.push(ParserConfig {
+            name,
+            email: p.email.trim().to_string(),
+            username: username.trim().to_string(),
+            shared_mailbox: p.shared_mailbox,
+            status: p.status,
+            add_attachments: p.add_attachments,
+            add_ccs: p.add_ccs,
+            auth,
+            max_message_size,
+            imap: ImapConfig {
+                host: imap.host.trim().to_string(),
+                port: imap.port,
+                encryption: imap.encryption,
+                folder: imap.folder.clone(),
+                ca_file,
+                allow_insecure: imap.allow_insecure,
+            },
+        });
+    }
+    out
+}
+
+fn looks_like_address(s: &str) -> bool {
+    let s = s.trim();
+    matches!(s.split_once('@'), Some((local, domain)) if !local.is_empty() && !domain.is_empty() && !s.contains(char::is_whitespace))
+}
+
+/// True for `localhost` and loopback IP literals: the only places plaintext IMAP is allowed
+/// without `allow_insecure`.
+pub fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[database]
+url = "postgres://localhost/x"
+
+[[credential]]
+name = "app"
+type = "client_credentials"
+tenant_id = "t"
+client_id = "c"
+client_secret = "s3cr3t-value"
+
+[[parser]]
+name = "support"
+email = "support@contoso.com"
+username = "helpdesk@contoso.com"
+shared_mailbox = true
+credential = "app"
+max_message_size = "10 MB"
+[parser.imap]
+host = "outlook.office365.com"
+"#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("/etc/m2t.toml"), text)
+    }
+
+    #[test]
+    fn good_config_gets_defaults() {
+        let c = load(GOOD).unwrap();
+        let p = &c.parsers[0];
+        assert_eq!(p.imap.port, 993);
+        assert_eq!(p.imap.encryption, Encryption::Ssl);
+        assert_eq!(p.imap.folder, "INBOX");
+        assert!(p.add_attachments);
+        assert!(!p.add_ccs);
+        assert_eq!(p.status, ParserStatus::Active);
+        assert_eq!(p.max_message_size, 10 << 20);
+        assert_eq!(p.login_user(), "support@contoso.com");
+        assert_eq!(c.credentials[0].authority, DEFAULT_AUTHORITY);
+        assert_eq!(c.credentials[0].scope, DEFAULT_APP_SCOPE);
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = load(GOOD).unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cr3t-value"), "{debug}");
+        assert!(!debug.contains("postgres://localhost/x"), "{debug}");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = GOOD.replace("shared_mailbox = true", "shared_mailbox = true\ncolour = 1");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.starts_with("/etc/m2t.toml:"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+        assert!(
+            err.contains("m2t.toml:17:"),
+            "line number expected in {err}"
+        );
+    }
+
+    #[test]
+    fn unknown_credential_is_named_with_its_table_line() {
+        let text = GOOD.replace("credential = \"app\"", "credential = \"nope\"");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("parser[0].credential"), "{err}");
+        assert!(err.contains("\"nope\""), "{err}");
+        assert!(
+            err.contains("m2t.toml:12:"),
+            "the [[parser]] line expected in {err}"
+        );
+    }
+
+    #[test]
+    fn plaintext_imap_to_a_remote_host_is_refused() {
+        let text = GOOD.replace(
+            "host = \"outlook.office365.com\"",
+            "host = \"imap.example.com\"\nencryption = \"none\"",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("parser[0].imap.encryption"), "{err}");
+        let text = text.replace(
+            "encryption = \"none\"",
+            "encryption = \"none\"\nallow_insecure = true",
+        );
+        load(&text).unwrap();
+        let local = GOOD.replace(
+            "host = \"outlook.office365.com\"",
+            "host = \"127.0.0.1\"\nencryption = \"none\"",
+        );
+        load(&local).unwrap();
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let text = GOOD
+            .replace("tenant_id = \"t\"\n", "")
+            .replace("email = \"support@contoso.com\"", "email = \"nobody\"");
+        let err = load(&text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"credential[0].tenant_id"), "{keys:?}");
+        assert!(keys.contains(&"parser[0].email"), "{keys:?}");
+    }
+
+    #[test]
+    fn duplicate_parser_names_are_refused() {
+        let second = &GOOD[GOOD.find("[[parser]]").unwrap()..];
+        let text = format!("{GOOD}\n{second}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("already defined"), "{err}");
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_byte_size("35 MB").unwrap(), 35 << 20);
+        assert_eq!(parse_byte_size("512KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_byte_size("100").unwrap(), 100);
+        assert!(parse_byte_size("12 parsecs").is_err());
+        assert!(parse_byte_size("MB").is_err());
+    }
+}

@@ -1,0 +1,138 @@
+//! The ingest pipeline: raw message bytes to stored rows, exactly once.
+//!
+//! Every source of mail uses it: the `ingest` command (MTA pipe, .eml backfill), and the
+//! IMAP pollers. [`decide`] is pure (size limit, MIME parsing, ticket mapping);
+//! [`store_decision`] writes the result inside the caller's transaction; [`ingest_one`]
+//! does both in a transaction of its own.
+//!
+//! Nothing is dropped: a message is either a ticket message (new or already stored) or a
+//! quarantine row with its raw bytes and the reason. Only a database failure returns an
+//! error, so the caller can retry the message later.
+
+use crate::config::ParserConfig;
+use crate::store::{self, QuarantineInsert, StoreError, TicketInsert};
+use crate::ticket::{NewTicket, TicketRules};
+use sqlx::{Connection, PgConnection, PgPool};
+
+/// What one parser does with a message: its ticket rules and its size limit.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// Ticket shaping rules.
+    pub rules: TicketRules,
+    /// Messages larger than this (bytes) are quarantined.
+    pub max_message_size: u64,
+}
+
+impl From<&ParserConfig> for Pipeline {
+    fn from(p: &ParserConfig) -> Self {
+        Pipeline {
+            rules: TicketRules::from(p),
+            max_message_size: p.max_message_size,
+        }
+    }
+}
+
+/// What the pipeline decided for one message, before touching the database.
+#[derive(Debug)]
+pub enum Decision {
+    /// Open a ticket.
+    Ticket(Box<NewTicket>),
+    /// Keep the raw bytes in quarantine, for this reason.
+    Quarantine(String),
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new ticket.
+    Created {
+        /// `tickets.id`.
+        ticket_id: i64,
+    },
+    /// Stored before (same parser and Message-ID): nothing written.
+    Duplicate {
+        /// The ticket that holds it.
+        ticket_id: i64,
+    },
+    /// Kept in quarantine.
+    Quarantined {
+        /// `quarantine.id`.
+        id: i64,
+        /// Why.
+        reason: String,
+    },
+    /// The same bytes were already in quarantine: nothing written.
+    DuplicateQuarantined {
+        /// `quarantine.id`.
+        id: i64,
+    },
+}
+
+/// Decides what to do with a raw message. Pure.
+pub fn decide(pipeline: &Pipeline, raw: &[u8]) -> Decision {
+    if raw.len() as u64 > pipeline.max_message_size {
+        return Decision::Quarantine(format!(
+            "message is {} bytes, over max_message_size ({} bytes)",
+            raw.len(),
+            pipeline.max_message_size
+        ));
+    }
+    match crate::mime::parse(raw) {
+        Ok(parsed) => {
+            Decision::Ticket(Box::new(crate::ticket::new_ticket(&pipeline.rules, parsed)))
+        }
+        Err(e) => Decision::Quarantine(e.to_string()),
+    }
+}
+
+/// Writes a decision inside the caller's open transaction. If Postgres refuses the
+/// message's data (see [`StoreError::is_refused_data`]) the partial rows are rolled back
+/// to a savepoint and the message goes to quarantine instead.
+pub async fn store_decision(
+    tx: &mut PgConnection,
+    pipeline: &Pipeline,
+    decision: &Decision,
+    raw: &[u8],
+) -> Result<Outcome, StoreError> {
+    let parser = &pipeline.rules.parser;
+    let reason = match decision {
+        Decision::Quarantine(reason) => reason.clone(),
+        Decision::Ticket(ticket) => {
+            let keep_raw = (!ticket.message.warnings.is_empty()).then_some(raw);
+            let mut savepoint = tx.begin().await?;
+            match store::insert_ticket(&mut savepoint, ticket, keep_raw).await {
+                Ok(inserted) => {
+                    savepoint.commit().await?;
+                    return Ok(match inserted {
+                        TicketInsert::Created { ticket_id, .. } => Outcome::Created { ticket_id },
+                        TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
+                    });
+                }
+                Err(e) if e.is_refused_data() => {
+                    savepoint.rollback().await?;
+                    format!("the database refused the message: {e}")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    Ok(
+        match store::insert_quarantine(tx, parser, &reason, raw).await? {
+            QuarantineInsert::Created { id } => Outcome::Quarantined { id, reason },
+            QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
+        },
+    )
+}
+
+/// Decides and stores one message in a transaction of its own.
+pub async fn ingest_one(
+    pool: &PgPool,
+    pipeline: &Pipeline,
+    raw: &[u8],
+) -> Result<Outcome, StoreError> {
+    let decision = decide(pipeline, raw);
+    let mut tx = pool.begin().await?;
+    let outcome = store_decision(&mut tx, pipeline, &decision, raw).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}

@@ -1,0 +1,25 @@
+//! mail2ticket: email to helpdesk tickets in Postgres, exactly once.
+//!
+//! Code map (one module, one job):
+//! - [`config`]: the TOML file: schema, validation, errors that name file, key and fix.
+//! - [`secret`]: secret values (inline, env, file) that never print.
+//! - [`mime`]: raw bytes to [`mime::ParsedMessage`]; pure, no IO.
+//! - [`ticket`]: parsed message to [`ticket::NewTicket`] rows; pure, no IO.
+//! - [`store`]: the only module that speaks SQL; migrations are embedded.
+//! - [`ingest`]: the pipeline every mail source uses: decide (pure), then store in one
+//!   transaction, or quarantine.
+//! - [`cli`]: the command-line interface behind `main.rs`.
+//! - [`logging`]: log format and filter.
+//!
+//! Invariants: `mime` and `ticket` do no IO; only `store` speaks SQL; a message is either
+//! stored (once per parser and Message-ID) or quarantined with its raw bytes, never
+//! dropped; secrets never reach logs, errors or Debug output.
+
+pub mod cli;
+pub mod config;
+pub mod ingest;
+pub mod logging;
+pub mod mime;
+pub mod secret;
+pub mod store;
+pub mod ticket;

@@ -1,0 +1,506 @@
+//! Raw RFC 5322 bytes to a [`ParsedMessage`]: pure code, no IO, no SQL.
+//!
+//! mail-parser does the MIME work; this module decides what the ticket pipeline needs from
+//! it and guards the parser's known weak spots:
+//! - every string handed on is free of NUL (Postgres rejects NUL in `text`);
+//! - attachment names are reduced to a bare file name, never a path;
+//! - inline-ness of an attachment is decided here from Content-ID and the HTML, since
+//!   mail-parser reports `cid:` images among the attachments;
+//! - a `--boundary` that is not a real delimiter line makes mail-parser 0.11 cut the part
+//!   (and, followed by `--`, drop every later part) silently: such messages carry a
+//!   warning so the raw bytes are kept with the ticket (see [`BOUNDARY_WARNING`]).
+
+use chrono::{DateTime, Utc};
+use mail_parser::{Address, HeaderName, HeaderValue, MessageParser, MimeHeaders, PartType};
+use sha2::{Digest, Sha256};
+
+/// Warning attached to a message in which a boundary string appears off a delimiter line.
+pub const BOUNDARY_WARNING: &str = "a MIME boundary appears inside a part, not on a delimiter line: the body may be cut short; the raw message is kept";
+/// Message-IDs longer than this are replaced by a hash (a btree index entry must stay small).
+pub const MAX_MESSAGE_ID_LEN: usize = 512;
+/// Longest attachment file name kept, in bytes.
+const MAX_FILENAME_LEN: usize = 200;
+/// Domain of Message-IDs we make up; `.invalid` can never collide with a real one.
+const DERIVED_ID_DOMAIN: &str = "mail2ticket.invalid";
+
+/// Why raw bytes could not be read as an email at all (the message goes to quarantine).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Zero bytes.
+    #[error("the message is empty")]
+    Empty,
+    /// No RFC 5322 header fields could be read.
+    #[error("not an RFC 5322 message: no header fields could be read")]
+    NoHeaders,
+}
+
+/// One address from a header: the address itself and the display name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mailbox {
+    /// The address as written (trimmed, without angle brackets).
+    pub email: String,
+    /// The display name, when there is one.
+    pub name: Option<String>,
+}
+
+/// An attachment or inline part, decoded.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    /// A safe file name (no directories, no control characters, never empty).
+    pub filename: String,
+    /// Lower-case `type/subtype`.
+    pub content_type: String,
+    /// Decoded content.
+    pub content: Vec<u8>,
+    /// Hex SHA-256 of `content`.
+    pub sha256: String,
+    /// Content-ID without angle brackets.
+    pub content_id: Option<String>,
+    /// True when the HTML body shows it through `cid:`.
+    pub is_inline: bool,
+}
+
+/// Everything the ticket pipeline uses from one message.
+#[derive(Debug, Clone)]
+pub struct ParsedMessage {
+    /// Message-ID without angle brackets; made up from the content when missing.
+    pub message_id: String,
+    /// True when `message_id` was made up here.
+    pub message_id_derived: bool,
+    /// First In-Reply-To id.
+    pub in_reply_to: Option<String>,
+    /// References ids, oldest first.
+    pub references: Vec<String>,
+    /// Decoded subject ("" when missing).
+    pub subject: String,
+    /// From addresses.
+    pub from: Vec<Mailbox>,
+    /// Sender address.
+    pub sender: Option<Mailbox>,
+    /// Reply-To addresses.
+    pub reply_to: Vec<Mailbox>,
+    /// Return-Path address.
+    pub return_path: Option<String>,
+    /// To addresses.
+    pub to: Vec<Mailbox>,
+    /// Cc addresses.
+    pub cc: Vec<Mailbox>,
+    /// Date header, when present and valid.
+    pub date: Option<DateTime<Utc>>,
+    /// Plain text body (from text/plain parts, else converted from HTML).
+    pub body_text: String,
+    /// HTML body, unsanitized, when the message has one.
+    pub body_html: Option<String>,
+    /// Attachments and inline parts.
+    pub attachments: Vec<Attachment>,
+    /// Things a person should know about how this message was read.
+    pub warnings: Vec<String>,
+    /// Size of the raw message in bytes.
+    pub raw_size: usize,
+}
+
+/// Parses one raw message.
+pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
+    if raw.is_empty() {
+        return Err(ParseError::Empty);
+    }
+    let message = MessageParser::default()
+        .parse(raw)
+        .ok_or(ParseError::NoHeaders)?;
+    // mail-parser turns any first line into a "header"; require one real field name
+    // (RFC 5322 ftext: printable ASCII without space or colon).
+    let has_real_header = message.root_part().headers().iter().any(|h| {
+        let name = h.name();
+        !name.is_empty() && name.bytes().all(|b| (33..=126).contains(&b) && b != b':')
+    });
+    if !has_real_header {
+        return Err(ParseError::NoHeaders);
+    }
+    let mut warnings = Vec::new();
+
+    let (message_id, message_id_derived) = match first_id(message.header(HeaderName::MessageId)) {
+        Some(id) if id.len() <= MAX_MESSAGE_ID_LEN => (id, false),
+        Some(id) => {
+            warnings.push(format!(
+                "Message-ID was {} bytes long; replaced by a hash of it",
+                id.len()
+            ));
+            (
+                format!("long.{}@{DERIVED_ID_DOMAIN}", hex_sha256(id.as_bytes())),
+                true,
+            )
+        }
+        None => (derived_message_id(raw), true),
+    };
+    let in_reply_to =
+        first_id(message.header(HeaderName::InReplyTo)).filter(|id| id.len() <= MAX_MESSAGE_ID_LEN);
+    let references = all_ids(message.header(HeaderName::References))
+        .into_iter()
+        .filter(|id| id.len() <= MAX_MESSAGE_ID_LEN)
+        .collect();
+
+    let date = message
+        .date()
+        .filter(|d| d.is_valid())
+        .and_then(|d| DateTime::from_timestamp(d.to_timestamp(), 0));
+
+    let (body_text, body_html) = bodies(&message, &mut warnings);
+    let attachments = attachments(&message, body_html.as_deref());
+    if has_misplaced_boundary(&message, raw) {
+        warnings.push(BOUNDARY_WARNING.to_string());
+    }
+
+    Ok(ParsedMessage {
+        message_id,
+        message_id_derived,
+        in_reply_to,
+        references,
+        subject: clean(message.subject().unwrap_or_default()),
+        from: mailboxes(message.from()),
+        sender: mailboxes(message.sender()).into_iter().next(),
+        reply_to: mailboxes(message.reply_to()),
+        return_path: message
+            .return_address()
+            .map(|a| clean(a.trim().trim_matches(|c| c == '<' || c == '>')))
+            .filter(|a| !a.is_empty()),
+        to: mailboxes(message.to()),
+        cc: mailboxes(message.cc()),
+        date,
+        body_text,
+        body_html,
+        attachments,
+        warnings,
+        raw_size: raw.len(),
+    })
+}
+
+/// A stable Message-ID for a message without one: the same bytes give the same id, whether
+/// they arrive with CRLF (IMAP) or LF (a file) line ends.
+pub fn derived_message_id(raw: &[u8]) -> String {
+    let mut normalized = Vec::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(pos) = memchr::memmem::find(rest, b"\r\n") {
+        normalized.extend_from_slice(&rest[..pos]);
+        normalized.push(b'\n');
+        rest = &rest[pos + 2..];
+    }
+    normalized.extend_from_slice(rest);
+    let end = normalized
+        .iter()
+        .rposition(|&b| b != b'\n' && b != b'\r')
+        .map_or(0, |p| p + 1);
+    format!("{}@{DERIVED_ID_DOMAIN}", hex_sha256(&normalized[..end]))
+}
+
+/// Hex SHA-256 of bytes.
+pub fn hex_sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Replaces NUL, which Postgres refuses in text, with U+FFFD so the gap stays visible.
+pub fn clean(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_string()
+    }
+}
+
+fn normalize_id(id: &str) -> Option<String> {
+    let id: String = clean(id)
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    (!id.is_empty()).then_some(id)
+}
+
+fn all_ids(value: Option<&HeaderValue>) -> Vec<String> {
+    match value {
+        Some(HeaderValue::Text(id)) => normalize_id(id).into_iter().collect(),
+        Some(HeaderValue::TextList(ids)) => ids.iter().filter_map(|id| normalize_id(id)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn first_id(value: Option<&HeaderValue>) -> Option<String> {
+    all_ids(value).into_iter().next()
+}
+
+fn mailboxes(address: Option<&Address>) -> Vec<Mailbox> {
+    let Some(address) = address else {
+        return Vec::new();
+    };
+    address
+        .iter()
+        .filter_map(|addr| {
+            let email = clean(
+                addr.address()?
+                    .trim()
+                    .trim_matches(|c| c == '<' || c == '>'),
+            );
+            if email.is_empty() {
+                return None;
+            }
+            let name = addr
+                .name()
+                .map(|n| clean(n.trim()))
+                .filter(|n| !n.is_empty() && *n != email);
+            Some(Mailbox { email, name })
+        })
+        .collect()
+}
+
+/// The plain-text and HTML bodies. Several inline text parts (as Apple Mail sends around
+/// inline images) are joined in order.
+fn bodies(message: &mail_parser::Message, warnings: &mut Vec<String>) -> (String, Option<String>) {
+    let mut html_parts = Vec::new();
+    for part in message.html_bodies() {
+        if let PartType::Html(html) = &part.body {
+            html_parts.push(html.as_ref());
+        }
+    }
+    let body_html = (!html_parts.is_empty()).then(|| clean(&html_parts.join("\n")));
+
+    let mut text_parts = Vec::new();
+    for part in message.text_bodies() {
+        match &part.body {
+            PartType::Text(text) => text_parts.push(text.to_string()),
+            PartType::Html(html) => text_parts.push(html_to_text(html, warnings)),
+            _ => {}
+        }
+    }
+    let mut body_text = clean(&text_parts.join("\n"));
+    if body_text.trim().is_empty()
+        && let Some(html) = &body_html
+    {
+        body_text = clean(&html_to_text(html, warnings));
+    }
+    (body_text, body_html)
+}
+
+/// HTML to readable text with html2text (links become numbered footnotes).
+///
+/// html2text is run under `catch_unwind`: its input is a stranger's HTML, and a panic in a
+/// dependency must cost one message its text, not the daemon. mail-parser's simpler
+/// converter is the fallback.
+pub fn html_to_text(html: &str, warnings: &mut Vec<String>) -> String {
+    let converted = std::panic::catch_unwind(|| {
+        html2text::config::plain()
+            .string_from_read(html.as_bytes(), 10_000)
+            .ok()
+    });
+    match converted {
+        Ok(Some(text)) => text.trim_end().to_string(),
+        _ => {
+            warnings.push(
+                "the HTML body could not be converted well; a simpler conversion was used"
+                    .to_string(),
+            );
+            mail_parser::decoders::html::html_to_text(html)
+        }
+    }
+}
+
+fn attachments(message: &mail_parser::Message, body_html: Option<&str>) -> Vec<Attachment> {
+    let html_lower = body_html.map(str::to_ascii_lowercase);
+    message
+        .attachments()
+        .enumerate()
+        .map(|(index, part)| {
+            let content = part.contents().to_vec();
+            let content_type = match part.content_type() {
+                Some(ct) => {
+                    let subtype = ct.subtype().unwrap_or(match &part.body {
+                        PartType::Text(_) => "plain",
+                        _ => "octet-stream",
+                    });
+                    clean(&format!("{}/{}", ct.ctype(), subtype).to_ascii_lowercase())
+                }
+                None => match &part.body {
+                    PartType::Message(_) => "message/rfc822".to_string(),
+                    PartType::Text(_) => "text/plain".to_string(),
+                    PartType::Html(_) => "text/html".to_string(),
+                    _ => "application/octet-stream".to_string(),
+                },
+            };
+            let filename = match part.attachment_name().map(safe_filename) {
+                Some(name) if !name.is_empty() => name,
+                _ => fallback_filename(part, index, &content_type),
+            };
+            let content_id = part.content_id().and_then(normalize_id);
+            let is_inline = match (&content_id, &html_lower) {
+                (Some(cid), Some(html)) => {
+                    html.contains(&format!("cid:{}", cid.to_ascii_lowercase()))
+                }
+                _ => false,
+            };
+            Attachment {
+                sha256: hex_sha256(&content),
+                filename,
+                content_type,
+                content,
+                content_id,
+                is_inline,
+            }
+        })
+        .collect()
+}
+
+/// A name for a part that has none: a forwarded message is named after its subject.
+fn fallback_filename(part: &mail_parser::MessagePart, index: usize, content_type: &str) -> String {
+    if let PartType::Message(nested) = &part.body {
+        let subject = safe_filename(nested.subject().unwrap_or_default());
+        if !subject.is_empty() {
+            let mut name = subject;
+            truncate_utf8(&mut name, MAX_FILENAME_LEN - 4);
+            return format!("{name}.eml");
+        }
+        return format!("forwarded-message-{}.eml", index + 1);
+    }
+    let extension = match content_type {
+        "text/plain" => "txt",
+        "text/html" => "html",
+        "text/calendar" => "ics",
+        "application/pdf" => "pdf",
+        "image/png" => "png",
+        "image/jpeg" => "jpg",
+        "image/gif" => "gif",
+        "message/rfc822" => "eml",
+        "message/delivery-status" => "txt",
+        _ => "bin",
+    };
+    format!("attachment-{}.{extension}", index + 1)
+}
+
+/// Reduces a sender-chosen name to a bare file name: the last path component, no control
+/// characters, no leading dots, at most [`MAX_FILENAME_LEN`] bytes. May return "".
+pub fn safe_filename(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let mut out: String = last
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .trim_start_matches('.')
+        .trim()
+        .to_string();
+    if out.len() > MAX_FILENAME_LEN {
+        // Keep the extension: "very-long-name….pdf".
+        let ext = out
+            .rsplit_once('.')
+            .map(|(_, e)| e.to_string())
+            .filter(|e| !e.is_empty() && e.len() <= 16 && !e.contains(' '));
+        match ext {
+            Some(ext) => {
+                let mut stem = out[..out.len() - ext.len() - 1].to_string();
+                truncate_utf8(&mut stem, MAX_FILENAME_LEN - ext.len() - 1);
+                out = format!("{stem}.{ext}");
+            }
+            None => truncate_utf8(&mut out, MAX_FILENAME_LEN),
+        }
+    }
+    out
+}
+
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// True when some multipart boundary of the message occurs in the raw bytes anywhere but
+/// on a proper delimiter line (`--b`, `--b--`, optional trailing blanks, end of line).
+/// mail-parser 0.11 splits at such an occurrence and loses text (upstream issue #156).
+fn has_misplaced_boundary(message: &mail_parser::Message, raw: &[u8]) -> bool {
+    let boundaries: Vec<Vec<u8>> = message
+        .parts
+        .iter()
+        .filter(|p| p.is_multipart())
+        .filter_map(|p| p.content_type()?.attribute("boundary"))
+        .filter(|b| !b.is_empty())
+        .map(|b| format!("--{b}").into_bytes())
+        .collect();
+    boundaries.iter().any(|delimiter| {
+        memchr::memmem::find_iter(raw, delimiter).any(|at| {
+            let proper = |d: &[u8]| {
+                at + d.len() <= raw.len()
+                    && raw[at..].starts_with(d)
+                    && is_delimiter_line(raw, at, d.len())
+            };
+            // A longer boundary that starts with this one ("--abc-1" vs "--abc") is fine.
+            !boundaries.iter().any(|d| proper(d))
+        })
+    })
+}
+
+fn is_delimiter_line(raw: &[u8], at: usize, len: usize) -> bool {
+    if at > 0 && raw[at - 1] != b'\n' {
+        return false;
+    }
+    let mut rest = &raw[at + len..];
+    if rest.starts_with(b"--") {
+        rest = &rest[2..];
+    }
+    let end_of_blanks = rest
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(rest.len());
+    let rest = &rest[end_of_blanks..];
+    rest.is_empty() || rest.starts_with(b"\n") || rest.starts_with(b"\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_filename_strips_paths_and_controls() {
+        assert_eq!(safe_filename("../../../etc/passwd"), "passwd");
+        assert_eq!(safe_filename("C:\\Users\\x\\evil.exe"), "evil.exe");
+        assert_eq!(safe_filename("..hidden"), "hidden");
+        assert_eq!(safe_filename("a\0b\r\n.txt"), "a b  .txt");
+        assert_eq!(safe_filename("/"), "");
+        let long = format!("{}.pdf", "ü".repeat(300));
+        let s = safe_filename(&long);
+        assert!(s.len() <= MAX_FILENAME_LEN && s.ends_with(".pdf"), "{s}");
+    }
+
+    #[test]
+    fn derived_id_ignores_line_ending_style() {
+        let lf = b"Subject: x\n\nbody\n";
+        let crlf = b"Subject: x\r\n\r\nbody\r\n";
+        assert_eq!(derived_message_id(lf), derived_message_id(crlf));
+        assert_ne!(
+            derived_message_id(lf),
+            derived_message_id(b"Subject: y\n\nbody\n")
+        );
+    }
+
+    #[test]
+    fn empty_and_headerless_input_is_refused() {
+        assert_eq!(parse(b"").unwrap_err(), ParseError::Empty);
+        assert_eq!(
+            parse(b"\x00\x01\x02garbage without any header").unwrap_err(),
+            ParseError::NoHeaders
+        );
+        assert_eq!(parse(b"just some text").unwrap_err(), ParseError::NoHeaders);
+        assert_eq!(parse(b"\n\nbody only").unwrap_err(), ParseError::NoHeaders);
+        assert!(parse(b"Subject: hi\n\nbody").is_ok());
+    }
+
+    #[test]
+    fn delimiter_line_rules() {
+        let raw = b"--b\r\nx\n--b--  \n--b tail\n";
+        assert!(is_delimiter_line(raw, 0, 3));
+        assert!(is_delimiter_line(raw, 7, 3));
+        assert!(!is_delimiter_line(raw, 15, 3));
+        assert!(!is_delimiter_line(raw, 6, 3));
+    }
+}

@@ -1,0 +1,265 @@
+//! The only module that speaks SQL: the connection pool, migrations, and the inserts that
+//! make up one stored message.
+//!
+//! Functions take a `&mut PgConnection` so that the caller owns the transaction: `ingest`
+//! wraps one message in one transaction, the IMAP poller adds its UID checkpoint to it.
+
+use crate::config::DatabaseConfig;
+use crate::ticket::NewTicket;
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The embedded migrations (`migrations/*.sql`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A failure talking to the database. Never holds the connection URL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL could not be read.
+    #[error("the database URL is not valid: {0}")]
+    BadUrl(String),
+    /// Connecting, querying or committing failed.
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("cannot apply database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// True when Postgres refused this particular message's data (bad bytes, a value too
+    /// big for an index): the message belongs in quarantine, and retrying cannot help.
+    /// Anything else (connection lost, disk full) must fail the message so it is retried.
+    pub fn is_refused_data(&self) -> bool {
+        match self {
+            StoreError::Sql(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("54")),
+            StoreError::Sql(sqlx::Error::Encode(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Connects a pool; fails fast (10 s) when the database cannot be reached.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
+    // Parse errors from sqlx may quote the URL: report a fixed text instead.
+    let options = PgConnectOptions::from_str(config.url.expose_secret()).map_err(|_| {
+        StoreError::BadUrl("expected postgres://user[:password]@host[:port]/database".into())
+    })?;
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options.application_name("mail2ticket"))
+        .await?;
+    Ok(pool)
+}
+
+/// Applies pending migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// What became of a message handed to [`insert_ticket`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TicketInsert {
+    /// A new ticket and its first message were written.
+    Created {
+        /// `tickets.id`.
+        ticket_id: i64,
+        /// `ticket_messages.id`.
+        message_row_id: i64,
+    },
+    /// The (parser, Message-ID) was stored before: nothing was written.
+    Duplicate {
+        /// The ticket that already holds it.
+        ticket_id: i64,
+    },
+}
+
+/// Writes a new ticket with its message, participants, attachments and (when given) raw
+/// bytes. Writes nothing when the message is already stored for that parser.
+pub async fn insert_ticket(
+    conn: &mut PgConnection,
+    ticket: &NewTicket,
+    raw: Option<&[u8]>,
+) -> Result<TicketInsert, StoreError> {
+    let m = &ticket.message;
+    if let Some(ticket_id) = existing_ticket(conn, &ticket.parser, &m.message_id).await? {
+        return Ok(TicketInsert::Duplicate { ticket_id });
+    }
+    let ticket_id: i64 = sqlx::query_scalar(
+        "insert into tickets (parser, subject, requester_email, requester_name)
+         values ($1, $2, $3, $4) returning id",
+    )
+    .bind(&ticket.parser)
+    .bind(&ticket.subject)
+    .bind(&ticket.requester_email)
+    .bind(&ticket.requester_name)
+    .fetch_one(&mut *conn)
+    .await?;
+
+    let message_row_id: Option<i64> = sqlx::query_scalar(
+        "insert into ticket_messages (ticket_id, parser, message_id, message_id_derived,
+             in_reply_to, references_ids, subject, from_email, from_name, to_emails, cc_emails,
+             sent_at, body_text, body_html, raw_size, warnings)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+         on conflict (parser, message_id) do nothing
+         returning id",
+    )
+    .bind(ticket_id)
+    .bind(&ticket.parser)
+    .bind(&m.message_id)
+    .bind(m.message_id_derived)
+    .bind(&m.in_reply_to)
+    .bind(&m.references)
+    .bind(&m.subject)
+    .bind(&m.from_email)
+    .bind(&m.from_name)
+    .bind(&m.to)
+    .bind(&m.cc)
+    .bind(m.sent_at)
+    .bind(&m.body_text)
+    .bind(&m.body_html)
+    .bind(m.raw_size)
+    .bind(&m.warnings)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(message_row_id) = message_row_id else {
+        // Another writer stored the same message between our check and our insert.
+        sqlx::query("delete from tickets where id = $1")
+            .bind(ticket_id)
+            .execute(&mut *conn)
+            .await?;
+        let ticket_id = existing_ticket(conn, &ticket.parser, &m.message_id)
+            .await?
+            .unwrap_or_default();
+        return Ok(TicketInsert::Duplicate { ticket_id });
+    };
+
+    if !ticket.participants.is_empty() {
+        let emails: Vec<&str> = ticket
+            .participants
+            .iter()
+            .map(|p| p.email.as_str())
+            .collect();
+        let names: Vec<Option<&str>> = ticket
+            .participants
+            .iter()
+            .map(|p| p.name.as_deref())
+            .collect();
+        let roles: Vec<&str> = ticket
+            .participants
+            .iter()
+            .map(|p| p.role.as_str())
+            .collect();
+        sqlx::query(
+            "insert into participants (ticket_id, email, name, role)
+             select $1, * from unnest($2::text[], $3::text[], $4::text[])
+             on conflict do nothing",
+        )
+        .bind(ticket_id)
+        .bind(&emails)
+        .bind(&names)
+        .bind(&roles)
+        .execute(&mut *conn)
+        .await?;
+    }
+
+    for a in &ticket.attachments {
+        sqlx::query(
+            "insert into attachments (ticket_message_id, filename, content_type, size, sha256,
+                 content_id, is_inline, content)
+             values ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(message_row_id)
+        .bind(&a.filename)
+        .bind(&a.content_type)
+        .bind(a.content.len() as i64)
+        .bind(&a.sha256)
+        .bind(&a.content_id)
+        .bind(a.is_inline)
+        .bind(&a.content)
+        .execute(&mut *conn)
+        .await?;
+    }
+
+    if let Some(raw) = raw {
+        sqlx::query("insert into raw_messages (ticket_message_id, raw) values ($1, $2)")
+            .bind(message_row_id)
+            .bind(raw)
+            .execute(&mut *conn)
+            .await?;
+    }
+
+    Ok(TicketInsert::Created {
+        ticket_id,
+        message_row_id,
+    })
+}
+
+async fn existing_ticket(
+    conn: &mut PgConnection,
+    parser: &str,
+    message_id: &str,
+) -> Result<Option<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "select ticket_id from ticket_messages where parser = $1 and message_id = $2",
+    )
+    .bind(parser)
+    .bind(message_id)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// What became of a message handed to [`insert_quarantine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuarantineInsert {
+    /// A new quarantine row.
+    Created {
+        /// `quarantine.id`.
+        id: i64,
+    },
+    /// The same bytes were quarantined for this parser before.
+    Duplicate {
+        /// The existing row.
+        id: i64,
+    },
+}
+
+/// Keeps a message that could not become a ticket, with its raw bytes and the reason.
+/// The same bytes for the same parser are kept once.
+pub async fn insert_quarantine(
+    conn: &mut PgConnection,
+    parser: &str,
+    reason: &str,
+    raw: &[u8],
+) -> Result<QuarantineInsert, StoreError> {
+    let sha256 = crate::mime::hex_sha256(raw);
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "insert into quarantine (parser, reason, raw, raw_sha256, raw_size)
+         values ($1, $2, $3, $4, $5)
+         on conflict (parser, raw_sha256) do nothing
+         returning id",
+    )
+    .bind(parser)
+    .bind(crate::mime::clean(reason))
+    .bind(raw)
+    .bind(&sha256)
+    .bind(raw.len() as i64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(id) = inserted {
+        return Ok(QuarantineInsert::Created { id });
+    }
+    let id = sqlx::query_scalar("select id from quarantine where parser = $1 and raw_sha256 = $2")
+        .bind(parser)
+        .bind(&sha256)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(QuarantineInsert::Duplicate { id })
+}

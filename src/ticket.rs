@@ -1,0 +1,290 @@
+//! A [`ParsedMessage`] to the rows of a new ticket: pure code, no IO, no SQL.
+//!
+//! Decides who the requester is, who else takes part, and which attachments are kept,
+//! following the parser's settings. Threading onto existing tickets comes later; for now
+//! every message opens its own ticket.
+
+use crate::config::ParserConfig;
+use crate::mime::{Attachment, Mailbox, ParsedMessage};
+use chrono::{DateTime, Utc};
+
+/// The per-parser settings that shape a ticket (a narrow view of [`ParserConfig`]).
+#[derive(Debug, Clone)]
+pub struct TicketRules {
+    /// Parser name: the key of every row written for it.
+    pub parser: String,
+    /// The mailbox's own address: never a participant of its own tickets.
+    pub mailbox_email: String,
+    /// Keep attachments.
+    pub add_attachments: bool,
+    /// Cc and other To addresses become participants.
+    pub add_ccs: bool,
+}
+
+impl From<&ParserConfig> for TicketRules {
+    fn from(p: &ParserConfig) -> Self {
+        TicketRules {
+            parser: p.name.clone(),
+            mailbox_email: normalize_email(&p.email),
+            add_attachments: p.add_attachments,
+            add_ccs: p.add_ccs,
+        }
+    }
+}
+
+/// Role of a participant, as stored in `participants.role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The person who asked.
+    Requester,
+    /// Someone copied.
+    Cc,
+}
+
+impl Role {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Requester => "requester",
+            Role::Cc => "cc",
+        }
+    }
+}
+
+/// A person on a ticket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Participant {
+    /// Normalized (trimmed, lower-case) address.
+    pub email: String,
+    /// Display name.
+    pub name: Option<String>,
+    /// Requester or cc.
+    pub role: Role,
+}
+
+/// The rows of one incoming message.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Deduplication key together with the parser.
+    pub message_id: String,
+    /// True when the Message-ID was derived from the content.
+    pub message_id_derived: bool,
+    /// In-Reply-To.
+    pub in_reply_to: Option<String>,
+    /// References.
+    pub references: Vec<String>,
+    /// Subject.
+    pub subject: String,
+    /// Sender address ("" when the message names nobody).
+    pub from_email: String,
+    /// Sender name.
+    pub from_name: Option<String>,
+    /// To addresses (normalized).
+    pub to: Vec<String>,
+    /// Cc addresses (normalized).
+    pub cc: Vec<String>,
+    /// Date header.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// Text body.
+    pub body_text: String,
+    /// HTML body.
+    pub body_html: Option<String>,
+    /// Raw size in bytes.
+    pub raw_size: i64,
+    /// Notes on how the message was read.
+    pub warnings: Vec<String>,
+}
+
+/// A new ticket with its first message.
+#[derive(Debug, Clone)]
+pub struct NewTicket {
+    /// Parser that received it.
+    pub parser: String,
+    /// Ticket subject.
+    pub subject: String,
+    /// Requester address ("" when unknown).
+    pub requester_email: String,
+    /// Requester name.
+    pub requester_name: Option<String>,
+    /// The message.
+    pub message: NewMessage,
+    /// Requester and, with `add_ccs`, everyone copied.
+    pub participants: Vec<Participant>,
+    /// Attachments kept (none when `add_attachments = false`).
+    pub attachments: Vec<Attachment>,
+}
+
+/// Lower-cases and trims an address so that one person is one participant.
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+/// Builds the ticket for one parsed message.
+pub fn new_ticket(rules: &TicketRules, mut parsed: ParsedMessage) -> NewTicket {
+    let mut warnings = std::mem::take(&mut parsed.warnings);
+    let requester = choose_requester(&parsed, &mut warnings);
+    let (requester_email, requester_name) = match &requester {
+        Some(m) => (normalize_email(&m.email), m.name.clone()),
+        None => (String::new(), None),
+    };
+
+    let mut participants = Vec::new();
+    if !requester_email.is_empty() {
+        participants.push(Participant {
+            email: requester_email.clone(),
+            name: requester_name.clone(),
+            role: Role::Requester,
+        });
+    }
+    if rules.add_ccs {
+        for m in parsed.cc.iter().chain(parsed.to.iter()) {
+            let email = normalize_email(&m.email);
+            if email.is_empty()
+                || email == rules.mailbox_email
+                || participants.iter().any(|p| p.email == email)
+            {
+                continue;
+            }
+            participants.push(Participant {
+                email,
+                name: m.name.clone(),
+                role: Role::Cc,
+            });
+        }
+    }
+
+    let attachments = if rules.add_attachments {
+        parsed.attachments
+    } else {
+        Vec::new()
+    };
+
+    NewTicket {
+        parser: rules.parser.clone(),
+        subject: parsed.subject.clone(),
+        requester_email: requester_email.clone(),
+        requester_name: requester_name.clone(),
+        message: NewMessage {
+            message_id: parsed.message_id,
+            message_id_derived: parsed.message_id_derived,
+            in_reply_to: parsed.in_reply_to,
+            references: parsed.references,
+            subject: parsed.subject,
+            from_email: requester_email,
+            from_name: requester_name,
+            to: parsed
+                .to
+                .iter()
+                .map(|m| normalize_email(&m.email))
+                .collect(),
+            cc: parsed
+                .cc
+                .iter()
+                .map(|m| normalize_email(&m.email))
+                .collect(),
+            sent_at: parsed.date,
+            body_text: parsed.body_text,
+            body_html: parsed.body_html,
+            raw_size: parsed.raw_size as i64,
+            warnings,
+        },
+        participants,
+        attachments,
+    }
+}
+
+/// From, else Sender, else Reply-To, else Return-Path; a note says when From was missing.
+fn choose_requester(parsed: &ParsedMessage, warnings: &mut Vec<String>) -> Option<Mailbox> {
+    if let Some(from) = parsed.from.first() {
+        return Some(from.clone());
+    }
+    let (fallback, header) = if let Some(sender) = &parsed.sender {
+        (Some(sender.clone()), "Sender")
+    } else if let Some(reply_to) = parsed.reply_to.first() {
+        (Some(reply_to.clone()), "Reply-To")
+    } else if let Some(path) = &parsed.return_path {
+        (
+            Some(Mailbox {
+                email: path.clone(),
+                name: None,
+            }),
+            "Return-Path",
+        )
+    } else {
+        (None, "")
+    };
+    match &fallback {
+        Some(_) => warnings.push(format!(
+            "no From address; the requester was taken from {header}"
+        )),
+        None => warnings.push(
+            "no From, Sender, Reply-To or Return-Path address: the requester is unknown"
+                .to_string(),
+        ),
+    }
+    fallback
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(add_ccs: bool, add_attachments: bool) -> TicketRules {
+        TicketRules {
+            parser: "support".into(),
+            mailbox_email: "support@contoso.com".into(),
+            add_attachments,
+            add_ccs,
+        }
+    }
+
+    const MAIL: &[u8] = b"From: Ann <ANN@Example.com>\r\nTo: support@contoso.com, Bob <bob@example.com>\r\nCc: Carol <carol@example.com>, ann@example.com, Support@Contoso.com\r\nSubject: help\r\nMessage-ID: <1@x>\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\nContent-Type: application/pdf; name=a.pdf\r\n\r\n%PDF\r\n--b--\r\n";
+
+    #[test]
+    fn ccs_exclude_the_mailbox_and_the_requester() {
+        let t = new_ticket(&rules(true, true), crate::mime::parse(MAIL).unwrap());
+        let got: Vec<(&str, Role)> = t
+            .participants
+            .iter()
+            .map(|p| (p.email.as_str(), p.role))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("ann@example.com", Role::Requester),
+                ("carol@example.com", Role::Cc),
+                ("bob@example.com", Role::Cc),
+            ]
+        );
+    }
+
+    #[test]
+    fn without_add_ccs_only_the_requester_and_no_attachments_when_off() {
+        let t = new_ticket(&rules(false, false), crate::mime::parse(MAIL).unwrap());
+        assert_eq!(t.participants.len(), 1);
+        assert!(t.attachments.is_empty());
+        let t = new_ticket(&rules(false, true), crate::mime::parse(MAIL).unwrap());
+        assert_eq!(t.attachments.len(), 1);
+    }
+
+    #[test]
+    fn requester_falls_back_to_sender_then_reply_to_then_return_path() {
+        let cases: [(&[u8], &str); 4] = [
+            (
+                b"Sender: s@x.com\r\nReply-To: r@x.com\r\nSubject: a\r\n\r\nb",
+                "s@x.com",
+            ),
+            (
+                b"Reply-To: r@x.com\r\nReturn-Path: <p@x.com>\r\nSubject: a\r\n\r\nb",
+                "r@x.com",
+            ),
+            (b"Return-Path: <p@x.com>\r\nSubject: a\r\n\r\nb", "p@x.com"),
+            (b"Subject: a\r\n\r\nb", ""),
+        ];
+        for (raw, want) in cases {
+            let t = new_ticket(&rules(false, true), crate::mime::parse(raw).unwrap());
+            assert_eq!(t.requester_email, want);
+            assert!(!t.message.warnings.is_empty());
+        }
+    }
+}
