@@ -144,10 +144,25 @@ pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
         .filter(|d| d.is_valid())
         .and_then(|d| DateTime::from_timestamp(d.to_timestamp(), 0));
 
-    let (body_text, body_html) = bodies(&message, &mut warnings);
-    let attachments = attachments(&message, body_html.as_deref());
+    let (mut body_text, body_html) = bodies(&message, raw, &mut warnings);
+    let mut attachments = attachments(&message, body_html.as_deref());
+    // A multipart whose boundary never occurs reaches us as one "attachment" of type
+    // multipart/*: its bytes are the text the sender wrote.
+    if let Some(pos) = attachments
+        .iter()
+        .position(|a| a.content_type.starts_with("multipart/"))
+        && body_text.trim().is_empty()
+    {
+        let broken = attachments.remove(pos);
+        body_text = normalize_newlines(&clean(&String::from_utf8_lossy(&broken.content)));
+        warnings.push(
+            "the multipart body has no boundary lines; it was read as plain text".to_string(),
+        );
+    }
     if has_misplaced_boundary(&message, raw) {
         warnings.push(BOUNDARY_WARNING.to_string());
+        // The desk must see that text may be missing, not only a database column.
+        body_text.push_str("\n\n[mail2ticket: part of this message may be hidden by its MIME structure; the raw message is kept with the ticket]");
     }
 
     Ok(ParsedMessage {
@@ -155,7 +170,7 @@ pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
         message_id_derived,
         in_reply_to,
         references,
-        subject: clean(message.subject().unwrap_or_default()),
+        subject: subject(&message, raw),
         from: mailboxes(message.from()),
         sender: mailboxes(message.sender()).into_iter().next(),
         reply_to: mailboxes(message.reply_to()),
@@ -254,8 +269,12 @@ fn mailboxes(address: Option<&Address>) -> Vec<Mailbox> {
 }
 
 /// The plain-text and HTML bodies. Several inline text parts (as Apple Mail sends around
-/// inline images) are joined in order.
-fn bodies(message: &mail_parser::Message, warnings: &mut Vec<String>) -> (String, Option<String>) {
+/// inline images) are joined in order. Text line ends become `\n`.
+fn bodies(
+    message: &mail_parser::Message,
+    raw: &[u8],
+    warnings: &mut Vec<String>,
+) -> (String, Option<String>) {
     let mut html_parts = Vec::new();
     for part in message.html_bodies() {
         if let PartType::Html(html) = &part.body {
@@ -267,18 +286,78 @@ fn bodies(message: &mail_parser::Message, warnings: &mut Vec<String>) -> (String
     let mut text_parts = Vec::new();
     for part in message.text_bodies() {
         match &part.body {
-            PartType::Text(text) => text_parts.push(text.to_string()),
+            PartType::Text(text) => {
+                text_parts.push(undeclared_8bit_text(part, raw).unwrap_or_else(|| text.to_string()))
+            }
             PartType::Html(html) => text_parts.push(html_to_text(html, warnings)),
             _ => {}
         }
     }
-    let mut body_text = clean(&text_parts.join("\n"));
+    let mut body_text = normalize_newlines(&clean(&text_parts.join("\n")));
     if body_text.trim().is_empty()
         && let Some(html) = &body_html
     {
         body_text = clean(&html_to_text(html, warnings));
     }
     (body_text, body_html)
+}
+
+fn normalize_newlines(s: &str) -> String {
+    if s.contains('\r') {
+        s.replace("\r\n", "\n")
+    } else {
+        s.to_string()
+    }
+}
+
+/// Old mailers send 8-bit text without declaring a charset; mail-parser then decodes it as
+/// UTF-8 and loses every accented letter. Such bytes are nearly always Windows-1252 (a
+/// superset of Latin-1), so a text part with no charset (or us-ascii), no transfer
+/// encoding that hides the bytes, and bytes that are not UTF-8 is decoded as that.
+fn undeclared_8bit_text(part: &mail_parser::MessagePart, raw: &[u8]) -> Option<String> {
+    let charset = part.content_type().and_then(|ct| ct.attribute("charset"));
+    if !charset.is_none_or(|c| c.eq_ignore_ascii_case("us-ascii")) {
+        return None;
+    }
+    let encoding = part.content_transfer_encoding().unwrap_or("7bit");
+    if !["7bit", "8bit", "binary"]
+        .iter()
+        .any(|e| encoding.eq_ignore_ascii_case(e))
+    {
+        return None;
+    }
+    let bytes = raw.get(part.raw_body_offset() as usize..part.raw_end_offset() as usize)?;
+    if std::str::from_utf8(bytes).is_ok() {
+        return None;
+    }
+    let decode = mail_parser::decoders::charsets::map::charset_decoder(b"windows-1252")?;
+    Some(decode(bytes))
+}
+
+/// The decoded subject; a raw 8-bit subject that is not UTF-8 is read as Windows-1252
+/// (see [`undeclared_8bit_text`]).
+fn subject(message: &mail_parser::Message, raw: &[u8]) -> String {
+    let decoded = message.subject().unwrap_or_default();
+    if decoded.contains('\u{FFFD}')
+        && let Some(header) = message
+            .root_part()
+            .headers()
+            .iter()
+            .find(|h| h.name.eq(&HeaderName::Subject))
+        && let Some(bytes) = raw.get(header.offset_start() as usize..header.offset_end() as usize)
+        && std::str::from_utf8(bytes).is_err()
+        && memchr::memmem::find(bytes, b"=?").is_none()
+        && let Some(decode) = mail_parser::decoders::charsets::map::charset_decoder(b"windows-1252")
+    {
+        let text = decode(bytes);
+        let unfolded: Vec<&str> = text
+            .split(['\r', '\n'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        return clean(&unfolded.join(" "));
+    }
+    clean(decoded)
 }
 
 /// HTML to readable text with html2text (links become numbered footnotes).
@@ -370,6 +449,7 @@ fn fallback_filename(part: &mail_parser::MessagePart, index: usize, content_type
         "image/gif" => "gif",
         "message/rfc822" => "eml",
         "message/delivery-status" => "txt",
+        t if t.starts_with("text/") => "txt",
         _ => "bin",
     };
     format!("attachment-{}.{extension}", index + 1)

@@ -1,1 +1,8 @@
-//! Integration tests.
+//! The one integration-test binary: real Postgres (and later Dovecot) started by
+//! `support`, one fresh database per test.
+
+mod cli;
+mod fuzz;
+mod golden;
+mod ingest;
+mod support;

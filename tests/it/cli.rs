@@ -1,0 +1,225 @@
+//! The `mail2ticket` binary as ops run it: exit codes, messages, a corpus run twice.
+
+use crate::support::{self, postgres};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mail2ticket"));
+    c.env_remove("MAIL2TICKET_DATABASE_URL")
+        .env_remove("MAIL2TICKET_CONFIG");
+    c
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("mail2ticket.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn summary_line(out: &Output) -> String {
+    text(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("summary:"))
+        .unwrap_or_else(|| panic!("no summary in {}", text(&out.stdout)))
+        .to_string()
+}
+
+#[test]
+fn check_config_accepts_the_example_file() {
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/mail2ticket.example.toml");
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&example)
+        .env("CONTOSO_SECRET", "example-secret")
+        .env("SUPPORT_IMAP_PASSWORD", "example-password")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn check_config_reports_file_key_and_fix_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config_text(
+        "postgres://u:hunter2-db@localhost/db",
+        "support",
+        "credential = \"missing\"\ncolor = \"blue\"",
+    );
+    let path = write_config(dir.path(), &cfg);
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("color"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let cfg = support::config_text(
+        "postgres://u:hunter2-db@localhost/db",
+        "support",
+        "credential = \"missing\"",
+    );
+    let path = write_config(dir.path(), &cfg);
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("parser[0].credential"), "{err}");
+    assert!(err.contains("not both"), "{err}");
+    assert!(
+        !err.contains("hunter2") && !err.contains("not-used-by-ingest"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn ingesting_the_corpus_twice_adds_nothing_the_second_time() {
+    let url = postgres::empty_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &support::config_text(&url, "support", "add_ccs = true"),
+    );
+    let messages = std::fs::read_dir(support::corpus_dir())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "eml")
+        })
+        .count();
+    // A directory with only the .eml files (the corpus also holds expectations).
+    let mail_dir = dir.path().join("mail");
+    std::fs::create_dir(&mail_dir).unwrap();
+    for entry in std::fs::read_dir(support::corpus_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|x| x == "eml") {
+            std::fs::copy(&p, mail_dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+
+    let first = bin()
+        .args(["ingest", "--parser", "support", "--config"])
+        .arg(&path)
+        .arg(&mail_dir)
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}\n{}",
+        text(&first.stdout),
+        text(&first.stderr)
+    );
+    let line = summary_line(&first);
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    assert_eq!(numbers[0] + numbers[2], messages, "{line}");
+    assert!(
+        numbers[2] >= 2,
+        "empty and garbage files are quarantined: {line}"
+    );
+    assert_eq!(numbers[3], 0, "{line}");
+
+    let second = bin()
+        .args(["ingest", "--parser", "support", "--config"])
+        .arg(&path)
+        .arg(&mail_dir)
+        .output()
+        .unwrap();
+    assert!(second.status.success());
+    assert_eq!(
+        summary_line(&second),
+        format!("summary: 0 created, {messages} duplicate, 0 quarantined, 0 failed")
+    );
+}
+
+#[tokio::test]
+async fn ingest_reads_stdin() {
+    let url = postgres::empty_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &support::config_text(&url, "support", ""));
+    let mut child = bin()
+        .args(["ingest", "--parser", "support", "--config"])
+        .arg(&path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"From: pipe@example.com\r\nSubject: via MTA pipe\r\nMessage-ID: <pipe-1@x>\r\n\r\nhello\r\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        summary_line(&out),
+        "summary: 1 created, 0 duplicate, 0 quarantined, 0 failed"
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let subject: String = sqlx::query_scalar("select subject from tickets")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(subject, "via MTA pipe");
+}
+
+#[test]
+fn ingest_fails_with_exit_1_when_the_database_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &support::config_text(&postgres::unreachable_url(), "support", ""),
+    );
+    let file = support::corpus_dir().join("01-plain-ascii.eml");
+    let out = bin()
+        .args(["ingest", "--parser", "support", "--config"])
+        .arg(&path)
+        .arg(file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot connect to the database"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn ingest_names_an_unknown_parser_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &support::config_text("postgres://localhost/x", "support", ""),
+    );
+    let out = bin()
+        .args(["ingest", "--parser", "nope", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("\"nope\""),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1,0 +1,152 @@
+//! Property tests: no input makes the MIME parser or the ticket mapping panic, and what
+//! they produce is always storable (no NUL in text, safe file names).
+
+use crate::support;
+use mail2ticket::ingest::{Decision, Pipeline, decide};
+use mail2ticket::ticket::TicketRules;
+use proptest::prelude::*;
+
+fn pipeline() -> Pipeline {
+    Pipeline {
+        rules: TicketRules {
+            parser: "fuzz".into(),
+            mailbox_email: "support@contoso.com".into(),
+            add_attachments: true,
+            add_ccs: true,
+        },
+        max_message_size: 1 << 20,
+    }
+}
+
+fn corpus() -> Vec<Vec<u8>> {
+    let mut files: Vec<_> = std::fs::read_dir(support::corpus_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect()
+}
+
+fn check_storable(raw: &[u8]) {
+    match decide(&pipeline(), raw) {
+        Decision::Quarantine(reason) => assert!(!reason.is_empty()),
+        Decision::Ticket(t) => {
+            let m = &t.message;
+            for text in [
+                &t.subject,
+                &t.requester_email,
+                &m.message_id,
+                &m.body_text,
+                &m.from_email,
+            ] {
+                assert!(!text.contains('\0'));
+            }
+            assert!(!m.message_id.is_empty());
+            assert!(m.message_id.len() <= 512 + 64);
+            if let Some(html) = &m.body_html {
+                assert!(!html.contains('\0'));
+            }
+            for a in &t.attachments {
+                assert!(!a.filename.is_empty());
+                assert!(!a.filename.contains(['/', '\\', '\0']));
+                assert!(!a.filename.starts_with('.'));
+                assert!(!a.content_type.contains('\0'));
+            }
+        }
+    }
+}
+
+/// Mutations of real messages: cut, byte flips, duplicated slices.
+fn mutated() -> impl Strategy<Value = Vec<u8>> {
+    let corpus = corpus();
+    (
+        0..corpus.len(),
+        any::<u64>(),
+        prop::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+        0usize..4,
+    )
+        .prop_map(move |(i, cut, flips, dup)| {
+            let mut raw = corpus[i].clone();
+            if !raw.is_empty() {
+                raw.truncate((cut as usize % raw.len()) + 1);
+                for (pos, byte) in flips {
+                    let len = raw.len();
+                    raw[pos % len] = byte;
+                }
+                for _ in 0..dup {
+                    let half = raw[raw.len() / 2..].to_vec();
+                    raw.extend_from_slice(&half);
+                }
+            }
+            raw
+        })
+}
+
+/// Header-and-MIME-shaped noise, more likely than random bytes to reach deep code.
+fn mime_shaped() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        Just("Content-Type: multipart/mixed; boundary=\"b\"\r\n".to_string()),
+        Just("Content-Type: multipart/alternative; boundary=b\r\n".to_string()),
+        Just("Content-Type: text/html; charset=iso-2022-jp\r\n".to_string()),
+        Just("Content-Type: message/rfc822\r\n".to_string()),
+        Just("Content-Transfer-Encoding: base64\r\n".to_string()),
+        Just("Content-Transfer-Encoding: quoted-printable\r\n".to_string()),
+        Just(
+            "Content-Disposition: attachment; filename*0*=utf-8''%E2%82; filename*1=\"../x\"\r\n"
+                .to_string()
+        ),
+        Just("From: =?utf-8?B?////?= <@>\r\n".to_string()),
+        Just("Subject: =?gb2312?Q?=FF=FE?=\r\n".to_string()),
+        Just("\r\n".to_string()),
+        Just("--b\r\n".to_string()),
+        Just("--b--\r\n".to_string()),
+        Just("<html><body><table><tr><td><img src=cid:x>".to_string()),
+        "[ -~]{0,40}\r\n",
+    ];
+    prop::collection::vec(piece, 0..40).prop_map(|parts| parts.concat().into_bytes())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic(raw in prop::collection::vec(any::<u8>(), 0..4096)) {
+        check_storable(&raw);
+    }
+
+    #[test]
+    fn mutated_real_messages_never_panic(raw in mutated()) {
+        check_storable(&raw);
+    }
+
+    #[test]
+    fn mime_shaped_noise_never_panics(raw in mime_shaped()) {
+        check_storable(&raw);
+    }
+}
+
+#[test]
+fn deeply_nested_multiparts_do_not_overflow_the_stack() {
+    let mut raw = String::from("From: a@b.c\r\nSubject: deep\r\n");
+    for depth in 0..200 {
+        raw.push_str(&format!(
+            "Content-Type: multipart/mixed; boundary=\"b{depth}\"\r\n\r\n--b{depth}\r\n"
+        ));
+    }
+    raw.push_str("Content-Type: text/plain\r\n\r\ndeep text\r\n");
+    let html = format!(
+        "From: a@b.c\r\nContent-Type: text/html\r\n\r\n{}x",
+        "<div>".repeat(5000)
+    );
+    for raw in [raw.into_bytes(), html.into_bytes()] {
+        let handle = std::thread::Builder::new()
+            .stack_size(2 << 20) // a tokio worker's default stack
+            .spawn(move || check_storable(&raw))
+            .unwrap();
+        handle.join().expect("no panic or stack overflow");
+    }
+}

@@ -1,0 +1,170 @@
+//! The ingest pipeline against a real Postgres: exactly-once, quarantine, parser settings.
+
+use crate::support::{self, postgres::test_db};
+use mail2ticket::config::Config;
+use mail2ticket::ingest::{self, Outcome, Pipeline};
+use std::path::Path;
+
+fn pipeline(url: &str, name: &str, extra: &str) -> Pipeline {
+    let text = support::config_text(url, name, extra);
+    let config = Config::from_toml(Path::new("test.toml"), &text).unwrap();
+    Pipeline::from(&config.parsers[0])
+}
+
+async fn count(pool: &sqlx::PgPool, table: &'static str) -> i64 {
+    let sql = match table {
+        "tickets" => "select count(*) from tickets",
+        "ticket_messages" => "select count(*) from ticket_messages",
+        "attachments" => "select count(*) from attachments",
+        "participants" => "select count(*) from participants",
+        "quarantine" => "select count(*) from quarantine",
+        other => panic!("unknown table {other}"),
+    };
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+fn corpus(name: &str) -> Vec<u8> {
+    std::fs::read(support::corpus_dir().join(name)).unwrap()
+}
+
+#[tokio::test]
+async fn the_same_message_twice_is_one_ticket() {
+    let db = test_db().await;
+    let p = pipeline(&db.url, "support", "add_ccs = true");
+    let raw = corpus("13-outlook-nested.eml");
+    let first = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+    let Outcome::Created { ticket_id } = first else {
+        panic!("{first:?}")
+    };
+    let second = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+    assert_eq!(second, Outcome::Duplicate { ticket_id });
+    assert_eq!(count(&db.pool, "tickets").await, 1);
+    assert_eq!(count(&db.pool, "ticket_messages").await, 1);
+    assert_eq!(count(&db.pool, "attachments").await, 2);
+    assert_eq!(count(&db.pool, "participants").await, 2);
+}
+
+#[tokio::test]
+async fn concurrent_copies_of_one_message_make_one_ticket() {
+    let db = test_db().await;
+    let p = pipeline(&db.url, "support", "");
+    let raw = corpus("08-alternative-text-html.eml");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, p, raw) = (db.pool.clone(), p.clone(), raw.clone());
+            tokio::spawn(async move { ingest::ingest_one(&pool, &p, &raw).await.unwrap() })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), Outcome::Created { .. }) {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(count(&db.pool, "tickets").await, 1);
+    assert_eq!(count(&db.pool, "ticket_messages").await, 1);
+}
+
+#[tokio::test]
+async fn deduplication_is_per_parser() {
+    let db = test_db().await;
+    let raw = corpus("01-plain-ascii.eml");
+    for name in ["sales", "support"] {
+        let p = pipeline(&db.url, name, "");
+        let outcome = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+        assert!(
+            matches!(outcome, Outcome::Created { .. }),
+            "{name}: {outcome:?}"
+        );
+    }
+    assert_eq!(count(&db.pool, "tickets").await, 2);
+}
+
+#[tokio::test]
+async fn a_message_without_message_id_is_the_same_with_crlf_or_lf() {
+    let db = test_db().await;
+    let p = pipeline(&db.url, "support", "");
+    let lf = b"From: a@example.com\nSubject: no id\n\nbody line\n".to_vec();
+    let crlf = b"From: a@example.com\r\nSubject: no id\r\n\r\nbody line\r\n".to_vec();
+    assert!(matches!(
+        ingest::ingest_one(&db.pool, &p, &lf).await.unwrap(),
+        Outcome::Created { .. }
+    ));
+    assert!(matches!(
+        ingest::ingest_one(&db.pool, &p, &crlf).await.unwrap(),
+        Outcome::Duplicate { .. }
+    ));
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_quarantined_with_its_exact_bytes_once() {
+    let db = test_db().await;
+    let p = pipeline(&db.url, "support", "max_message_size = 1000");
+    let raw = corpus("21-huge-headers.eml");
+    let outcome = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+    let Outcome::Quarantined { id, reason } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(reason.contains("max_message_size"), "{reason}");
+    let (stored, parser): (Vec<u8>, String) =
+        sqlx::query_as("select raw, parser from quarantine where id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, raw);
+    assert_eq!(parser, "support");
+    let again = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+    assert_eq!(again, Outcome::DuplicateQuarantined { id });
+    assert_eq!(count(&db.pool, "quarantine").await, 1);
+    assert_eq!(count(&db.pool, "tickets").await, 0);
+}
+
+#[tokio::test]
+async fn parser_switches_control_attachments_and_ccs() {
+    let db = test_db().await;
+    let raw = corpus("13-outlook-nested.eml");
+    let p = pipeline(&db.url, "plain", "add_attachments = false");
+    ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+    assert_eq!(count(&db.pool, "attachments").await, 0);
+    let roles: Vec<String> = sqlx::query_scalar("select role from participants")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(roles, vec!["requester"]);
+}
+
+#[tokio::test]
+async fn a_suspicious_message_keeps_its_raw_bytes_with_the_ticket() {
+    let db = test_db().await;
+    let p = pipeline(&db.url, "support", "");
+    let raw = corpus("24-boundary-trap-midline.eml");
+    let Outcome::Created { ticket_id } = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap()
+    else {
+        panic!("expected a ticket")
+    };
+    let kept: Vec<u8> = sqlx::query_scalar(
+        "select r.raw from raw_messages r join ticket_messages m on m.id = r.ticket_message_id
+         where m.ticket_id = $1",
+    )
+    .bind(ticket_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, raw);
+}
+
+#[tokio::test]
+async fn postgres_data_errors_are_classified_as_refused_data() {
+    let db = test_db().await;
+    let err = sqlx::query("select 'x'::int")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(mail2ticket::store::StoreError::from(err).is_refused_data());
+    let gone = sqlx::PgPool::connect(&crate::support::postgres::unreachable_url())
+        .await
+        .unwrap_err();
+    assert!(!mail2ticket::store::StoreError::from(gone).is_refused_data());
+}

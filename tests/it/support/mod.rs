@@ -1,0 +1,30 @@
+//! Test support: real servers started for the tests, and small helpers.
+
+pub mod postgres;
+
+use std::path::PathBuf;
+
+/// The repository's `tests/corpus` directory.
+pub fn corpus_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/corpus")
+}
+
+/// A configuration file text with one parser named `name` and the given extra parser keys.
+pub fn config_text(database_url: &str, parser: &str, extra_parser_keys: &str) -> String {
+    format!(
+        r#"
+[database]
+url = "{database_url}"
+
+[[parser]]
+name = "{parser}"
+email = "support@contoso.com"
+password = "not-used-by-ingest"
+{extra_parser_keys}
+[parser.imap]
+host = "127.0.0.1"
+port = 143
+encryption = "none"
+"#
+    )
+}
