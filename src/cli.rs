@@ -16,6 +16,10 @@ use std::process::ExitCode;
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code: bad usage or bad configuration.
 pub const EXIT_USAGE: u8 = 2;
+/// `ingest` commits this many messages per transaction at most (one fsync per batch)...
+const BATCH_MESSAGES: usize = 100;
+/// ...or about this many bytes, whichever comes first.
+const BATCH_BYTES: usize = 32 << 20;
 
 #[derive(Parser)]
 #[command(
@@ -239,27 +243,45 @@ async fn ingest_command(config: &Config, parser_name: &str, files: Vec<PathBuf>)
     };
     let pipeline = Pipeline::from(parser);
     let mut tally = Tally::default();
-    let total = inputs.len();
-    for (index, input) in inputs.iter().enumerate() {
-        let label = input.label();
-        let raw = match input.read() {
-            Ok(raw) => raw,
-            Err(e) => {
-                println!("failed       {label}: cannot read: {e}");
-                tally.failed += 1;
-                continue;
+    let mut pending = inputs.as_slice();
+    while !pending.is_empty() {
+        // Read up to BATCH_MESSAGES messages / BATCH_BYTES, store them in one transaction.
+        let mut batch: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut bytes = 0;
+        while let Some((input, rest)) = pending.split_first() {
+            if batch.len() >= BATCH_MESSAGES || (bytes >= BATCH_BYTES && !batch.is_empty()) {
+                break;
             }
-        };
-        match ingest::ingest_one(&pool, &pipeline, &raw).await {
-            Ok(outcome) => {
-                println!("{}", describe(&outcome, &label));
-                tally.count(&outcome);
+            pending = rest;
+            match input.read() {
+                Ok(raw) => {
+                    bytes += raw.len();
+                    batch.push((input.label(), raw));
+                }
+                Err(e) => {
+                    println!("failed       {}: cannot read: {e}", input.label());
+                    tally.failed += 1;
+                }
+            }
+        }
+        let raws: Vec<Vec<u8>> = batch
+            .iter_mut()
+            .map(|(_, raw)| std::mem::take(raw))
+            .collect();
+        match ingest::ingest_batch(&pool, &pipeline, &raws).await {
+            Ok(outcomes) => {
+                for ((label, _), outcome) in batch.iter().zip(&outcomes) {
+                    println!("{}", describe(outcome, label));
+                    tally.count(outcome);
+                }
             }
             Err(e) => {
-                println!("failed       {label}: {e}");
-                tally.failed += 1;
-                tally.not_attempted = total - index - 1;
-                tracing::error!(parser = parser_name, error = %e, "stopping: a message could not be stored");
+                for (label, _) in &batch {
+                    println!("failed       {label}: {e}");
+                }
+                tally.failed += batch.len();
+                tally.not_attempted = pending.len();
+                tracing::error!(parser = parser_name, error = %e, "stopping: messages could not be stored");
                 break;
             }
         }

@@ -124,6 +124,24 @@ pub async fn store_decision(
     )
 }
 
+/// Decides and stores several messages in one transaction: one commit (one fsync) for the
+/// lot. Outcomes come back in input order. On error nothing of the batch is committed,
+/// and re-running it is harmless (the Message-ID key holds).
+pub async fn ingest_batch(
+    pool: &PgPool,
+    pipeline: &Pipeline,
+    raws: &[Vec<u8>],
+) -> Result<Vec<Outcome>, StoreError> {
+    let decisions: Vec<Decision> = raws.iter().map(|raw| decide(pipeline, raw)).collect();
+    let mut tx = pool.begin().await?;
+    let mut outcomes = Vec::with_capacity(raws.len());
+    for (decision, raw) in decisions.iter().zip(raws) {
+        outcomes.push(store_decision(&mut tx, pipeline, decision, raw).await?);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
 /// Decides and stores one message in a transaction of its own.
 pub async fn ingest_one(
     pool: &PgPool,

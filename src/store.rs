@@ -8,7 +8,7 @@ use crate::config::DatabaseConfig;
 use crate::ticket::NewTicket;
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -50,10 +50,20 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
     let options = PgConnectOptions::from_str(config.url.expose_secret()).map_err(|_| {
         StoreError::BadUrl("expected postgres://user[:password]@host[:port]/database".into())
     })?;
+    let options = options.application_name("mail2ticket");
+    // One direct connection first: a pool reports only "timed out" after retrying, while
+    // this gives the real cause (refused, bad password, unknown database) at once.
+    let probe = tokio::time::timeout(
+        Duration::from_secs(10),
+        PgConnection::connect_with(&options),
+    )
+    .await
+    .map_err(|_| StoreError::Sql(sqlx::Error::PoolTimedOut))??;
+    probe.close().await?;
     let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options.application_name("mail2ticket"))
+        .connect_with(options)
         .await?;
     Ok(pool)
 }

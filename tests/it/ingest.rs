@@ -163,7 +163,8 @@ async fn postgres_data_errors_are_classified_as_refused_data() {
         .await
         .unwrap_err();
     assert!(mail2ticket::store::StoreError::from(err).is_refused_data());
-    let gone = sqlx::PgPool::connect(&crate::support::postgres::unreachable_url())
+    use sqlx::Connection;
+    let gone = sqlx::PgConnection::connect(&crate::support::postgres::unreachable_url())
         .await
         .unwrap_err();
     assert!(!mail2ticket::store::StoreError::from(gone).is_refused_data());
