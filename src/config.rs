@@ -298,6 +298,8 @@ pub struct ConfigProblem {
     pub key: String,
     /// 1-based line, when known.
     pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
     /// What is wrong and how to fix it.
     pub message: String,
 }
@@ -320,6 +322,9 @@ impl fmt::Display for ConfigError {
             write!(f, "{}", self.path.display())?;
             if let Some(line) = p.line {
                 write!(f, ":{line}")?;
+                if let Some(column) = p.column {
+                    write!(f, ":{column}")?;
+                }
             }
             if p.key.is_empty() {
                 write!(f, ": {}", p.message)?;
@@ -348,6 +353,7 @@ impl Problems<'_> {
         self.list.push(ConfigProblem {
             key: key.into(),
             line,
+            column: None,
             message: message.into(),
         });
     }
@@ -361,6 +367,12 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+fn column_of(text: &str, offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |p| p + 1);
+    text[line_start..offset].chars().count() + 1
+}
+
 // ---------------------------------------------------------------------------------------
 // Loading.
 
@@ -372,6 +384,7 @@ impl Config {
             problems: vec![ConfigProblem {
                 key: String::new(),
                 line: None,
+                column: None,
                 message,
             }],
         };
@@ -383,12 +396,13 @@ impl Config {
     /// Validates configuration text; `path` is used for messages and relative paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of(text, s.start));
+            let start = e.span().map(|s| s.start);
             ConfigError {
                 path: path.to_path_buf(),
                 problems: vec![ConfigProblem {
                     key: String::new(),
-                    line,
+                    line: start.map(|s| line_of(text, s)),
+                    column: start.map(|s| column_of(text, s)),
                     message: e.message().trim_end().to_string(),
                 }],
             }

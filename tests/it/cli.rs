@@ -18,6 +18,14 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
+fn check_config(path: &Path) -> Output {
+    bin()
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -52,11 +60,7 @@ fn check_config_reports_file_key_and_fix_without_secrets() {
         "credential = \"missing\"\ncolor = \"blue\"",
     );
     let path = write_config(dir.path(), &cfg);
-    let out = bin()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check_config(&path);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert!(err.contains(&path.display().to_string()), "{err}");
@@ -69,11 +73,7 @@ fn check_config_reports_file_key_and_fix_without_secrets() {
         "credential = \"missing\"",
     );
     let path = write_config(dir.path(), &cfg);
-    let out = bin()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check_config(&path);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert!(err.contains("parser[0].credential"), "{err}");
@@ -92,24 +92,12 @@ async fn ingesting_the_corpus_twice_adds_nothing_the_second_time() {
         dir.path(),
         &support::config_text(&url, "support", "add_ccs = true"),
     );
-    let messages = std::fs::read_dir(support::corpus_dir())
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "eml")
-        })
-        .count();
+    let messages = support::corpus_files().len();
     // A directory with only the .eml files (the corpus also holds expectations).
     let mail_dir = dir.path().join("mail");
     std::fs::create_dir(&mail_dir).unwrap();
-    for entry in std::fs::read_dir(support::corpus_dir()).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().is_some_and(|x| x == "eml") {
-            std::fs::copy(&p, mail_dir.join(p.file_name().unwrap())).unwrap();
-        }
+    for p in support::corpus_files() {
+        std::fs::copy(&p, mail_dir.join(p.file_name().unwrap())).unwrap();
     }
 
     let first = bin()

@@ -19,13 +19,7 @@ fn pipeline() -> Pipeline {
 }
 
 fn corpus() -> Vec<Vec<u8>> {
-    let mut files: Vec<_> = std::fs::read_dir(support::corpus_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "eml"))
-        .collect();
-    files.sort();
-    files
+    support::corpus_files()
         .into_iter()
         .map(|p| std::fs::read(p).unwrap())
         .collect()

@@ -19,12 +19,7 @@ async fn golden_corpus_matches_expected_rows() {
     let pipeline = Pipeline::from(&config.parsers[0]);
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
 
-    let mut files: Vec<_> = std::fs::read_dir(support::corpus_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "eml"))
-        .collect();
-    files.sort();
+    let files = support::corpus_files();
     assert!(files.len() >= 30, "the corpus has {} messages", files.len());
 
     let mut mismatches = Vec::new();

@@ -9,6 +9,17 @@ pub fn corpus_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/corpus")
 }
 
+/// The corpus messages (`tests/corpus/*.eml`), sorted by name.
+pub fn corpus_files() -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(corpus_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// A configuration file text with one parser named `name` and the given extra parser keys.
 pub fn config_text(database_url: &str, parser: &str, extra_parser_keys: &str) -> String {
     format!(
