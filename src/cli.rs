@@ -54,6 +54,15 @@ enum Command {
     CheckConfig(ConfigArg),
     /// Apply pending database migrations.
     Migrate(ConfigArg),
+    /// Run the daemon: one IMAP poller per active parser, until SIGTERM or SIGINT.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Process everything new in every active parser, then exit (0: all succeeded,
+        /// 1: some parser failed).
+        #[arg(long)]
+        once: bool,
+    },
     /// Turn raw RFC 5322 messages (files, directories, or stdin) into tickets.
     Ingest {
         #[command(flatten)]
@@ -126,6 +135,13 @@ async fn run(command: Command) -> ExitCode {
                 Err(code) => code,
             }
         }
+        Command::Run { config, once } => {
+            let config = match load_config(&config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_command(&config, once).await
+        }
         Command::Ingest {
             config,
             parser,
@@ -138,6 +154,86 @@ async fn run(command: Command) -> ExitCode {
             ingest_command(&config, &parser, files).await
         }
     }
+}
+
+/// How long a shutdown may take before the remaining work is abandoned (it is retried on
+/// the next start: nothing uncommitted was acknowledged on the server).
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn run_command(config: &Config, once: bool) -> ExitCode {
+    let pool = match connect_and_migrate(config).await {
+        Ok(pool) => pool,
+        Err(code) => return code,
+    };
+    let tokens = match crate::auth::TokenSources::from_config(&config.credentials) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(cancel_on_signal(cancel.clone()));
+    if once {
+        let reports = crate::supervisor::run_once(config, &pool, &tokens, &cancel).await;
+        let mut failed = false;
+        for report in &reports {
+            match &report.result {
+                Ok(s) => println!(
+                    "{}: {} created, {} duplicate, {} quarantined",
+                    report.parser, s.created, s.duplicate, s.quarantined
+                ),
+                Err(e) => {
+                    failed = true;
+                    println!("{}: failed: {e}", report.parser);
+                }
+            }
+        }
+        return if failed {
+            ExitCode::from(EXIT_FAILED)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let supervisor = {
+        let (config_pool, cancel) = (pool.clone(), cancel.clone());
+        let tokens = tokens.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            crate::supervisor::run(&config, &config_pool, &tokens, &cancel).await
+        })
+    };
+    cancel.cancelled().await;
+    tracing::info!("shutting down: finishing the messages in flight");
+    match tokio::time::timeout(SHUTDOWN_DEADLINE, supervisor).await {
+        Ok(_) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(_) => {
+            tracing::warn!(
+                "some pollers did not stop within {}s; exiting anyway",
+                SHUTDOWN_DEADLINE.as_secs()
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn cancel_on_signal(cancel: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    cancel.cancel();
 }
 
 fn load_config(path: &Path) -> Result<Config, ExitCode> {

@@ -24,7 +24,7 @@ pub const DEFAULT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 35 * 1024 * 1024;
 
 /// The validated configuration the program runs with.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// The file it was loaded from (for messages).
     pub path: PathBuf,
@@ -37,7 +37,7 @@ pub struct Config {
 }
 
 /// `[database]`: the Postgres that holds tickets.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DatabaseConfig {
     /// Connection URL; may hold a password, hence secret.
     pub url: SecretString,
@@ -54,7 +54,7 @@ pub enum CredentialKind {
 }
 
 /// `[[credential]]`: an OAuth identity. Many parsers may share one (one token cache).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CredentialConfig {
     /// Name parsers refer to.
     pub name: String,
@@ -83,7 +83,7 @@ pub enum ParserStatus {
 }
 
 /// How a parser authenticates to its IMAP server.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum ParserAuth {
     /// XOAUTH2 with a token from the named `[[credential]]`.
     Credential(String),
@@ -92,7 +92,7 @@ pub enum ParserAuth {
 }
 
 /// `[[parser]]`: one mailbox read into tickets (an "Email Parser").
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ParserConfig {
     /// Unique name, the key of this parser's rows in the database.
     pub name: String,
@@ -112,8 +112,43 @@ pub struct ParserConfig {
     pub auth: ParserAuth,
     /// Messages larger than this (bytes) are quarantined instead of ticketed.
     pub max_message_size: u64,
+    /// What to do on the server with a message once its rows are committed.
+    pub after: AfterIngest,
+    /// How often to look for new mail when the server has no IDLE.
+    pub poll_interval: std::time::Duration,
     /// The IMAP server.
     pub imap: ImapConfig,
+}
+
+/// `after`: what happens on the IMAP server to a message whose rows are committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterIngest {
+    /// Set `\Seen` (`"mark_seen"`, the default).
+    MarkSeen,
+    /// Leave it alone (`"none"`).
+    Nothing,
+    /// Move it to a folder (`"move:<folder>"`).
+    Move(String),
+    /// Delete it (`"delete"`).
+    Delete,
+}
+
+impl AfterIngest {
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "mark_seen" => Ok(AfterIngest::MarkSeen),
+            "none" => Ok(AfterIngest::Nothing),
+            "delete" => Ok(AfterIngest::Delete),
+            other => match other.strip_prefix("move:") {
+                Some(folder) if !folder.trim().is_empty() => {
+                    Ok(AfterIngest::Move(folder.trim().to_string()))
+                }
+                _ => Err(format!(
+                    "{other:?} is not one of \"mark_seen\", \"none\", \"move:<folder>\", \"delete\""
+                )),
+            },
+        }
+    }
 }
 
 impl ParserConfig {
@@ -211,6 +246,8 @@ struct RawParser {
     credential: Option<String>,
     password: Option<SecretSource>,
     max_message_size: Option<ByteSize>,
+    after: Option<String>,
+    poll_interval: Option<u64>,
     imap: RawImap,
 }
 
@@ -645,6 +682,17 @@ fn validate_parsers(
         if max_message_size == 0 {
             problems.add(key("max_message_size"), at, "must be larger than 0");
         }
+        let after = match &p.after {
+            None => AfterIngest::MarkSeen,
+            Some(text) => AfterIngest::parse(text).unwrap_or_else(|e| {
+                problems.add(key("after"), at, e);
+                AfterIngest::MarkSeen
+            }),
+        };
+        let poll_interval = std::time::Duration::from_secs(p.poll_interval.unwrap_or(60));
+        if p.poll_interval == Some(0) {
+            problems.add(key("poll_interval"), at, "must be at least 1 (seconds)");
+        }
         let imap = &p.imap;
         if imap.host.trim().is_empty() {
             problems.add(key("imap.host"), at, "must not be empty");
@@ -691,6 +739,8 @@ fn validate_parsers(
             add_ccs: p.add_ccs,
             auth,
             max_message_size,
+            after,
+            poll_interval,
             imap: ImapConfig {
                 host: imap.host.trim().to_string(),
                 port: imap.port,
@@ -761,6 +811,8 @@ host = "outlook.office365.com"
         assert_eq!(p.status, ParserStatus::Active);
         assert_eq!(p.max_message_size, 10 << 20);
         assert_eq!(p.login_user(), "support@contoso.com");
+        assert_eq!(p.after, AfterIngest::MarkSeen);
+        assert_eq!(p.poll_interval.as_secs(), 60);
         assert_eq!(c.credentials[0].authority, DEFAULT_AUTHORITY);
         assert_eq!(c.credentials[0].scope, DEFAULT_APP_SCOPE);
     }
@@ -834,6 +886,17 @@ host = "outlook.office365.com"
         let text = format!("{GOOD}\n{second}");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("already defined"), "{err}");
+    }
+
+    #[test]
+    fn after_actions() {
+        assert_eq!(
+            AfterIngest::parse("move:Done").unwrap(),
+            AfterIngest::Move("Done".into())
+        );
+        assert_eq!(AfterIngest::parse("delete").unwrap(), AfterIngest::Delete);
+        assert!(AfterIngest::parse("move:").is_err());
+        assert!(AfterIngest::parse("archive").is_err());
     }
 
     #[test]

@@ -15,11 +15,16 @@
 //! stored (once per parser and Message-ID) or quarantined with its raw bytes, never
 //! dropped; secrets never reach logs, errors or Debug output.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod imap;
 pub mod ingest;
 pub mod logging;
 pub mod mime;
+pub mod poller;
 pub mod secret;
 pub mod store;
+pub mod supervisor;
 pub mod ticket;
+pub mod tls;

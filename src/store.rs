@@ -273,3 +273,53 @@ pub async fn insert_quarantine(
         .await?;
     Ok(QuarantineInsert::Duplicate { id })
 }
+
+/// The committed position of a parser in a folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The folder's UIDVALIDITY when `last_uid` was recorded.
+    pub uidvalidity: i64,
+    /// Every message with a UID up to this one is stored or quarantined.
+    pub last_uid: i64,
+}
+
+/// The checkpoint of (parser, folder), if one was ever recorded.
+pub async fn load_checkpoint(
+    conn: &mut PgConnection,
+    parser: &str,
+    folder: &str,
+) -> Result<Option<Checkpoint>, StoreError> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "select uidvalidity, last_uid from mailbox_state where parser = $1 and folder = $2",
+    )
+    .bind(parser)
+    .bind(folder)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|(uidvalidity, last_uid)| Checkpoint {
+        uidvalidity,
+        last_uid,
+    }))
+}
+
+/// Records the checkpoint; call it in the transaction that stored the messages it covers.
+pub async fn save_checkpoint(
+    conn: &mut PgConnection,
+    parser: &str,
+    folder: &str,
+    checkpoint: Checkpoint,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "insert into mailbox_state (parser, folder, uidvalidity, last_uid, updated_at)
+         values ($1, $2, $3, $4, now())
+         on conflict (parser, folder) do update
+         set uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, updated_at = now()",
+    )
+    .bind(parser)
+    .bind(folder)
+    .bind(checkpoint.uidvalidity)
+    .bind(checkpoint.last_uid)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

@@ -1,5 +1,7 @@
 //! Test support: real servers started for the tests, and small helpers.
 
+pub mod dovecot;
+pub mod entra;
 pub mod postgres;
 
 use std::path::PathBuf;

@@ -1,0 +1,676 @@
+//! The only module that speaks IMAP (through async-imap), with typed errors.
+//!
+//! async-imap is trusted for the protocol grammar only. This module adds what it lacks or
+//! gets wrong where losing mail is at stake:
+//! - a timeout on every network step (async-imap has none) and TCP keepalive;
+//! - the server greeting is read explicitly (async-imap does not);
+//! - a FETCH that returns fewer messages than asked is an error (async-imap reports a
+//!   tagged NO/BAD or a clean close in mid-fetch as success: upstream #95);
+//! - `UID FETCH n:*` returns the last message even when n is past it: results are filtered;
+//! - the unsolicited-response channel (which drops items past 100) is drained after each
+//!   command, and a BYE found there is a lost connection;
+//! - an IDLE that ends without our asking (a server-side kill) is a lost connection.
+
+use crate::config::{Encryption, ImapConfig};
+use async_imap::types::{Fetch, UnsolicitedResponse};
+use async_imap::{Client, Session};
+use futures::TryStreamExt;
+use secrecy::{ExposeSecret, SecretString};
+use std::fmt;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// Timeout for connecting, the TLS handshake and each command.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Any byte stream the IMAP client runs over (plain TCP or TLS).
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug> Io for T {}
+
+/// The stream type of every session.
+pub type Stream = Box<dyn Io>;
+
+/// What went wrong talking to the IMAP server, by step.
+#[derive(Debug, thiserror::Error)]
+pub enum ImapError {
+    /// TCP connection failed.
+    #[error("cannot connect to {host}:{port}: {reason}")]
+    Connect {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Why.
+        reason: String,
+    },
+    /// TLS could not be set up.
+    #[error("TLS with {host} failed: {reason}")]
+    Tls {
+        /// Host.
+        host: String,
+        /// Why (certificate problems are named here).
+        reason: String,
+    },
+    /// A step did not finish in time.
+    #[error("the IMAP server did not answer within {}s during {step}", .after.as_secs())]
+    Timeout {
+        /// The step.
+        step: &'static str,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The server refused the login.
+    #[error("the IMAP server refused {mechanism} login as {user}: {reason}")]
+    AuthRejected {
+        /// XOAUTH2, OAUTHBEARER or LOGIN.
+        mechanism: &'static str,
+        /// The user= sent.
+        user: String,
+        /// The server's words.
+        reason: String,
+    },
+    /// Login worked but the mailbox cannot be opened (Exchange's "User is authenticated but
+    /// not connected").
+    #[error(
+        "logged in, but the mailbox {user} cannot be opened: {reason} (check the mailbox address, the app's FullAccess permission on it, and that IMAP is enabled for it)"
+    )]
+    NotConnected {
+        /// The mailbox.
+        user: String,
+        /// The server's words.
+        reason: String,
+    },
+    /// SELECT failed.
+    #[error("cannot select folder {folder:?}: {reason}")]
+    Select {
+        /// The folder.
+        folder: String,
+        /// The server's words.
+        reason: String,
+    },
+    /// The server returned fewer messages than asked for.
+    #[error("UID FETCH returned {got} of {asked} messages: treating the connection as lost")]
+    ShortFetch {
+        /// Asked.
+        asked: usize,
+        /// Got.
+        got: usize,
+    },
+    /// The connection ended.
+    #[error("the IMAP connection was lost during {step}: {reason}")]
+    ConnectionLost {
+        /// The step.
+        step: &'static str,
+        /// Details.
+        reason: String,
+    },
+    /// The server answered NO/BAD or something unexpected.
+    #[error("IMAP {step} failed: {reason}")]
+    Command {
+        /// The step.
+        step: &'static str,
+        /// The server's words.
+        reason: String,
+    },
+}
+
+impl ImapError {
+    /// True when the server rejected our credentials (a token may need renewing).
+    pub fn is_auth_rejected(&self) -> bool {
+        matches!(self, ImapError::AuthRejected { .. })
+    }
+}
+
+fn command_error(step: &'static str, e: async_imap::error::Error) -> ImapError {
+    use async_imap::error::Error;
+    match e {
+        Error::Io(io) => ImapError::ConnectionLost {
+            step,
+            reason: io.to_string(),
+        },
+        Error::ConnectionLost => ImapError::ConnectionLost {
+            step,
+            reason: "the server closed the connection".into(),
+        },
+        other => ImapError::Command {
+            step,
+            reason: other.to_string(),
+        },
+    }
+}
+
+async fn timed<T>(
+    step: &'static str,
+    fut: impl Future<Output = Result<T, async_imap::error::Error>>,
+) -> Result<T, ImapError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
+        Ok(result) => result.map_err(|e| command_error(step, e)),
+        Err(_) => Err(ImapError::Timeout {
+            step,
+            after: COMMAND_TIMEOUT,
+        }),
+    }
+}
+
+/// How to log in.
+pub enum Login<'a> {
+    /// SASL XOAUTH2 (or OAUTHBEARER when that is all the server offers).
+    OAuth {
+        /// The mailbox (`user=`).
+        user: &'a str,
+        /// The access token.
+        token: &'a SecretString,
+    },
+    /// Plain LOGIN.
+    Password {
+        /// User name.
+        user: &'a str,
+        /// Password.
+        password: &'a SecretString,
+    },
+}
+
+/// An unauthenticated connection, greeting read.
+pub struct Connection {
+    client: Client<Stream>,
+    greeting: String,
+}
+
+/// Opens a connection as `imap` says: TLS, STARTTLS or plain.
+pub async fn connect(imap: &ImapConfig) -> Result<Connection, ImapError> {
+    let tcp = tcp_connect(&imap.host, imap.port).await?;
+    let tls_config = || {
+        crate::tls::client_config(imap.ca_file.as_deref()).map_err(|reason| ImapError::Tls {
+            host: imap.host.clone(),
+            reason,
+        })
+    };
+    match imap.encryption {
+        Encryption::Ssl => {
+            let tls = tls_wrap(&imap.host, tls_config()?, Box::new(tcp)).await?;
+            greet(Client::new(tls)).await
+        }
+        Encryption::None => greet(Client::new(Box::new(tcp) as Stream)).await,
+        Encryption::Starttls => {
+            let plain = greet(Client::new(Box::new(tcp) as Stream)).await?;
+            let mut client = plain.client;
+            timed(
+                "STARTTLS",
+                client.run_command_and_check_ok("STARTTLS", None),
+            )
+            .await?;
+            let tls = tls_wrap(&imap.host, tls_config()?, client.into_inner()).await?;
+            Ok(Connection {
+                client: Client::new(tls),
+                greeting: plain.greeting,
+            })
+        }
+    }
+}
+
+async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, ImapError> {
+    let fail = |reason: String| ImapError::Connect {
+        host: host.to_string(),
+        port,
+        reason,
+    };
+    let tcp = tokio::time::timeout(COMMAND_TIMEOUT, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| fail(format!("no answer within {}s", COMMAND_TIMEOUT.as_secs())))?
+        .map_err(|e| fail(e.to_string()))?;
+    // Keepalive notices a peer that vanished without a FIN (NAT timeouts, dead hosts).
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(15));
+    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+async fn tls_wrap(
+    host: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    io: Stream,
+) -> Result<Stream, ImapError> {
+    let fail = |reason: String| ImapError::Tls {
+        host: host.to_string(),
+        reason,
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| fail(format!("not a valid TLS server name: {e}")))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tls = tokio::time::timeout(COMMAND_TIMEOUT, connector.connect(name, io))
+        .await
+        .map_err(|_| fail("the TLS handshake timed out".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(Box::new(tls))
+}
+
+async fn greet(mut client: Client<Stream>) -> Result<Connection, ImapError> {
+    let response = tokio::time::timeout(COMMAND_TIMEOUT, client.read_response())
+        .await
+        .map_err(|_| ImapError::Timeout {
+            step: "greeting",
+            after: COMMAND_TIMEOUT,
+        })?
+        .map_err(|e| ImapError::ConnectionLost {
+            step: "greeting",
+            reason: e.to_string(),
+        })?
+        .ok_or_else(|| ImapError::ConnectionLost {
+            step: "greeting",
+            reason: "closed before the greeting".into(),
+        })?;
+    let greeting = String::from_utf8_lossy(response.borrow_owner()).into_owned();
+    if !greeting.starts_with("* OK") && !greeting.starts_with("* PREAUTH") {
+        return Err(ImapError::Command {
+            step: "greeting",
+            reason: greeting.trim().to_string(),
+        });
+    }
+    Ok(Connection { client, greeting })
+}
+
+/// The XOAUTH2 / OAUTHBEARER client side: the initial response, then an empty answer to
+/// the server's error challenge so that the command ends with NO.
+struct OAuthResponder {
+    initial: Vec<u8>,
+    sent: bool,
+}
+
+impl async_imap::Authenticator for OAuthResponder {
+    type Response = Vec<u8>;
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        if self.sent {
+            return Vec::new();
+        }
+        self.sent = true;
+        std::mem::take(&mut self.initial)
+    }
+}
+
+impl Connection {
+    /// Logs in; the session is ready for [`ImapSession::select`].
+    pub async fn login(self, login: Login<'_>) -> Result<ImapSession, ImapError> {
+        let Connection { client, greeting } = self;
+        let (mechanism, user, result) = match login {
+            Login::Password { user, password } => {
+                let r = tokio::time::timeout(
+                    COMMAND_TIMEOUT,
+                    client.login(user, password.expose_secret()),
+                )
+                .await;
+                ("LOGIN", user, r.map(|r| r.map_err(|(e, _)| e)))
+            }
+            Login::OAuth { user, token } => {
+                // Exchange and Dovecot both offer XOAUTH2; use OAUTHBEARER only when the
+                // greeting's capabilities list it and not XOAUTH2.
+                let upper = greeting.to_ascii_uppercase();
+                let bearer_only =
+                    upper.contains("AUTH=OAUTHBEARER") && !upper.contains("AUTH=XOAUTH2");
+                let (mechanism, initial) = if bearer_only {
+                    let escaped = user.replace('=', "=3D").replace(',', "=2C");
+                    (
+                        "OAUTHBEARER",
+                        format!(
+                            "n,a={escaped},\x01auth=Bearer {}\x01\x01",
+                            token.expose_secret()
+                        ),
+                    )
+                } else {
+                    (
+                        "XOAUTH2",
+                        format!(
+                            "user={user}\x01auth=Bearer {}\x01\x01",
+                            token.expose_secret()
+                        ),
+                    )
+                };
+                let responder = OAuthResponder {
+                    initial: initial.into_bytes(),
+                    sent: false,
+                };
+                let r = tokio::time::timeout(
+                    COMMAND_TIMEOUT,
+                    client.authenticate(mechanism, responder),
+                )
+                .await;
+                (mechanism, user, r.map(|r| r.map_err(|(e, _)| e)))
+            }
+        };
+        match result {
+            Err(_) => Err(ImapError::Timeout {
+                step: "login",
+                after: COMMAND_TIMEOUT,
+            }),
+            Ok(Ok(session)) => Ok(ImapSession {
+                session,
+                user: user.to_string(),
+            }),
+            Ok(Err(
+                async_imap::error::Error::No(reason) | async_imap::error::Error::Bad(reason),
+            )) => Err(ImapError::AuthRejected {
+                mechanism,
+                user: user.to_string(),
+                reason,
+            }),
+            Ok(Err(e)) => Err(command_error("login", e)),
+        }
+    }
+}
+
+/// A selected folder's identity and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FolderStatus {
+    /// UIDVALIDITY: when it changes, every UID in the folder is new.
+    pub uid_validity: u32,
+    /// The next UID the server will assign, when it says.
+    pub uid_next: Option<u32>,
+    /// Messages in the folder.
+    pub exists: u32,
+}
+
+/// What ended an IDLE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleEnd {
+    /// The server reported a change (new mail, expunge, flags).
+    Changed,
+    /// Our time limit passed (re-IDLE or renew the session).
+    TimedOut,
+    /// We were asked to stop.
+    Cancelled,
+}
+
+/// A logged-in IMAP session.
+pub struct ImapSession {
+    session: Session<Stream>,
+    user: String,
+}
+
+impl ImapSession {
+    /// SELECTs a folder.
+    pub async fn select(&mut self, folder: &str) -> Result<FolderStatus, ImapError> {
+        let result = tokio::time::timeout(COMMAND_TIMEOUT, self.session.select(folder)).await;
+        let mailbox = match result {
+            Err(_) => {
+                return Err(ImapError::Timeout {
+                    step: "SELECT",
+                    after: COMMAND_TIMEOUT,
+                });
+            }
+            Ok(Ok(m)) => m,
+            Ok(Err(
+                async_imap::error::Error::Bad(reason) | async_imap::error::Error::No(reason),
+            )) if reason.to_ascii_lowercase().contains("not connected") => {
+                return Err(ImapError::NotConnected {
+                    user: self.user.clone(),
+                    reason,
+                });
+            }
+            Ok(Err(
+                async_imap::error::Error::Bad(reason) | async_imap::error::Error::No(reason),
+            )) => {
+                return Err(ImapError::Select {
+                    folder: folder.to_string(),
+                    reason,
+                });
+            }
+            Ok(Err(e)) => return Err(command_error("SELECT", e)),
+        };
+        self.drain_unsolicited()?;
+        let uid_validity = mailbox.uid_validity.ok_or_else(|| ImapError::Select {
+            folder: folder.to_string(),
+            reason: "the server sent no UIDVALIDITY".into(),
+        })?;
+        Ok(FolderStatus {
+            uid_validity,
+            uid_next: mailbox.uid_next,
+            exists: mailbox.exists,
+        })
+    }
+
+    /// UIDs and sizes of the messages with UID >= `from`, in UID order.
+    pub async fn sizes_from(&mut self, from: u32) -> Result<Vec<(u32, u32)>, ImapError> {
+        let query = format!("{}:*", from.max(1));
+        let fetches: Vec<Fetch> = timed("UID FETCH (RFC822.SIZE)", async {
+            self.session
+                .uid_fetch(&query, "(UID RFC822.SIZE)")
+                .await?
+                .try_collect()
+                .await
+        })
+        .await?;
+        self.drain_unsolicited()?;
+        let mut sizes: Vec<(u32, u32)> = fetches
+            .iter()
+            .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
+            // `n:*` always includes the last message, even when its UID is below n.
+            .filter(|(uid, _)| *uid >= from)
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup_by_key(|(uid, _)| *uid);
+        Ok(sizes)
+    }
+
+    /// The raw bytes of these messages (BODY.PEEK[], so \Seen is not set), in UID order.
+    /// Fails when the server returns fewer than asked.
+    pub async fn fetch(&mut self, uids: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, ImapError> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let set = uid_set(uids);
+        let fetches: Vec<Fetch> = timed("UID FETCH (BODY.PEEK[])", async {
+            self.session
+                .uid_fetch(&set, "(UID BODY.PEEK[])")
+                .await?
+                .try_collect()
+                .await
+        })
+        .await?;
+        self.drain_unsolicited()?;
+        let mut bodies: Vec<(u32, Vec<u8>)> = fetches
+            .iter()
+            .filter_map(|f| Some((f.uid?, f.body()?.to_vec())))
+            .filter(|(uid, _)| uids.binary_search(uid).is_ok())
+            .collect();
+        bodies.sort_unstable_by_key(|(uid, _)| *uid);
+        bodies.dedup_by_key(|(uid, _)| *uid);
+        if bodies.len() != uids.len() {
+            return Err(ImapError::ShortFetch {
+                asked: uids.len(),
+                got: bodies.len(),
+            });
+        }
+        Ok(bodies)
+    }
+
+    /// The header section of one message (BODY.PEEK[HEADER]): what is kept of a message too
+    /// large to download.
+    pub async fn fetch_header(&mut self, uid: u32) -> Result<Vec<u8>, ImapError> {
+        let set = uid.to_string();
+        let fetches: Vec<Fetch> = timed("UID FETCH (BODY.PEEK[HEADER])", async {
+            self.session
+                .uid_fetch(&set, "(UID BODY.PEEK[HEADER])")
+                .await?
+                .try_collect()
+                .await
+        })
+        .await?;
+        self.drain_unsolicited()?;
+        fetches
+            .iter()
+            .find(|f| f.uid == Some(uid))
+            .and_then(|f| f.header().map(<[u8]>::to_vec))
+            .ok_or(ImapError::ShortFetch { asked: 1, got: 0 })
+    }
+
+    /// Adds `\Seen` to these messages.
+    pub async fn mark_seen(&mut self, uids: &[u32]) -> Result<(), ImapError> {
+        self.store_flags(uids, "+FLAGS.SILENT (\\Seen)").await
+    }
+
+    /// Moves these messages to `folder` (MOVE, or COPY + delete when MOVE is missing).
+    pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<(), ImapError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let set = uid_set(uids);
+        let caps = timed("CAPABILITY", self.session.capabilities()).await?;
+        if caps.has_str("MOVE") {
+            timed("UID MOVE", self.session.uid_mv(&set, folder)).await?;
+        } else {
+            timed("UID COPY", self.session.uid_copy(&set, folder)).await?;
+            self.delete(uids).await?;
+        }
+        self.drain_unsolicited()
+    }
+
+    /// Marks these messages `\Deleted` and expunges them (only them, with UIDPLUS).
+    pub async fn delete(&mut self, uids: &[u32]) -> Result<(), ImapError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        self.store_flags(uids, "+FLAGS.SILENT (\\Deleted)").await?;
+        let set = uid_set(uids);
+        let caps = timed("CAPABILITY", self.session.capabilities()).await?;
+        if caps.has_str("UIDPLUS") {
+            timed("UID EXPUNGE", async {
+                self.session
+                    .uid_expunge(&set)
+                    .await?
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+            .await?;
+        } else {
+            timed("EXPUNGE", async {
+                self.session.expunge().await?.try_collect::<Vec<_>>().await
+            })
+            .await?;
+        }
+        self.drain_unsolicited()
+    }
+
+    async fn store_flags(&mut self, uids: &[u32], change: &str) -> Result<(), ImapError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let set = uid_set(uids);
+        timed("UID STORE", async {
+            self.session
+                .uid_store(&set, change)
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .await?;
+        self.drain_unsolicited()
+    }
+
+    /// Whether the server offers IDLE.
+    pub async fn supports_idle(&mut self) -> Result<bool, ImapError> {
+        let caps = timed("CAPABILITY", self.session.capabilities()).await?;
+        Ok(caps.has_str("IDLE"))
+    }
+
+    /// Waits in IDLE until the server reports a change, `limit` passes, or `cancel` fires.
+    pub async fn idle(
+        self,
+        limit: Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(ImapSession, IdleEnd), ImapError> {
+        let ImapSession { session, user } = self;
+        let mut handle = session.idle();
+        timed("IDLE", handle.init()).await?;
+        let end = {
+            // The inner timeout restarts at each "still here"; the outer one bounds the whole wait.
+            let (wait, _stop) = handle.wait_with_timeout(limit);
+            tokio::select! {
+                result = tokio::time::timeout(limit, wait) => match result {
+                    Err(_) | Ok(Ok(async_imap::extensions::idle::IdleResponse::Timeout)) => IdleEnd::TimedOut,
+                    Ok(Ok(async_imap::extensions::idle::IdleResponse::NewData(data))) => {
+                        let text = String::from_utf8_lossy(data.borrow_owner()).to_string();
+                        if text.starts_with("* BYE") {
+                            return Err(ImapError::ConnectionLost { step: "IDLE", reason: text.trim().to_string() });
+                        }
+                        IdleEnd::Changed
+                    }
+                    // We never interrupt this wait ourselves: the stream ended.
+                    Ok(Ok(async_imap::extensions::idle::IdleResponse::ManualInterrupt)) => {
+                        return Err(ImapError::ConnectionLost { step: "IDLE", reason: "the server ended the connection".into() });
+                    }
+                    Ok(Err(e)) => return Err(command_error("IDLE", e)),
+                },
+                _ = cancel.cancelled() => IdleEnd::Cancelled,
+            }
+        };
+        let session = timed("IDLE DONE", handle.done()).await?;
+        let mut session = ImapSession { session, user };
+        session.drain_unsolicited()?;
+        Ok((session, end))
+    }
+
+    /// Sends NOOP (lets the server report new mail when IDLE is not offered).
+    pub async fn noop(&mut self) -> Result<(), ImapError> {
+        timed("NOOP", self.session.noop()).await?;
+        self.drain_unsolicited()
+    }
+
+    /// Logs out politely; errors are ignored (the connection is going away anyway).
+    pub async fn logout(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.session.logout()).await;
+    }
+
+    /// Empties the unsolicited-response channel; a BYE there means the connection is gone.
+    fn drain_unsolicited(&mut self) -> Result<(), ImapError> {
+        while let Ok(response) = self.session.unsolicited_responses.try_recv() {
+            if let UnsolicitedResponse::Other(data) = &response {
+                let text = String::from_utf8_lossy(data.borrow_owner());
+                if text.starts_with("* BYE") {
+                    return Err(ImapError::ConnectionLost {
+                        step: "command",
+                        reason: text.trim().to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// "1:3,7,9:10" for sorted UIDs.
+pub fn uid_set(uids: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end + 1 {
+            i += 1;
+            end = uids[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_sets_are_compact() {
+        assert_eq!(uid_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
+        assert_eq!(uid_set(&[5]), "5");
+        assert_eq!(uid_set(&[]), "");
+    }
+}

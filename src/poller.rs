@@ -1,0 +1,357 @@
+//! One mailbox's loop: connect, log in, SELECT, fetch what is new, store it exactly once,
+//! post-process on the server, wait (IDLE or poll), and again.
+//!
+//! Exactly-once rests on two rules: the UID checkpoint moves only in the transaction that
+//! stored the messages it covers, and a message is flagged/moved/deleted on the server only
+//! after that commit. A crash anywhere re-fetches at most the uncommitted batch, and
+//! re-storing a committed message is a no-op (the (parser, Message-ID) key).
+
+use crate::auth::{AccessToken, TokenSource};
+use crate::config::{AfterIngest, ParserAuth, ParserConfig};
+use crate::imap::{self, IdleEnd, ImapError, ImapSession, Login};
+use crate::ingest::{self, Decision, Outcome, Pipeline};
+use crate::store::{self, Checkpoint, StoreError};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// (UID, RFC822.SIZE) of a message waiting on the server.
+type UidSize = (u32, u32);
+
+/// Messages fetched per batch (and per transaction).
+const BATCH_MESSAGES: usize = 50;
+/// Bytes fetched per batch, at most (async-imap buffers a whole response in memory).
+const BATCH_BYTES: u64 = 24 << 20;
+/// IDLE is re-issued at least this often (RFC 2177 asks for under 29 minutes).
+const IDLE_LIMIT: Duration = Duration::from_secs(25 * 60);
+
+/// Why a poll cycle failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    /// No token.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    /// IMAP failed.
+    #[error(transparent)]
+    Imap(#[from] ImapError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The parser names a credential that does not exist (config validation prevents it).
+    #[error("parser {0:?} names an unknown credential")]
+    UnknownCredential(String),
+}
+
+/// Counters of one run of a poller.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PollStats {
+    /// New tickets.
+    pub created: u64,
+    /// Already stored.
+    pub duplicate: u64,
+    /// Quarantined.
+    pub quarantined: u64,
+}
+
+impl PollStats {
+    fn count(&mut self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Created { .. } => self.created += 1,
+            Outcome::Duplicate { .. } | Outcome::DuplicateQuarantined { .. } => self.duplicate += 1,
+            Outcome::Quarantined { .. } => self.quarantined += 1,
+        }
+    }
+}
+
+/// Everything one parser's loop needs.
+pub struct Poller {
+    parser: Arc<ParserConfig>,
+    pipeline: Pipeline,
+    pool: PgPool,
+    tokens: Option<Arc<TokenSource>>,
+}
+
+/// A logged-in session and the token it was opened with (to renew before it expires).
+struct Connected {
+    session: ImapSession,
+    token: Option<AccessToken>,
+}
+
+impl Poller {
+    /// A poller for one parser; `tokens` is the parser's credential source (None for a
+    /// password parser).
+    pub fn new(
+        parser: Arc<ParserConfig>,
+        pool: PgPool,
+        tokens: Option<Arc<TokenSource>>,
+    ) -> Result<Self, PollError> {
+        if matches!(parser.auth, ParserAuth::Credential(_)) && tokens.is_none() {
+            return Err(PollError::UnknownCredential(parser.name.clone()));
+        }
+        Ok(Poller {
+            pipeline: Pipeline::from(parser.as_ref()),
+            parser,
+            pool,
+            tokens,
+        })
+    }
+
+    /// The parser's name.
+    pub fn name(&self) -> &str {
+        &self.parser.name
+    }
+
+    /// Connects, ingests everything new, logs out.
+    pub async fn run_once(&self, cancel: &CancellationToken) -> Result<PollStats, PollError> {
+        let mut connected = self.connect().await?;
+        let mut stats = PollStats::default();
+        let result = self.sync(&mut connected.session, &mut stats, cancel).await;
+        connected.session.logout().await;
+        result.map(|_| stats)
+    }
+
+    /// Runs until cancelled or until something fails (the supervisor retries with backoff).
+    /// `on_connected` is called after each successful login and SELECT (to reset backoff).
+    pub async fn run(
+        &self,
+        cancel: &CancellationToken,
+        on_connected: &(dyn Fn() + Sync),
+    ) -> Result<(), PollError> {
+        while !cancel.is_cancelled() {
+            let Connected { mut session, token } = self.connect().await?;
+            on_connected();
+            let mut stats = PollStats::default();
+            let supports_idle = session.supports_idle().await?;
+            loop {
+                self.sync(&mut session, &mut stats, cancel).await?;
+                if cancel.is_cancelled() {
+                    break;
+                }
+                // Renew the session (and token) before the token expires: Exchange ends
+                // sessions whose token has expired.
+                let until_renewal = token
+                    .as_ref()
+                    .map(|t| t.renew_at.saturating_duration_since(Instant::now()))
+                    .unwrap_or(Duration::MAX);
+                if until_renewal.is_zero() {
+                    tracing::info!(parser = %self.parser.name, "renewing the session before the access token expires");
+                    break;
+                }
+                if supports_idle {
+                    let (s, end) = session.idle(IDLE_LIMIT.min(until_renewal), cancel).await?;
+                    session = s;
+                    if end == IdleEnd::Cancelled {
+                        break;
+                    }
+                } else {
+                    let wait = self.parser.poll_interval.min(until_renewal);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancel.cancelled() => break,
+                    }
+                    session.noop().await?;
+                }
+            }
+            session.logout().await;
+        }
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<Connected, PollError> {
+        let parser = &self.parser;
+        let user = parser.login_user();
+        match (&parser.auth, &self.tokens) {
+            (ParserAuth::Password(password), _) => {
+                let connection = imap::connect(&parser.imap).await?;
+                let session = connection.login(Login::Password { user, password }).await?;
+                Ok(Connected {
+                    session,
+                    token: None,
+                })
+            }
+            (ParserAuth::Credential(_), Some(tokens)) => {
+                // A rejected token may have been revoked or expired early: drop it and try
+                // once more with a fresh one before giving up.
+                for attempt in 0..2 {
+                    let token = tokens.token().await?;
+                    let connection = imap::connect(&parser.imap).await?;
+                    match connection
+                        .login(Login::OAuth {
+                            user,
+                            token: &token.secret,
+                        })
+                        .await
+                    {
+                        Ok(session) => {
+                            return Ok(Connected {
+                                session,
+                                token: Some(token),
+                            });
+                        }
+                        Err(e) if e.is_auth_rejected() && attempt == 0 => {
+                            tracing::warn!(parser = %parser.name, error = %e, "login refused; retrying once with a new token");
+                            tokens.invalidate(&token).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                unreachable!("the loop returns on its second attempt")
+            }
+            (ParserAuth::Credential(name), None) => Err(PollError::UnknownCredential(name.clone())),
+        }
+    }
+
+    /// SELECTs the folder and stores every message past the checkpoint.
+    async fn sync(
+        &self,
+        session: &mut ImapSession,
+        stats: &mut PollStats,
+        cancel: &CancellationToken,
+    ) -> Result<(), PollError> {
+        let parser = &self.parser;
+        let folder = &parser.imap.folder;
+        let status = session.select(folder).await?;
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+        let saved = store::load_checkpoint(&mut conn, &parser.name, folder).await?;
+        let uidvalidity = i64::from(status.uid_validity);
+        let mut checkpoint = match saved {
+            Some(c) if c.uidvalidity == uidvalidity => c,
+            other => {
+                if let Some(old) = other {
+                    tracing::warn!(parser = %parser.name, folder = %folder, old = old.uidvalidity, new = uidvalidity,
+                        "UIDVALIDITY changed: rescanning the folder (already stored messages are recognised by Message-ID)");
+                }
+                // Record the folder's identity at once, so the state is visible before mail arrives.
+                let fresh = Checkpoint {
+                    uidvalidity,
+                    last_uid: 0,
+                };
+                store::save_checkpoint(&mut conn, &parser.name, folder, fresh).await?;
+                fresh
+            }
+        };
+        drop(conn);
+        let from = u32::try_from(checkpoint.last_uid + 1).unwrap_or(u32::MAX);
+        let pending = session.sizes_from(from).await?;
+        if !pending.is_empty() {
+            tracing::info!(parser = %parser.name, folder = %folder, messages = pending.len(), "new mail");
+        }
+        let mut rest = pending.as_slice();
+        while !rest.is_empty() && !cancel.is_cancelled() {
+            let (batch, tail) = split_batch(rest, parser.max_message_size);
+            rest = tail;
+            checkpoint = self.store_batch(session, batch, checkpoint, stats).await?;
+        }
+        Ok(())
+    }
+
+    /// Fetches, stores and post-processes one batch; returns the new checkpoint.
+    async fn store_batch(
+        &self,
+        session: &mut ImapSession,
+        batch: &[UidSize],
+        checkpoint: Checkpoint,
+        stats: &mut PollStats,
+    ) -> Result<Checkpoint, PollError> {
+        let parser = &self.parser;
+        let max = parser.max_message_size;
+        let wanted: Vec<u32> = batch
+            .iter()
+            .filter(|(_, size)| u64::from(*size) <= max)
+            .map(|(uid, _)| *uid)
+            .collect();
+        let mut raws = session.fetch(&wanted).await?;
+        // Oversized messages: keep only their header, with the reason, and leave them on
+        // the server.
+        for &(uid, _) in batch.iter().filter(|(_, size)| u64::from(*size) > max) {
+            raws.push((uid, session.fetch_header(uid).await?));
+        }
+        raws.sort_unstable_by_key(|(uid, _)| *uid);
+
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut done = Vec::with_capacity(raws.len());
+        for (uid, raw) in &raws {
+            let size = batch.iter().find(|(u, _)| u == uid).map_or(0, |(_, s)| *s);
+            let decision = if u64::from(size) > max {
+                Decision::Quarantine(format!(
+                    "message is {size} bytes (IMAP RFC822.SIZE), over max_message_size ({max} bytes); only its header is kept here, the message stays in the mailbox (UID {uid})"
+                ))
+            } else {
+                ingest::decide(&self.pipeline, raw)
+            };
+            let outcome = ingest::store_decision(&mut tx, &self.pipeline, &decision, raw).await?;
+            tracing::debug!(parser = %parser.name, uid, ?outcome, "stored");
+            stats.count(&outcome);
+            // Oversized messages stay on the server untouched.
+            if u64::from(size) <= max {
+                done.push(*uid);
+            }
+        }
+        let last_uid = batch
+            .iter()
+            .map(|(uid, _)| i64::from(*uid))
+            .max()
+            .unwrap_or(checkpoint.last_uid);
+        let next = Checkpoint {
+            uidvalidity: checkpoint.uidvalidity,
+            last_uid: last_uid.max(checkpoint.last_uid),
+        };
+        store::save_checkpoint(&mut tx, &parser.name, &parser.imap.folder, next).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        tracing::info!(parser = %parser.name, messages = raws.len(), last_uid = next.last_uid, "committed");
+
+        // Only now, with the rows committed, may the messages leave the "new" state.
+        match &parser.after {
+            AfterIngest::MarkSeen => session.mark_seen(&done).await?,
+            AfterIngest::Nothing => {}
+            AfterIngest::Move(folder) => session.move_to(&done, folder).await?,
+            AfterIngest::Delete => session.delete(&done).await?,
+        }
+        Ok(next)
+    }
+}
+
+/// The next batch: up to [`BATCH_MESSAGES`] messages and [`BATCH_BYTES`] (always at least
+/// one message; oversized ones count as nothing, since only their header is fetched).
+fn split_batch(pending: &[UidSize], max_message_size: u64) -> (&[UidSize], &[UidSize]) {
+    let mut bytes = 0u64;
+    let mut end = 0;
+    for (i, (_, size)) in pending.iter().enumerate() {
+        let size = if u64::from(*size) > max_message_size {
+            0
+        } else {
+            u64::from(*size)
+        };
+        if i >= BATCH_MESSAGES || (i > 0 && bytes + size > BATCH_BYTES) {
+            break;
+        }
+        bytes += size;
+        end = i + 1;
+    }
+    pending.split_at(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_bounded_by_count_and_bytes() {
+        let small: Vec<(u32, u32)> = (1..=120).map(|uid| (uid, 1000)).collect();
+        assert_eq!(split_batch(&small, 1 << 30).0.len(), BATCH_MESSAGES);
+        let big = vec![(1, 20 << 20), (2, 20 << 20), (3, 1)];
+        assert_eq!(split_batch(&big, 1 << 30).0.len(), 1);
+        let huge = vec![(1, 100 << 20), (2, 100 << 20)];
+        assert_eq!(
+            split_batch(&huge, 1 << 30).0.len(),
+            1,
+            "one message always fits"
+        );
+        assert_eq!(
+            split_batch(&huge, 1 << 20).0.len(),
+            2,
+            "oversized count as nothing"
+        );
+    }
+}

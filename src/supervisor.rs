@@ -1,0 +1,148 @@
+//! Runs one poller per active parser, restarts a failed one with capped exponential
+//! backoff and jitter, and stops them all on cancellation. One mailbox's failure never
+//! stops or slows another: each poller is its own task with its own backoff.
+
+use crate::auth::TokenSources;
+use crate::config::{Config, ParserAuth, ParserStatus};
+use crate::poller::{PollStats, Poller};
+use backon::BackoffBuilder;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Longest wait between two attempts of a failing poller.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// The result of `run --once` for one parser.
+#[derive(Debug)]
+pub struct OnceReport {
+    /// Parser name.
+    pub parser: String,
+    /// Counters, or the error that stopped it.
+    pub result: Result<PollStats, String>,
+}
+
+fn pollers(
+    config: &Config,
+    pool: &PgPool,
+    tokens: &TokenSources,
+) -> Vec<Result<Poller, (String, String)>> {
+    config
+        .parsers
+        .iter()
+        .filter(|p| p.status == ParserStatus::Active)
+        .map(|p| {
+            let source = match &p.auth {
+                ParserAuth::Credential(name) => tokens.get(name),
+                ParserAuth::Password(_) => None,
+            };
+            Poller::new(Arc::new(p.clone()), pool.clone(), source)
+                .map_err(|e| (p.name.clone(), e.to_string()))
+        })
+        .collect()
+}
+
+/// Processes everything new in every active parser once, all parsers at the same time.
+pub async fn run_once(
+    config: &Config,
+    pool: &PgPool,
+    tokens: &TokenSources,
+    cancel: &CancellationToken,
+) -> Vec<OnceReport> {
+    let tasks: Vec<_> = pollers(config, pool, tokens)
+        .into_iter()
+        .map(|poller| {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                match poller {
+                    Err((parser, e)) => OnceReport {
+                        parser,
+                        result: Err(e),
+                    },
+                    Ok(poller) => {
+                        let result = poller.run_once(&cancel).await.map_err(|e| e.to_string());
+                        OnceReport {
+                            parser: poller.name().to_string(),
+                            result,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut reports = Vec::new();
+    for task in tasks {
+        match task.await {
+            Ok(report) => reports.push(report),
+            Err(e) => reports.push(OnceReport {
+                parser: "?".into(),
+                result: Err(format!("the poller task panicked: {e}")),
+            }),
+        }
+    }
+    reports
+}
+
+/// Runs every active parser until `cancel` fires; returns when all pollers have stopped.
+pub async fn run(
+    config: &Config,
+    pool: &PgPool,
+    tokens: &TokenSources,
+    cancel: &CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    for poller in pollers(config, pool, tokens) {
+        let cancel = cancel.clone();
+        match poller {
+            Err((parser, e)) => {
+                tracing::error!(parser = %parser, error = %e, "cannot start the poller")
+            }
+            Ok(poller) => {
+                tracker.spawn(async move { supervise(poller, cancel).await });
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn supervise(poller: Poller, cancel: CancellationToken) {
+    let connected = AtomicBool::new(false);
+    let new_backoff = || {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_secs(1))
+            .with_max_delay(MAX_BACKOFF)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = new_backoff();
+    tracing::info!(parser = %poller.name(), "poller started");
+    while !cancel.is_cancelled() {
+        let result = poller
+            .run(&cancel, &|| connected.store(true, Ordering::Relaxed))
+            .await;
+        if cancel.is_cancelled() {
+            break;
+        }
+        if connected.swap(false, Ordering::Relaxed) {
+            // It worked for a while: start the backoff over.
+            backoff = new_backoff();
+        }
+        let delay = backoff.next().unwrap_or(MAX_BACKOFF);
+        match result {
+            Ok(()) => continue,
+            Err(e) => {
+                tracing::error!(parser = %poller.name(), error = %e, retry_in_s = delay.as_secs_f32(), "poller failed")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+    tracing::info!(parser = %poller.name(), "poller stopped");
+}

@@ -1,0 +1,252 @@
+//! The daemon against a real Dovecot enforcing XOAUTH2, the test Entra endpoint and a real
+//! Postgres: shared mailboxes, one credential, token renewal, IDLE, shutdown.
+
+use crate::support::dovecot::Dovecot;
+use crate::support::entra::{App, Entra};
+use crate::support::postgres::{TestDb, test_db};
+use mail2ticket::auth::TokenSources;
+use mail2ticket::config::Config;
+use mail2ticket::supervisor;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const SHARED_A: &str = "support@example.test";
+const SHARED_B: &str = "sales@example.test";
+const NOT_GRANTED: &str = "finance@example.test";
+
+struct Sandbox {
+    entra: Entra,
+    dovecot: Dovecot,
+    db: TestDb,
+}
+
+async fn sandbox() -> Sandbox {
+    let entra = Entra::start(&[(
+        "app-1",
+        App {
+            secret: "s3cret".into(),
+            mailboxes: vec![SHARED_A.into(), SHARED_B.into()],
+            lifetime: 3599,
+        },
+    )]);
+    let dovecot = Dovecot::start(&entra);
+    let db = test_db().await;
+    Sandbox { entra, dovecot, db }
+}
+
+/// `(name, email, encryption)` per parser, all through the credential "app".
+fn config(s: &Sandbox, parsers: &[(&str, &str, &str)]) -> Config {
+    let mut text = format!(
+        r#"
+[database]
+url = "{}"
+[[credential]]
+name = "app"
+type = "client_credentials"
+tenant_id = "{}"
+client_id = "app-1"
+client_secret = "s3cret"
+authority = "{}"
+"#,
+        s.db.url,
+        crate::support::entra::TENANT,
+        s.entra.url
+    );
+    for (name, email, encryption) in parsers {
+        let port = if *encryption == "ssl" {
+            s.dovecot.imaps_port
+        } else {
+            s.dovecot.imap_port
+        };
+        text.push_str(&format!(
+            r#"
+[[parser]]
+name = "{name}"
+email = "{email}"
+username = "helpdesk@example.test"
+shared_mailbox = true
+credential = "app"
+[parser.imap]
+host = "localhost"
+port = {port}
+encryption = "{encryption}"
+ca_file = "{}"
+"#,
+            s.dovecot.ca_file.display()
+        ));
+    }
+    Config::from_toml(Path::new("daemon-test.toml"), &text).unwrap()
+}
+
+fn message(n: usize, to: &str) -> Vec<u8> {
+    format!(
+        "From: Customer {n} <customer{n}@example.com>\r\nTo: {to}\r\nSubject: Request {n}\r\nMessage-ID: <req-{n}-{to}>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nPlease help with request {n}.\r\n"
+    )
+    .into_bytes()
+}
+
+async fn tickets(db: &TestDb, parser: &str) -> Vec<String> {
+    sqlx::query_scalar("select subject from tickets where parser = $1 order by subject")
+        .bind(parser)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_credential_reads_two_shared_mailboxes_with_one_token_request() {
+    let s = sandbox().await;
+    for n in 0..3 {
+        s.dovecot.deliver(SHARED_A, &message(n, SHARED_A));
+    }
+    for n in 0..2 {
+        s.dovecot.deliver(SHARED_B, &message(n, SHARED_B));
+    }
+    let config = config(
+        &s,
+        &[
+            ("support", SHARED_A, "ssl"),
+            ("sales", SHARED_B, "starttls"),
+        ],
+    );
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let cancel = CancellationToken::new();
+    let reports = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
+    for r in &reports {
+        assert!(
+            r.result.is_ok(),
+            "{}: {:?}\n{}",
+            r.parser,
+            r.result,
+            s.dovecot.log()
+        );
+    }
+    assert_eq!(
+        tickets(&s.db, "support").await,
+        vec!["Request 0", "Request 1", "Request 2"]
+    );
+    assert_eq!(
+        tickets(&s.db, "sales").await,
+        vec!["Request 0", "Request 1"]
+    );
+    assert_eq!(s.entra.requests(), 1, "both pollers share one token");
+
+    // A second pass finds nothing new (checkpoint), and the messages are \Seen.
+    let reports = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
+    for r in &reports {
+        let stats = r.result.as_ref().unwrap();
+        assert_eq!((stats.created, stats.duplicate), (0, 0), "{}", r.parser);
+    }
+    let cur = s
+        .dovecot
+        .root
+        .join("mail")
+        .join(SHARED_A)
+        .join("Maildir/cur");
+    let seen = std::fs::read_dir(cur)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(":2,S")
+        })
+        .count();
+    assert_eq!(
+        seen, 3,
+        "every stored message is marked \\Seen after commit"
+    );
+    assert_eq!(s.entra.requests(), 1, "the cached token is reused");
+}
+
+#[tokio::test]
+async fn a_mailbox_the_app_was_not_granted_fails_clearly_while_the_others_are_ingested() {
+    let s = sandbox().await;
+    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    s.dovecot.deliver(NOT_GRANTED, &message(1, NOT_GRANTED));
+    let config = config(
+        &s,
+        &[
+            ("support", SHARED_A, "ssl"),
+            ("finance", NOT_GRANTED, "ssl"),
+        ],
+    );
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let reports =
+        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let finance = reports.iter().find(|r| r.parser == "finance").unwrap();
+    let error = finance.result.as_ref().unwrap_err();
+    assert!(
+        error.contains("refused XOAUTH2 login as finance@example.test"),
+        "{error}"
+    );
+    let support = reports.iter().find(|r| r.parser == "support").unwrap();
+    assert_eq!(support.result.as_ref().unwrap().created, 1);
+    assert!(tickets(&s.db, "finance").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_rejected_token_is_renewed_and_the_login_retried() {
+    let s = sandbox().await;
+    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    s.entra.issue_expired_tokens(1);
+    let config = config(&s, &[("support", SHARED_A, "ssl")]);
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let reports =
+        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    assert_eq!(
+        reports[0].result.as_ref().unwrap().created,
+        1,
+        "{:?}",
+        reports[0].result
+    );
+    assert_eq!(s.entra.requests(), 2, "the expired token was replaced once");
+}
+
+#[tokio::test]
+async fn mail_delivered_while_idling_becomes_a_ticket() {
+    let s = sandbox().await;
+    let config = config(&s, &[("support", SHARED_A, "ssl")]);
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let cancel = CancellationToken::new();
+    let daemon = {
+        let (config, pool, cancel) = (config.clone(), s.db.pool.clone(), cancel.clone());
+        tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &cancel).await })
+    };
+    // Wait until the poller has selected the folder (its checkpoint exists), then deliver.
+    wait_for(Duration::from_secs(15), || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from mailbox_state")
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap()
+            > 0
+    })
+    .await;
+    s.dovecot.deliver(SHARED_A, &message(7, SHARED_A));
+    wait_for(Duration::from_secs(15), || async {
+        tickets(&s.db, "support").await == vec!["Request 7"]
+    })
+    .await;
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .expect("pollers stop when cancelled")
+        .unwrap();
+}
+
+async fn wait_for<F, Fut>(limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
