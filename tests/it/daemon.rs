@@ -4,6 +4,7 @@
 use crate::support::dovecot::Dovecot;
 use crate::support::entra::{App, Entra};
 use crate::support::postgres::{TestDb, test_db};
+use crate::support::proxy::CuttingProxy;
 use mail2ticket::auth::TokenSources;
 use mail2ticket::config::Config;
 use mail2ticket::supervisor;
@@ -35,8 +36,35 @@ async fn sandbox() -> Sandbox {
     Sandbox { entra, dovecot, db }
 }
 
-/// `(name, email, encryption)` per parser, all through the credential "app".
-fn config(s: &Sandbox, parsers: &[(&str, &str, &str)]) -> Config {
+/// One parser of a test configuration, always through the credential "app".
+struct P<'a> {
+    name: &'a str,
+    email: &'a str,
+    encryption: &'a str,
+    port: u16,
+}
+
+impl Sandbox {
+    fn ssl<'a>(&self, name: &'a str, email: &'a str) -> P<'a> {
+        P {
+            name,
+            email,
+            encryption: "ssl",
+            port: self.dovecot.imaps_port,
+        }
+    }
+
+    fn starttls<'a>(&self, name: &'a str, email: &'a str) -> P<'a> {
+        P {
+            name,
+            email,
+            encryption: "starttls",
+            port: self.dovecot.imap_port,
+        }
+    }
+}
+
+fn config_toml(s: &Sandbox, parsers: &[P]) -> String {
     let mut text = format!(
         r#"
 [database]
@@ -53,30 +81,38 @@ authority = "{}"
         crate::support::entra::TENANT,
         s.entra.url
     );
-    for (name, email, encryption) in parsers {
-        let port = if *encryption == "ssl" {
-            s.dovecot.imaps_port
+    for p in parsers {
+        let host = if p.encryption == "none" {
+            "127.0.0.1"
         } else {
-            s.dovecot.imap_port
+            "localhost"
         };
         text.push_str(&format!(
             r#"
 [[parser]]
-name = "{name}"
-email = "{email}"
+name = "{}"
+email = "{}"
 username = "helpdesk@example.test"
 shared_mailbox = true
 credential = "app"
 [parser.imap]
-host = "localhost"
-port = {port}
-encryption = "{encryption}"
+host = "{host}"
+port = {}
+encryption = "{}"
 ca_file = "{}"
 "#,
+            p.name,
+            p.email,
+            p.port,
+            p.encryption,
             s.dovecot.ca_file.display()
         ));
     }
-    Config::from_toml(Path::new("daemon-test.toml"), &text).unwrap()
+    text
+}
+
+fn config(s: &Sandbox, parsers: &[P]) -> Config {
+    Config::from_toml(Path::new("daemon-test.toml"), &config_toml(s, parsers)).unwrap()
 }
 
 fn message(n: usize, to: &str) -> Vec<u8> {
@@ -105,10 +141,7 @@ async fn one_credential_reads_two_shared_mailboxes_with_one_token_request() {
     }
     let config = config(
         &s,
-        &[
-            ("support", SHARED_A, "ssl"),
-            ("sales", SHARED_B, "starttls"),
-        ],
+        &[s.ssl("support", SHARED_A), s.starttls("sales", SHARED_B)],
     );
     let tokens = TokenSources::from_config(&config.credentials).unwrap();
     let cancel = CancellationToken::new();
@@ -168,10 +201,7 @@ async fn a_mailbox_the_app_was_not_granted_fails_clearly_while_the_others_are_in
     s.dovecot.deliver(NOT_GRANTED, &message(1, NOT_GRANTED));
     let config = config(
         &s,
-        &[
-            ("support", SHARED_A, "ssl"),
-            ("finance", NOT_GRANTED, "ssl"),
-        ],
+        &[s.ssl("support", SHARED_A), s.ssl("finance", NOT_GRANTED)],
     );
     let tokens = TokenSources::from_config(&config.credentials).unwrap();
     let reports =
@@ -192,7 +222,7 @@ async fn a_rejected_token_is_renewed_and_the_login_retried() {
     let s = sandbox().await;
     s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
     s.entra.issue_expired_tokens(1);
-    let config = config(&s, &[("support", SHARED_A, "ssl")]);
+    let config = config(&s, &[s.ssl("support", SHARED_A)]);
     let tokens = TokenSources::from_config(&config.credentials).unwrap();
     let reports =
         supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
@@ -208,7 +238,7 @@ async fn a_rejected_token_is_renewed_and_the_login_retried() {
 #[tokio::test]
 async fn mail_delivered_while_idling_becomes_a_ticket() {
     let s = sandbox().await;
-    let config = config(&s, &[("support", SHARED_A, "ssl")]);
+    let config = config(&s, &[s.ssl("support", SHARED_A)]);
     let tokens = TokenSources::from_config(&config.credentials).unwrap();
     let cancel = CancellationToken::new();
     let daemon = {
@@ -234,6 +264,166 @@ async fn mail_delivered_while_idling_becomes_a_ticket() {
         .await
         .expect("pollers stop when cancelled")
         .unwrap();
+}
+
+#[tokio::test]
+async fn the_server_dropping_the_connection_mid_fetch_is_survived() {
+    let s = sandbox().await;
+    let padding = "x".repeat(8000);
+    for n in 0..40 {
+        let mut raw = message(n, SHARED_A);
+        raw.extend_from_slice(padding.as_bytes());
+        s.dovecot.deliver(SHARED_A, &raw);
+    }
+    // The first connection dies ~60 KB into the server's answers: inside the first FETCH.
+    let proxy = CuttingProxy::start(s.dovecot.imap_port, 60_000).await;
+    let parser = P {
+        name: "support",
+        email: SHARED_A,
+        encryption: "none",
+        port: proxy.port,
+    };
+    let config = config(&s, &[parser]);
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let cancel = CancellationToken::new();
+    let daemon = {
+        let (config, pool, cancel) = (config.clone(), s.db.pool.clone(), cancel.clone());
+        tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &cancel).await })
+    };
+    wait_for(Duration::from_secs(30), || async {
+        count(&s.db, "select count(*) from ticket_messages").await == 40
+    })
+    .await;
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(proxy.cuts(), 1, "the connection was cut once");
+    assert_eq!(count(&s.db, "select count(*) from tickets").await, 40);
+}
+
+#[tokio::test]
+async fn restarting_after_kill_9_mid_backlog_tickets_every_message_exactly_once() {
+    let s = sandbox().await;
+    const BACKLOG: i64 = 1500;
+    for n in 0..BACKLOG as usize {
+        s.dovecot.deliver(SHARED_A, &message(n, SHARED_A));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mail2ticket.toml");
+    std::fs::write(&path, config_toml(&s, &[s.ssl("support", SHARED_A)])).unwrap();
+
+    let mut daemon = binary(&["run", "--config"], &path).spawn().unwrap();
+    wait_for(Duration::from_secs(60), || async {
+        count(&s.db, "select count(*) from tickets").await > 0
+    })
+    .await;
+    daemon.kill().unwrap(); // SIGKILL: no shutdown code runs
+    daemon.wait().unwrap();
+    let at_kill = count(&s.db, "select count(*) from tickets").await;
+    assert!(
+        at_kill < BACKLOG,
+        "the kill must land mid-backlog (had {at_kill})"
+    );
+
+    let out = binary(&["run", "--once", "--config"], &path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count(&s.db, "select count(*) from tickets").await, BACKLOG);
+    assert_eq!(
+        count(
+            &s.db,
+            "select count(distinct message_id) from ticket_messages"
+        )
+        .await,
+        BACKLOG
+    );
+    let checkpoint = count(&s.db, "select last_uid from mailbox_state").await;
+    assert_eq!(
+        checkpoint, BACKLOG,
+        "the checkpoint covers the whole backlog"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_daemon_cleanly() {
+    let s = sandbox().await;
+    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mail2ticket.toml");
+    std::fs::write(&path, config_toml(&s, &[s.ssl("support", SHARED_A)])).unwrap();
+    let mut daemon = binary(&["run", "--config"], &path).spawn().unwrap();
+    wait_for(Duration::from_secs(30), || async {
+        count(&s.db, "select count(*) from tickets").await == 1
+    })
+    .await;
+    let pid = daemon.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not stop within 10 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
+async fn run_once_exits_1_when_a_parser_fails_and_still_ingests_the_others() {
+    let s = sandbox().await;
+    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mail2ticket.toml");
+    std::fs::write(
+        &path,
+        config_toml(
+            &s,
+            &[s.ssl("support", SHARED_A), s.ssl("finance", NOT_GRANTED)],
+        ),
+    )
+    .unwrap();
+    let out = binary(&["run", "--once", "--config"], &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("support: 1 created"), "{stdout}");
+    assert!(stdout.contains("finance: failed"), "{stdout}");
+    assert!(!stdout.contains("s3cret") && !String::from_utf8_lossy(&out.stderr).contains("s3cret"));
+}
+
+fn binary(args: &[&str], config: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mail2ticket"));
+    c.args(args)
+        .arg(config)
+        .env_remove("MAIL2TICKET_DATABASE_URL");
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    c
+}
+
+async fn count(db: &TestDb, sql: &'static str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
 }
 
 async fn wait_for<F, Fut>(limit: Duration, mut check: F)

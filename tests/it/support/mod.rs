@@ -3,6 +3,7 @@
 pub mod dovecot;
 pub mod entra;
 pub mod postgres;
+pub mod proxy;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,69 @@
+//! A loopback TCP proxy that can cut the first connection after the server has sent a
+//! given number of bytes: "the server dropped the connection in the middle of a FETCH".
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A running proxy; it stops with the runtime that started it.
+pub struct CuttingProxy {
+    /// The port to connect to instead of the server's.
+    pub port: u16,
+    cuts: Arc<AtomicUsize>,
+}
+
+impl CuttingProxy {
+    /// Forwards to `127.0.0.1:target`; the first connection is closed once the server has
+    /// sent `cut_after` bytes through it.
+    pub async fn start(target: u16, cut_after: usize) -> CuttingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let armed = Arc::new(AtomicBool::new(true));
+        let counter = cuts.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let cut = armed.swap(false, Ordering::SeqCst).then_some(cut_after);
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let upstream = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    });
+                    let mut sent = 0usize;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if let Some(limit) = cut
+                            && sent + n >= limit
+                        {
+                            let _ = cw.write_all(&buf[..limit - sent]).await;
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        sent += n;
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                    upstream.abort();
+                });
+            }
+        });
+        CuttingProxy { port, cuts }
+    }
+
+    /// How many connections were cut.
+    pub fn cuts(&self) -> usize {
+        self.cuts.load(Ordering::SeqCst)
+    }
+}
