@@ -115,13 +115,20 @@ rm -rf "$ROOT"
 
     /// Delivers a message into `mailbox`'s INBOX (a file in Maildir/new, as an MTA would).
     pub fn deliver(&self, mailbox: &str, raw: &[u8]) {
-        let maildir = self
-            .root
-            .join("mail")
-            .join(mailbox.to_lowercase())
-            .join("Maildir");
-        for sub in ["new", "cur", "tmp"] {
-            std::fs::create_dir_all(maildir.join(sub)).unwrap();
+        let (uid, gid) = dovecot_ids();
+        let home = self.root.join("mail").join(mailbox.to_lowercase());
+        let maildir = home.join("Maildir");
+        if !maildir.join("new").exists() {
+            for dir in [
+                home.clone(),
+                maildir.clone(),
+                maildir.join("new"),
+                maildir.join("cur"),
+                maildir.join("tmp"),
+            ] {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+            }
         }
         let n = self
             .next_file
@@ -133,9 +140,7 @@ rm -rf "$ROOT"
         );
         let tmp = maildir.join("tmp").join(&name);
         std::fs::File::create(&tmp).unwrap().write_all(raw).unwrap();
-        run(Command::new("chown")
-            .args(["-R", "dovecot:dovecot"])
-            .arg(self.root.join("mail").join(mailbox.to_lowercase())));
+        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).unwrap();
         std::fs::rename(&tmp, maildir.join("new").join(&name)).unwrap();
     }
 
@@ -152,6 +157,24 @@ impl Drop for Dovecot {
             let _ = child.wait();
         }
     }
+}
+
+/// The uid and gid of the `dovecot` user, which owns the mail files.
+fn dovecot_ids() -> (u32, u32) {
+    static IDS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *IDS.get_or_init(|| {
+        let id = |flag: &str| -> u32 {
+            let out = Command::new("id")
+                .args([flag, "dovecot"])
+                .output()
+                .expect("id dovecot");
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("the dovecot user exists")
+        };
+        (id("-u"), id("-g"))
+    })
 }
 
 fn make_certificates(dir: &Path) {
