@@ -61,7 +61,7 @@ pub enum ImapError {
         after: Duration,
     },
     /// The server refused the login.
-    #[error("the IMAP server refused {mechanism} login as {user}: {reason}")]
+    #[error("the IMAP server refused the {mechanism} login as {user}: {reason}")]
     AuthRejected {
         /// XOAUTH2, OAUTHBEARER or LOGIN.
         mechanism: &'static str,

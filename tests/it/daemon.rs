@@ -23,12 +23,16 @@ struct Sandbox {
 }
 
 async fn sandbox() -> Sandbox {
+    sandbox_with_token_lifetime(3599).await
+}
+
+async fn sandbox_with_token_lifetime(lifetime: i64) -> Sandbox {
     let entra = Entra::start(&[(
         "app-1",
         App {
             secret: "s3cret".into(),
             mailboxes: vec![SHARED_A.into(), SHARED_B.into()],
-            lifetime: 3599,
+            lifetime,
         },
     )]);
     let dovecot = Dovecot::start(&entra);
@@ -209,7 +213,7 @@ async fn a_mailbox_the_app_was_not_granted_fails_clearly_while_the_others_are_in
     let finance = reports.iter().find(|r| r.parser == "finance").unwrap();
     let error = finance.result.as_ref().unwrap_err();
     assert!(
-        error.contains("refused XOAUTH2 login as finance@example.test"),
+        error.contains("refused the XOAUTH2 login as finance@example.test"),
         "{error}"
     );
     let support = reports.iter().find(|r| r.parser == "support").unwrap();
@@ -264,6 +268,67 @@ async fn mail_delivered_while_idling_becomes_a_ticket() {
         .await
         .expect("pollers stop when cancelled")
         .unwrap();
+}
+
+#[tokio::test]
+async fn the_session_is_renewed_before_the_token_expires() {
+    // 5-second tokens: the poller must leave IDLE and log in again with a new token
+    // before each one expires, and keep ticketing mail.
+    let s = sandbox_with_token_lifetime(5).await;
+    let config = config(&s, &[s.ssl("support", SHARED_A)]);
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let cancel = CancellationToken::new();
+    let daemon = {
+        let (config, pool, cancel) = (config.clone(), s.db.pool.clone(), cancel.clone());
+        tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &cancel).await })
+    };
+    wait_for(Duration::from_secs(30), || async {
+        s.entra.requests() >= 3
+    })
+    .await;
+    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    wait_for(Duration::from_secs(15), || async {
+        tickets(&s.db, "support").await.len() == 1
+    })
+    .await;
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_password_parser_logs_in_with_login_on_plain_loopback() {
+    let s = sandbox().await;
+    s.dovecot.deliver(
+        "plainuser@example.test",
+        &message(1, "plainuser@example.test"),
+    );
+    let text = |password: &str| {
+        format!(
+            "[database]\nurl = \"{}\"\n[[parser]]\nname = \"plain\"\nemail = \"plainuser@example.test\"\npassword = \"{password}\"\n[parser.imap]\nhost = \"127.0.0.1\"\nport = {}\nencryption = \"none\"\n",
+            s.db.url, s.dovecot.imap_port
+        )
+    };
+    let good = Config::from_toml(Path::new("p.toml"), &text("secret")).unwrap();
+    let tokens = TokenSources::from_config(&good.credentials).unwrap();
+    let reports = supervisor::run_once(&good, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    assert_eq!(
+        reports[0].result.as_ref().unwrap().created,
+        1,
+        "{:?}",
+        reports[0].result
+    );
+
+    let bad = Config::from_toml(Path::new("p.toml"), &text("wrong-password")).unwrap();
+    let reports = supervisor::run_once(&bad, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let error = reports[0].result.as_ref().unwrap_err();
+    assert!(
+        error.contains("refused the LOGIN login as plainuser@example.test"),
+        "{error}"
+    );
+    assert!(!error.contains("wrong-password"), "{error}");
 }
 
 #[tokio::test]
