@@ -510,6 +510,19 @@ impl ImapSession {
         self.store_flags(uids, "+FLAGS.SILENT (\\Seen)").await
     }
 
+    /// Creates `folder` unless it exists (the target of `after = "move:..."`).
+    pub async fn ensure_folder(&mut self, folder: &str) -> Result<(), ImapError> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.session.create(folder)).await {
+            Err(_) => Err(ImapError::Timeout {
+                step: "CREATE",
+                after: COMMAND_TIMEOUT,
+            }),
+            // NO: it exists already (servers word this differently; a real problem shows at MOVE).
+            Ok(Ok(())) | Ok(Err(async_imap::error::Error::No(_))) => self.drain_unsolicited(),
+            Ok(Err(e)) => Err(command_error("CREATE", e)),
+        }
+    }
+
     /// Moves these messages to `folder` (MOVE, or COPY + delete when MOVE is missing).
     pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<(), ImapError> {
         if uids.is_empty() {

@@ -211,6 +211,9 @@ impl Poller {
     ) -> Result<(), PollError> {
         let parser = &self.parser;
         let folder = &parser.imap.folder;
+        if let AfterIngest::Move(target) = &parser.after {
+            session.ensure_folder(target).await?;
+        }
         let status = session.select(folder).await?;
         let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
         let saved = store::load_checkpoint(&mut conn, &parser.name, folder).await?;

@@ -46,6 +46,14 @@ struct P<'a> {
     email: &'a str,
     encryption: &'a str,
     port: u16,
+    /// More `[[parser]]` keys.
+    extra: &'a str,
+}
+
+impl<'a> P<'a> {
+    fn with(self, extra: &'a str) -> Self {
+        P { extra, ..self }
+    }
 }
 
 impl Sandbox {
@@ -55,6 +63,7 @@ impl Sandbox {
             email,
             encryption: "ssl",
             port: self.dovecot.imaps_port,
+            extra: "",
         }
     }
 
@@ -64,6 +73,7 @@ impl Sandbox {
             email,
             encryption: "starttls",
             port: self.dovecot.imap_port,
+            extra: "",
         }
     }
 }
@@ -99,6 +109,7 @@ email = "{}"
 username = "helpdesk@example.test"
 shared_mailbox = true
 credential = "app"
+{}
 [parser.imap]
 host = "{host}"
 port = {}
@@ -107,6 +118,7 @@ ca_file = "{}"
 "#,
             p.name,
             p.email,
+            p.extra,
             p.port,
             p.encryption,
             s.dovecot.ca_file.display()
@@ -332,6 +344,97 @@ async fn a_password_parser_logs_in_with_login_on_plain_loopback() {
 }
 
 #[tokio::test]
+async fn without_idle_the_poller_polls_every_poll_interval() {
+    let entra = Entra::start(&[(
+        "app-1",
+        App {
+            secret: "s3cret".into(),
+            mailboxes: vec![SHARED_A.into()],
+            lifetime: 3599,
+        },
+    )]);
+    // A server that does not offer IDLE.
+    let dovecot = Dovecot::start_with(
+        &entra,
+        "imap_capability = IMAP4rev1 LITERAL+ SASL-IR UIDPLUS MOVE",
+    );
+    let s = Sandbox {
+        entra,
+        dovecot,
+        db: test_db().await,
+    };
+    let config = config(&s, &[s.ssl("support", SHARED_A).with("poll_interval = 1")]);
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let cancel = CancellationToken::new();
+    let daemon = {
+        let (config, pool, cancel) = (config.clone(), s.db.pool.clone(), cancel.clone());
+        tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &cancel).await })
+    };
+    wait_for(Duration::from_secs(15), || async {
+        count(&s.db, "select count(*) from mailbox_state").await > 0
+    })
+    .await;
+    s.dovecot.deliver(SHARED_A, &message(3, SHARED_A));
+    wait_for(Duration::from_secs(15), || async {
+        tickets(&s.db, "support").await == vec!["Request 3"]
+    })
+    .await;
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!s.dovecot.log().contains("IDLE"), "no IDLE was sent");
+}
+
+#[tokio::test]
+async fn after_ingest_moves_or_deletes_only_committed_messages() {
+    let s = sandbox().await;
+    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    s.dovecot.deliver(SHARED_B, &message(2, SHARED_B));
+    let config = config(
+        &s,
+        &[
+            s.ssl("support", SHARED_A)
+                .with("after = \"move:Processed\""),
+            s.ssl("sales", SHARED_B).with("after = \"delete\""),
+        ],
+    );
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let reports =
+        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    for r in &reports {
+        assert_eq!(
+            r.result.as_ref().unwrap().created,
+            1,
+            "{}: {:?}",
+            r.parser,
+            r.result
+        );
+    }
+    let files = |mailbox: &str, folder: &str| -> usize {
+        let dir = s
+            .dovecot
+            .root
+            .join("mail")
+            .join(mailbox)
+            .join("Maildir")
+            .join(folder);
+        ["new", "cur"]
+            .iter()
+            .map(|sub| std::fs::read_dir(dir.join(sub)).map_or(0, |d| d.count()))
+            .sum()
+    };
+    assert_eq!(files(SHARED_A, ""), 0, "moved out of INBOX");
+    assert_eq!(files(SHARED_A, ".Processed"), 1, "into Processed");
+    assert_eq!(files(SHARED_B, ""), 0, "deleted");
+    assert_eq!(
+        tickets(&s.db, "support").await.len() + tickets(&s.db, "sales").await.len(),
+        2
+    );
+}
+
+#[tokio::test]
 async fn the_server_dropping_the_connection_mid_fetch_is_survived() {
     let s = sandbox().await;
     let padding = "x".repeat(8000);
@@ -347,6 +450,7 @@ async fn the_server_dropping_the_connection_mid_fetch_is_survived() {
         email: SHARED_A,
         encryption: "none",
         port: proxy.port,
+        extra: "",
     };
     let config = config(&s, &[parser]);
     let tokens = TokenSources::from_config(&config.credentials).unwrap();

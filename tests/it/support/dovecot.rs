@@ -32,6 +32,11 @@ pub struct Dovecot {
 impl Dovecot {
     /// Starts a Dovecot trusting tokens signed by `entra`.
     pub fn start(entra: &Entra) -> Dovecot {
+        Self::start_with(entra, "")
+    }
+
+    /// Like [`start`](Self::start), with more lines appended to dovecot.conf.
+    pub fn start_with(entra: &Entra, extra_conf: &str) -> Dovecot {
         let root = tempfile::Builder::new()
             .prefix("m2t-dovecot-")
             .tempdir()
