@@ -363,7 +363,16 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
         dovecot,
         db: test_db().await,
     };
-    let config = config(&s, &[s.ssl("support", SHARED_A).with("poll_interval = 1")]);
+    // Plain IMAP through a proxy that never cuts, to see the commands sent.
+    let proxy = CuttingProxy::start(s.dovecot.imap_port, usize::MAX).await;
+    let parser = P {
+        name: "support",
+        email: SHARED_A,
+        encryption: "none",
+        port: proxy.port,
+        extra: "poll_interval = 1",
+    };
+    let config = config(&s, &[parser]);
     let tokens = TokenSources::from_config(&config.credentials).unwrap();
     let cancel = CancellationToken::new();
     let daemon = {
@@ -384,7 +393,12 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
         .await
         .unwrap()
         .unwrap();
-    assert!(!s.dovecot.log().contains("IDLE"), "no IDLE was sent");
+    let traffic = proxy.client_traffic();
+    assert!(traffic.contains(" NOOP\r\n"), "polled with NOOP");
+    assert!(
+        !traffic.contains(" IDLE\r\n"),
+        "never sent IDLE to a server without it"
+    );
 }
 
 #[tokio::test]

@@ -63,7 +63,7 @@ impl Dovecot {
         let r = root.display().to_string();
         std::fs::write(
             root.join("dovecot.conf"),
-            dovecot_conf(&r, imap_port, imaps_port),
+            dovecot_conf(&r, imap_port, imaps_port) + extra_conf + "\n",
         )
         .unwrap();
         std::fs::write(root.join("dovecot-oauth2.conf.ext"), oauth2_conf(&r)).unwrap();

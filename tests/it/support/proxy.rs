@@ -1,5 +1,6 @@
 //! A loopback TCP proxy that can cut the first connection after the server has sent a
-//! given number of bytes: "the server dropped the connection in the middle of a FETCH".
+//! given number of bytes ("the server dropped the connection in the middle of a FETCH"),
+//! and records what clients sent (to check which commands a client used).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,6 +11,7 @@ pub struct CuttingProxy {
     /// The port to connect to instead of the server's.
     pub port: u16,
     cuts: Arc<AtomicUsize>,
+    sent_by_clients: Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 impl CuttingProxy {
@@ -21,10 +23,13 @@ impl CuttingProxy {
         let cuts = Arc::new(AtomicUsize::new(0));
         let armed = Arc::new(AtomicBool::new(true));
         let counter = cuts.clone();
+        let sent_by_clients = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorder = sent_by_clients.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let cut = armed.swap(false, Ordering::SeqCst).then_some(cut_after);
                 let counter = counter.clone();
+                let recorder = recorder.clone();
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
                     else {
@@ -33,7 +38,13 @@ impl CuttingProxy {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     let upstream = tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = cr.read(&mut buf).await {
+                            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            recorder.lock().unwrap().extend_from_slice(&buf[..n]);
+                        }
                     });
                     let mut sent = 0usize;
                     let mut buf = vec![0u8; 16 * 1024];
@@ -59,7 +70,16 @@ impl CuttingProxy {
                 });
             }
         });
-        CuttingProxy { port, cuts }
+        CuttingProxy {
+            port,
+            cuts,
+            sent_by_clients,
+        }
+    }
+
+    /// Everything clients have sent so far, as text.
+    pub fn client_traffic(&self) -> String {
+        String::from_utf8_lossy(&self.sent_by_clients.lock().unwrap()).into_owned()
     }
 
     /// How many connections were cut.
