@@ -402,6 +402,148 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
 }
 
 #[tokio::test]
+async fn a_wrong_client_secret_is_reported_with_its_aadsts_code_and_never_the_secret() {
+    let s = sandbox().await;
+    let text = config_toml(&s, &[s.ssl("support", SHARED_A)]).replace(
+        "client_secret = \"s3cret\"",
+        "client_secret = \"not-the-secret-42\"",
+    );
+    let config = Config::from_toml(Path::new("bad.toml"), &text).unwrap();
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let reports =
+        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let error = reports[0].result.as_ref().unwrap_err();
+    assert!(error.contains("AADSTS7000215"), "{error}");
+    assert!(
+        error.contains("client_secret is wrong or expired"),
+        "{error}"
+    );
+    assert!(!error.contains("not-the-secret-42"), "{error}");
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_quarantined_by_its_header_and_left_on_the_server() {
+    let s = sandbox().await;
+    let mut big = message(1, SHARED_A);
+    big.extend_from_slice("y".repeat(200_000).as_bytes());
+    s.dovecot.deliver(SHARED_A, &big);
+    s.dovecot.deliver(SHARED_A, &message(2, SHARED_A));
+    let config = config(
+        &s,
+        &[s.ssl("support", SHARED_A)
+            .with("max_message_size = \"100 KB\"")],
+    );
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let reports =
+        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let stats = reports[0].result.as_ref().unwrap();
+    assert_eq!((stats.created, stats.quarantined), (1, 1));
+    let (reason, raw): (String, Vec<u8>) = sqlx::query_as("select reason, raw from quarantine")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert!(reason.contains("over max_message_size"), "{reason}");
+    assert!(
+        raw.len() < 1000,
+        "only the header was downloaded ({} bytes)",
+        raw.len()
+    );
+    assert!(String::from_utf8_lossy(&raw).contains("Subject: Request 1"));
+    assert_eq!(tickets(&s.db, "support").await, vec!["Request 2"]);
+    // The big message is still in the mailbox and not marked \Seen.
+    let cur = s
+        .dovecot
+        .root
+        .join("mail")
+        .join(SHARED_A)
+        .join("Maildir/cur");
+    let unseen: Vec<_> = std::fs::read_dir(cur)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.contains(":2,S"))
+        .collect();
+    assert_eq!(unseen.len(), 1, "{unseen:?}");
+}
+
+#[tokio::test]
+async fn a_uidvalidity_change_rescans_without_duplicating() {
+    let s = sandbox().await;
+    for n in 0..3 {
+        s.dovecot.deliver(SHARED_A, &message(n, SHARED_A));
+    }
+    let config = config(&s, &[s.ssl("support", SHARED_A)]);
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let cancel = CancellationToken::new();
+    let first = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
+    assert_eq!(first[0].result.as_ref().unwrap().created, 3);
+    let before = count(&s.db, "select uidvalidity from mailbox_state").await;
+    // Dovecot gives the folder a new UIDVALIDITY when its UID list is lost.
+    std::thread::sleep(Duration::from_millis(1100)); // UIDVALIDITY is a timestamp
+    let maildir = s.dovecot.root.join("mail").join(SHARED_A).join("Maildir");
+    for entry in std::fs::read_dir(&maildir).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("dovecot")
+        {
+            std::fs::remove_file(path).unwrap(); // uidlist and indexes
+        }
+    }
+    let second = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
+    let stats = second[0].result.as_ref().unwrap();
+    assert_eq!(
+        (stats.created, stats.duplicate),
+        (0, 3),
+        "rescanned, recognised by Message-ID"
+    );
+    assert_ne!(
+        count(&s.db, "select uidvalidity from mailbox_state").await,
+        before
+    );
+    assert_eq!(count(&s.db, "select count(*) from tickets").await, 3);
+}
+
+#[tokio::test]
+async fn oauthbearer_is_used_when_the_server_offers_only_that() {
+    let entra = Entra::start(&[(
+        "app-1",
+        App {
+            secret: "s3cret".into(),
+            mailboxes: vec![SHARED_A.into()],
+            lifetime: 3599,
+        },
+    )]);
+    let dovecot = Dovecot::start_with(&entra, "auth_mechanisms = oauthbearer plain login");
+    let s = Sandbox {
+        entra,
+        dovecot,
+        db: test_db().await,
+    };
+    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    let proxy = CuttingProxy::start(s.dovecot.imap_port, usize::MAX).await;
+    let parser = P {
+        name: "support",
+        email: SHARED_A,
+        encryption: "none",
+        port: proxy.port,
+        extra: "",
+    };
+    let config = config(&s, &[parser]);
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let reports =
+        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    assert_eq!(
+        reports[0].result.as_ref().unwrap().created,
+        1,
+        "{:?}",
+        reports[0].result
+    );
+    assert!(proxy.client_traffic().contains("AUTHENTICATE OAUTHBEARER"));
+}
+
+#[tokio::test]
 async fn after_ingest_moves_or_deletes_only_committed_messages() {
     let s = sandbox().await;
     s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
