@@ -161,6 +161,17 @@ async fn run(command: Command) -> ExitCode {
 const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn run_command(config: &Config, once: bool) -> ExitCode {
+    if !config
+        .parsers
+        .iter()
+        .any(|p| p.status == crate::config::ParserStatus::Active)
+    {
+        eprintln!(
+            "{}: no [[parser]] has status = \"active\": nothing to run",
+            config.path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     let pool = match connect_and_migrate(config).await {
         Ok(pool) => pool,
         Err(code) => return code,

@@ -112,7 +112,8 @@ impl Poller {
     }
 
     /// Runs until cancelled or until something fails (the supervisor retries with backoff).
-    /// `on_connected` is called after each successful login and SELECT (to reset backoff).
+    /// `on_connected` is called after each session's first successful pass (login, SELECT,
+    /// fetch), so that the supervisor's backoff starts over only when the mailbox works.
     pub async fn run(
         &self,
         cancel: &CancellationToken,
@@ -120,11 +121,14 @@ impl Poller {
     ) -> Result<(), PollError> {
         while !cancel.is_cancelled() {
             let Connected { mut session, token } = self.connect().await?;
-            on_connected();
             let mut stats = PollStats::default();
             let supports_idle = session.supports_idle().await?;
+            let mut first_pass = true;
             loop {
                 self.sync(&mut session, &mut stats, cancel).await?;
+                if std::mem::take(&mut first_pass) {
+                    on_connected();
+                }
                 if cancel.is_cancelled() {
                     break;
                 }
