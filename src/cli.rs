@@ -416,26 +416,20 @@ fn describe(outcome: &Outcome, label: &str) -> String {
 
 #[derive(Default)]
 struct Tally {
-    created: usize,
-    duplicate: usize,
-    quarantined: usize,
+    outcomes: ingest::OutcomeCounts,
     failed: usize,
     not_attempted: usize,
 }
 
 impl Tally {
     fn count(&mut self, outcome: &Outcome) {
-        match outcome {
-            Outcome::Created { .. } => self.created += 1,
-            Outcome::Duplicate { .. } | Outcome::DuplicateQuarantined { .. } => self.duplicate += 1,
-            Outcome::Quarantined { .. } => self.quarantined += 1,
-        }
+        self.outcomes.count(outcome);
     }
 
     fn summary(&self) -> String {
         let mut s = format!(
             "summary: {} created, {} duplicate, {} quarantined, {} failed",
-            self.created, self.duplicate, self.quarantined, self.failed
+            self.outcomes.created, self.outcomes.duplicate, self.outcomes.quarantined, self.failed
         );
         if self.not_attempted > 0 {
             s.push_str(&format!(", {} not attempted", self.not_attempted));

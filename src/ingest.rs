@@ -68,6 +68,28 @@ pub enum Outcome {
     },
 }
 
+/// How many messages ended which way (for summaries, logs and `run --once`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OutcomeCounts {
+    /// New tickets.
+    pub created: u64,
+    /// Already stored (tickets or quarantine).
+    pub duplicate: u64,
+    /// Newly quarantined.
+    pub quarantined: u64,
+}
+
+impl OutcomeCounts {
+    /// Counts one outcome.
+    pub fn count(&mut self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Created { .. } => self.created += 1,
+            Outcome::Duplicate { .. } | Outcome::DuplicateQuarantined { .. } => self.duplicate += 1,
+            Outcome::Quarantined { .. } => self.quarantined += 1,
+        }
+    }
+}
+
 /// Decides what to do with a raw message. Pure.
 pub fn decide(pipeline: &Pipeline, raw: &[u8]) -> Decision {
     if raw.len() as u64 > pipeline.max_message_size {

@@ -9,7 +9,7 @@
 use crate::auth::{AccessToken, TokenSource};
 use crate::config::{AfterIngest, ParserAuth, ParserConfig};
 use crate::imap::{self, IdleEnd, ImapError, ImapSession, Login};
-use crate::ingest::{self, Decision, Outcome, Pipeline};
+use crate::ingest::{self, Decision, Pipeline};
 use crate::store::{self, Checkpoint, StoreError};
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -44,25 +44,7 @@ pub enum PollError {
 }
 
 /// Counters of one run of a poller.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct PollStats {
-    /// New tickets.
-    pub created: u64,
-    /// Already stored.
-    pub duplicate: u64,
-    /// Quarantined.
-    pub quarantined: u64,
-}
-
-impl PollStats {
-    fn count(&mut self, outcome: &Outcome) {
-        match outcome {
-            Outcome::Created { .. } => self.created += 1,
-            Outcome::Duplicate { .. } | Outcome::DuplicateQuarantined { .. } => self.duplicate += 1,
-            Outcome::Quarantined { .. } => self.quarantined += 1,
-        }
-    }
-}
+pub type PollStats = crate::ingest::OutcomeCounts;
 
 /// Everything one parser's loop needs.
 pub struct Poller {

@@ -219,9 +219,7 @@ async fn a_mailbox_the_app_was_not_granted_fails_clearly_while_the_others_are_in
         &s,
         &[s.ssl("support", SHARED_A), s.ssl("finance", NOT_GRANTED)],
     );
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
-    let reports =
-        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let reports = run_once(&config, &s.db).await;
     let finance = reports.iter().find(|r| r.parser == "finance").unwrap();
     let error = finance.result.as_ref().unwrap_err();
     assert!(
@@ -239,9 +237,7 @@ async fn a_rejected_token_is_renewed_and_the_login_retried() {
     s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
     s.entra.issue_expired_tokens(1);
     let config = config(&s, &[s.ssl("support", SHARED_A)]);
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
-    let reports =
-        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let reports = run_once(&config, &s.db).await;
     assert_eq!(
         reports[0].result.as_ref().unwrap().created,
         1,
@@ -255,12 +251,7 @@ async fn a_rejected_token_is_renewed_and_the_login_retried() {
 async fn mail_delivered_while_idling_becomes_a_ticket() {
     let s = sandbox().await;
     let config = config(&s, &[s.ssl("support", SHARED_A)]);
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
-    let cancel = CancellationToken::new();
-    let daemon = {
-        let (config, pool, cancel) = (config.clone(), s.db.pool.clone(), cancel.clone());
-        tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &cancel).await })
-    };
+    let daemon = Daemon::start(&config, &s.db);
     // Wait until the poller has selected the folder (its checkpoint exists), then deliver.
     wait_for(Duration::from_secs(15), || async {
         sqlx::query_scalar::<_, i64>("select count(*) from mailbox_state")
@@ -275,11 +266,7 @@ async fn mail_delivered_while_idling_becomes_a_ticket() {
         tickets(&s.db, "support").await == vec!["Request 7"]
     })
     .await;
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .expect("pollers stop when cancelled")
-        .unwrap();
+    daemon.stop().await;
 }
 
 #[tokio::test]
@@ -288,12 +275,7 @@ async fn the_session_is_renewed_before_the_token_expires() {
     // before each one expires, and keep ticketing mail.
     let s = sandbox_with_token_lifetime(5).await;
     let config = config(&s, &[s.ssl("support", SHARED_A)]);
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
-    let cancel = CancellationToken::new();
-    let daemon = {
-        let (config, pool, cancel) = (config.clone(), s.db.pool.clone(), cancel.clone());
-        tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &cancel).await })
-    };
+    let daemon = Daemon::start(&config, &s.db);
     wait_for(Duration::from_secs(30), || async {
         s.entra.requests() >= 3
     })
@@ -303,11 +285,7 @@ async fn the_session_is_renewed_before_the_token_expires() {
         tickets(&s.db, "support").await.len() == 1
     })
     .await;
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .unwrap()
-        .unwrap();
+    daemon.stop().await;
 }
 
 #[tokio::test]
@@ -324,8 +302,7 @@ async fn a_password_parser_logs_in_with_login_on_plain_loopback() {
         )
     };
     let good = Config::from_toml(Path::new("p.toml"), &text("secret")).unwrap();
-    let tokens = TokenSources::from_config(&good.credentials).unwrap();
-    let reports = supervisor::run_once(&good, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let reports = run_once(&good, &s.db).await;
     assert_eq!(
         reports[0].result.as_ref().unwrap().created,
         1,
@@ -334,7 +311,7 @@ async fn a_password_parser_logs_in_with_login_on_plain_loopback() {
     );
 
     let bad = Config::from_toml(Path::new("p.toml"), &text("wrong-password")).unwrap();
-    let reports = supervisor::run_once(&bad, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let reports = run_once(&bad, &s.db).await;
     let error = reports[0].result.as_ref().unwrap_err();
     assert!(
         error.contains("refused the LOGIN login as plainuser@example.test"),
@@ -373,12 +350,7 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
         extra: "poll_interval = 1",
     };
     let config = config(&s, &[parser]);
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
-    let cancel = CancellationToken::new();
-    let daemon = {
-        let (config, pool, cancel) = (config.clone(), s.db.pool.clone(), cancel.clone());
-        tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &cancel).await })
-    };
+    let daemon = Daemon::start(&config, &s.db);
     wait_for(Duration::from_secs(15), || async {
         count(&s.db, "select count(*) from mailbox_state").await > 0
     })
@@ -388,11 +360,7 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
         tickets(&s.db, "support").await == vec!["Request 3"]
     })
     .await;
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .unwrap()
-        .unwrap();
+    daemon.stop().await;
     let traffic = proxy.client_traffic();
     assert!(traffic.contains(" NOOP\r\n"), "polled with NOOP");
     assert!(
@@ -409,9 +377,7 @@ async fn a_wrong_client_secret_is_reported_with_its_aadsts_code_and_never_the_se
         "client_secret = \"not-the-secret-42\"",
     );
     let config = Config::from_toml(Path::new("bad.toml"), &text).unwrap();
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
-    let reports =
-        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let reports = run_once(&config, &s.db).await;
     let error = reports[0].result.as_ref().unwrap_err();
     assert!(error.contains("AADSTS7000215"), "{error}");
     assert!(
@@ -433,9 +399,7 @@ async fn an_oversized_message_is_quarantined_by_its_header_and_left_on_the_serve
         &[s.ssl("support", SHARED_A)
             .with("max_message_size = \"100 KB\"")],
     );
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
-    let reports =
-        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let reports = run_once(&config, &s.db).await;
     let stats = reports[0].result.as_ref().unwrap();
     assert_eq!((stats.created, stats.quarantined), (1, 1));
     let (reason, raw): (String, Vec<u8>) = sqlx::query_as("select reason, raw from quarantine")
@@ -531,9 +495,7 @@ async fn oauthbearer_is_used_when_the_server_offers_only_that() {
         extra: "",
     };
     let config = config(&s, &[parser]);
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
-    let reports =
-        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let reports = run_once(&config, &s.db).await;
     assert_eq!(
         reports[0].result.as_ref().unwrap().created,
         1,
@@ -556,9 +518,7 @@ async fn after_ingest_moves_or_deletes_only_committed_messages() {
             s.ssl("sales", SHARED_B).with("after = \"delete\""),
         ],
     );
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
-    let reports =
-        supervisor::run_once(&config, &s.db.pool, &tokens, &CancellationToken::new()).await;
+    let reports = run_once(&config, &s.db).await;
     for r in &reports {
         assert_eq!(
             r.result.as_ref().unwrap().created,
@@ -609,21 +569,12 @@ async fn the_server_dropping_the_connection_mid_fetch_is_survived() {
         extra: "",
     };
     let config = config(&s, &[parser]);
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
-    let cancel = CancellationToken::new();
-    let daemon = {
-        let (config, pool, cancel) = (config.clone(), s.db.pool.clone(), cancel.clone());
-        tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &cancel).await })
-    };
+    let daemon = Daemon::start(&config, &s.db);
     wait_for(Duration::from_secs(30), || async {
         count(&s.db, "select count(*) from ticket_messages").await == 40
     })
     .await;
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .unwrap()
-        .unwrap();
+    daemon.stop().await;
     assert_eq!(proxy.cuts(), 1, "the connection was cut once");
     assert_eq!(count(&s.db, "select count(*) from tickets").await, 40);
 }
@@ -749,6 +700,38 @@ async fn count(db: &TestDb, sql: &'static str) -> i64 {
         .fetch_one(&db.pool)
         .await
         .unwrap()
+}
+
+/// `run --once` in this process.
+async fn run_once(config: &Config, db: &TestDb) -> Vec<supervisor::OnceReport> {
+    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    supervisor::run_once(config, &db.pool, &tokens, &CancellationToken::new()).await
+}
+
+/// The supervisor running in this process, as `mail2ticket run` runs it.
+struct Daemon {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Daemon {
+    fn start(config: &Config, db: &TestDb) -> Daemon {
+        let tokens = TokenSources::from_config(&config.credentials).unwrap();
+        let cancel = CancellationToken::new();
+        let (config, pool, stop) = (config.clone(), db.pool.clone(), cancel.clone());
+        let task =
+            tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &stop).await });
+        Daemon { cancel, task }
+    }
+
+    /// Cancels and waits: every poller must stop within 10 s.
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("pollers stop when cancelled")
+            .unwrap();
+    }
 }
 
 async fn wait_for<F, Fut>(limit: Duration, mut check: F)
