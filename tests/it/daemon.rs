@@ -251,7 +251,7 @@ async fn a_rejected_token_is_renewed_and_the_login_retried() {
 async fn mail_delivered_while_idling_becomes_a_ticket() {
     let s = sandbox().await;
     let config = config(&s, &[s.ssl("support", SHARED_A)]);
-    let daemon = Daemon::start(&config, &s.db);
+    let daemon = Daemon::start(&config, &s.db.pool);
     // Wait until the poller has selected the folder (its checkpoint exists), then deliver.
     wait_for(Duration::from_secs(15), || async {
         sqlx::query_scalar::<_, i64>("select count(*) from mailbox_state")
@@ -275,7 +275,7 @@ async fn the_session_is_renewed_before_the_token_expires() {
     // before each one expires, and keep ticketing mail.
     let s = sandbox_with_token_lifetime(5).await;
     let config = config(&s, &[s.ssl("support", SHARED_A)]);
-    let daemon = Daemon::start(&config, &s.db);
+    let daemon = Daemon::start(&config, &s.db.pool);
     wait_for(Duration::from_secs(30), || async {
         s.entra.requests() >= 3
     })
@@ -350,7 +350,7 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
         extra: "poll_interval = 1",
     };
     let config = config(&s, &[parser]);
-    let daemon = Daemon::start(&config, &s.db);
+    let daemon = Daemon::start(&config, &s.db.pool);
     wait_for(Duration::from_secs(15), || async {
         count(&s.db, "select count(*) from mailbox_state").await > 0
     })
@@ -506,6 +506,64 @@ async fn oauthbearer_is_used_when_the_server_offers_only_that() {
 }
 
 #[tokio::test]
+async fn the_daemon_survives_a_database_outage() {
+    let s = sandbox().await;
+    let port: u16 =
+        s.db.url
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+    let proxy = CuttingProxy::start(port, usize::MAX).await;
+    let db_via_proxy =
+        s.db.url
+            .replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
+    let text = config_toml(&s, &[s.ssl("support", SHARED_A)]).replace(&s.db.url, &db_via_proxy);
+    let config = Config::from_toml(Path::new("outage.toml"), &text).unwrap();
+    let pool = mail2ticket::store::connect(&config.database).await.unwrap();
+    let daemon = Daemon::start(&config, &pool);
+    wait_for(Duration::from_secs(15), || async {
+        count(&s.db, "select count(*) from mailbox_state").await > 0
+    })
+    .await;
+    proxy.set_down(true);
+    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        tickets(&s.db, "support").await.is_empty(),
+        "nothing can be stored while the database is down"
+    );
+    proxy.set_down(false);
+    wait_for(Duration::from_secs(40), || async {
+        tickets(&s.db, "support").await == vec!["Request 1"]
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn inactive_parsers_are_skipped() {
+    let s = sandbox().await;
+    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    // The inactive parser's mailbox is not granted: running it would fail.
+    let config = config(
+        &s,
+        &[
+            s.ssl("support", SHARED_A),
+            s.ssl("finance", NOT_GRANTED).with("status = \"inactive\""),
+        ],
+    );
+    let reports = run_once(&config, &s.db).await;
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].parser, "support");
+    assert!(reports[0].result.is_ok());
+}
+
+#[tokio::test]
 async fn after_ingest_moves_or_deletes_only_committed_messages() {
     let s = sandbox().await;
     s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
@@ -569,7 +627,7 @@ async fn the_server_dropping_the_connection_mid_fetch_is_survived() {
         extra: "",
     };
     let config = config(&s, &[parser]);
-    let daemon = Daemon::start(&config, &s.db);
+    let daemon = Daemon::start(&config, &s.db.pool);
     wait_for(Duration::from_secs(30), || async {
         count(&s.db, "select count(*) from ticket_messages").await == 40
     })
@@ -715,10 +773,10 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(config: &Config, db: &TestDb) -> Daemon {
+    fn start(config: &Config, pool: &sqlx::PgPool) -> Daemon {
         let tokens = TokenSources::from_config(&config.credentials).unwrap();
         let cancel = CancellationToken::new();
-        let (config, pool, stop) = (config.clone(), db.pool.clone(), cancel.clone());
+        let (config, pool, stop) = (config.clone(), pool.clone(), cancel.clone());
         let task =
             tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &stop).await });
         Daemon { cancel, task }

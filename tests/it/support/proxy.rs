@@ -1,6 +1,7 @@
 //! A loopback TCP proxy that can cut the first connection after the server has sent a
 //! given number of bytes ("the server dropped the connection in the middle of a FETCH"),
-//! and records what clients sent (to check which commands a client used).
+//! records what clients sent (to check which commands a client used), and can play an
+//! outage (every connection cut, new ones refused) until told to recover.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,6 +13,7 @@ pub struct CuttingProxy {
     pub port: u16,
     cuts: Arc<AtomicUsize>,
     sent_by_clients: Arc<std::sync::Mutex<Vec<u8>>>,
+    down: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl CuttingProxy {
@@ -25,8 +27,14 @@ impl CuttingProxy {
         let counter = cuts.clone();
         let sent_by_clients = Arc::new(std::sync::Mutex::new(Vec::new()));
         let recorder = sent_by_clients.clone();
+        let down = Arc::new(tokio::sync::watch::channel(false).0);
+        let outage = down.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                let mut outage = outage.subscribe();
+                if *outage.borrow() {
+                    continue; // refused: dropped at once
+                }
                 let cut = armed.swap(false, Ordering::SeqCst).then_some(cut_after);
                 let counter = counter.clone();
                 let recorder = recorder.clone();
@@ -46,24 +54,30 @@ impl CuttingProxy {
                             recorder.lock().unwrap().extend_from_slice(&buf[..n]);
                         }
                     });
-                    let mut sent = 0usize;
-                    let mut buf = vec![0u8; 16 * 1024];
-                    loop {
-                        let n = match sr.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if let Some(limit) = cut
-                            && sent + n >= limit
-                        {
-                            let _ = cw.write_all(&buf[..limit - sent]).await;
-                            counter.fetch_add(1, Ordering::SeqCst);
-                            break;
+                    let downstream = async {
+                        let mut sent = 0usize;
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if let Some(limit) = cut
+                                && sent + n >= limit
+                            {
+                                let _ = cw.write_all(&buf[..limit - sent]).await;
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                break;
+                            }
+                            sent += n;
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
                         }
-                        sent += n;
-                        if cw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
+                    };
+                    tokio::select! {
+                        _ = downstream => {}
+                        _ = outage.wait_for(|down| *down) => {}
                     }
                     let _ = cw.shutdown().await;
                     upstream.abort();
@@ -74,7 +88,14 @@ impl CuttingProxy {
             port,
             cuts,
             sent_by_clients,
+            down,
         }
+    }
+
+    /// Starts (`true`) or ends (`false`) an outage: while it lasts, open connections are
+    /// cut and new ones dropped.
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
     }
 
     /// Everything clients have sent so far, as text.
