@@ -5,6 +5,7 @@
 //! - [`secret`]: secret values (inline, env, file) that never print.
 //! - [`mime`]: raw bytes to [`mime::ParsedMessage`]; pure, no IO.
 //! - [`ticket`]: parsed message to [`ticket::NewTicket`] rows; pure, no IO.
+//! - [`html`]: sanitizing a stranger's HTML; pure.
 //! - [`store`]: the only module that speaks SQL; migrations are embedded.
 //! - [`ingest`]: the pipeline every mail source uses: decide (pure), then store in one
 //!   transaction, or quarantine.
@@ -18,6 +19,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod html;
 pub mod imap;
 pub mod ingest;
 pub mod logging;

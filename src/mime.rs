@@ -366,9 +366,10 @@ fn subject(message: &mail_parser::Message, raw: &[u8]) -> String {
 /// dependency must cost one message its text, not the daemon. mail-parser's simpler
 /// converter is the fallback.
 pub fn html_to_text(html: &str, warnings: &mut Vec<String>) -> String {
+    // Converting the sanitized HTML keeps `javascript:` links out of the text's footnotes.
     let converted = std::panic::catch_unwind(|| {
         html2text::config::plain()
-            .string_from_read(html.as_bytes(), 10_000)
+            .string_from_read(crate::html::sanitize(html).as_bytes(), 10_000)
             .ok()
     });
     match converted {

@@ -184,7 +184,7 @@ pub fn new_ticket(rules: &TicketRules, mut parsed: ParsedMessage) -> NewTicket {
                 .collect(),
             sent_at: parsed.date,
             body_text: parsed.body_text,
-            body_html: parsed.body_html,
+            body_html: parsed.body_html.as_deref().map(crate::html::sanitize),
             raw_size: parsed.raw_size as i64,
             warnings,
         },
