@@ -191,8 +191,8 @@ async fn run_command(config: &Config, once: bool) -> ExitCode {
         for report in &reports {
             match &report.result {
                 Ok(s) => println!(
-                    "{}: {} created, {} duplicate, {} quarantined",
-                    report.parser, s.created, s.duplicate, s.quarantined
+                    "{}: {} created, {} appended, {} held, {} duplicate, {} quarantined",
+                    report.parser, s.created, s.appended, s.held, s.duplicate, s.quarantined
                 ),
                 Err(e) => {
                     failed = true;
@@ -404,6 +404,10 @@ async fn ingest_command(config: &Config, parser_name: &str, files: Vec<PathBuf>)
 fn describe(outcome: &Outcome, label: &str) -> String {
     match outcome {
         Outcome::Created { ticket_id } => format!("created      ticket {ticket_id:<8} {label}"),
+        Outcome::Appended { ticket_id } => format!("appended     ticket {ticket_id:<8} {label}"),
+        Outcome::Held { id, reason } => {
+            format!("held         quarantine #{id:<2} {label}: {reason}")
+        }
         Outcome::Duplicate { ticket_id } => format!("duplicate    ticket {ticket_id:<8} {label}"),
         Outcome::Quarantined { id, reason } => {
             format!("quarantined  #{id:<13} {label}: {reason}")
@@ -427,9 +431,10 @@ impl Tally {
     }
 
     fn summary(&self) -> String {
+        let o = &self.outcomes;
         let mut s = format!(
-            "summary: {} created, {} duplicate, {} quarantined, {} failed",
-            self.outcomes.created, self.outcomes.duplicate, self.outcomes.quarantined, self.failed
+            "summary: {} created, {} appended, {} held, {} duplicate, {} quarantined, {} failed",
+            o.created, o.appended, o.held, o.duplicate, o.quarantined, self.failed
         );
         if self.not_attempted > 0 {
             s.push_str(&format!(", {} not attempted", self.not_attempted));

@@ -20,6 +20,8 @@ pub const DATABASE_URL_ENV: &str = "MAIL2TICKET_DATABASE_URL";
 pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 /// Default scope for app-only IMAP access to Exchange Online.
 pub const DEFAULT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Default subject tag: "[#42]" threads onto ticket 42.
+pub const DEFAULT_TICKET_TAG: &str = "[#{id}]";
 /// Default largest message turned into a ticket: 35 MiB, Exchange Online's default limit.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 35 * 1024 * 1024;
 
@@ -116,6 +118,12 @@ pub struct ParserConfig {
     pub after: AfterIngest,
     /// How often to look for new mail when the server has no IDLE.
     pub poll_interval: std::time::Duration,
+    /// Subject tag that threads a message onto a ticket; `{id}` stands for the ticket id.
+    pub ticket_tag: String,
+    /// More new tickets than this from one sender within `sender_window` are not opened.
+    pub max_tickets_per_sender: u32,
+    /// The window of the loop protection.
+    pub sender_window: std::time::Duration,
     /// The IMAP server.
     pub imap: ImapConfig,
 }
@@ -248,6 +256,9 @@ struct RawParser {
     max_message_size: Option<ByteSize>,
     after: Option<String>,
     poll_interval: Option<u64>,
+    ticket_tag: Option<String>,
+    max_tickets_per_sender: Option<u32>,
+    sender_window: Option<u64>,
     imap: RawImap,
 }
 
@@ -693,6 +704,22 @@ fn validate_parsers(
         if p.poll_interval == Some(0) {
             problems.add(key("poll_interval"), at, "must be at least 1 (seconds)");
         }
+        let ticket_tag = p
+            .ticket_tag
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TICKET_TAG.to_string());
+        if ticket_tag.matches("{id}").count() != 1 {
+            problems.add(
+                key("ticket_tag"),
+                at,
+                format!("{ticket_tag:?} must contain {{id}} exactly once, e.g. \"[#{{id}}]\""),
+            );
+        }
+        let max_tickets_per_sender = p.max_tickets_per_sender.unwrap_or(20);
+        let sender_window = std::time::Duration::from_secs(p.sender_window.unwrap_or(600));
+        if p.sender_window == Some(0) {
+            problems.add(key("sender_window"), at, "must be at least 1 (seconds)");
+        }
         let imap = &p.imap;
         if imap.host.trim().is_empty() {
             problems.add(key("imap.host"), at, "must not be empty");
@@ -741,6 +768,9 @@ fn validate_parsers(
             max_message_size,
             after,
             poll_interval,
+            ticket_tag,
+            max_tickets_per_sender,
+            sender_window,
             imap: ImapConfig {
                 host: imap.host.trim().to_string(),
                 port: imap.port,

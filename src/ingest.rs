@@ -5,12 +5,18 @@
 //! [`store_decision`] writes the result inside the caller's transaction; [`ingest_one`]
 //! does both in a transaction of its own.
 //!
-//! Nothing is dropped: a message is either a ticket message (new or already stored) or a
-//! quarantine row with its raw bytes and the reason. Only a database failure returns an
-//! error, so the caller can retry the message later.
+//! The rules, in order: a message already stored for the parser is a duplicate; one that
+//! answers a stored message of the same parser (In-Reply-To/References) or carries the
+//! ticket tag is appended to that ticket; an automatic one (auto-reply, bounce, own
+//! address) that threads nowhere is held back; a sender over `max_tickets_per_sender`
+//! within `sender_window` is held back (loop protection); anything else opens a ticket.
+//!
+//! Nothing is dropped: a message is either a ticket message or a quarantine row with its
+//! raw bytes and the reason. Only a database failure returns an error, so the caller can
+//! retry the message later.
 
 use crate::config::ParserConfig;
-use crate::store::{self, QuarantineInsert, StoreError, TicketInsert};
+use crate::store::{self, Hold, HoldKind, QuarantineInsert, StoreError, TicketInsert};
 use crate::ticket::{NewTicket, TicketRules};
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -49,6 +55,19 @@ pub enum Outcome {
         /// `tickets.id`.
         ticket_id: i64,
     },
+    /// Added to an existing ticket (a reply, or an automatic message that threads).
+    Appended {
+        /// `tickets.id`.
+        ticket_id: i64,
+    },
+    /// Read fine but deliberately not ticketed (automatic, or loop protection); kept in
+    /// quarantine with its raw bytes.
+    Held {
+        /// `quarantine.id`.
+        id: i64,
+        /// Why.
+        reason: String,
+    },
     /// Stored before (same parser and Message-ID): nothing written.
     Duplicate {
         /// The ticket that holds it.
@@ -73,6 +92,10 @@ pub enum Outcome {
 pub struct OutcomeCounts {
     /// New tickets.
     pub created: u64,
+    /// Appended to existing tickets.
+    pub appended: u64,
+    /// Held back (automatic or loop).
+    pub held: u64,
     /// Already stored (tickets or quarantine).
     pub duplicate: u64,
     /// Newly quarantined.
@@ -84,6 +107,8 @@ impl OutcomeCounts {
     pub fn count(&mut self, outcome: &Outcome) {
         match outcome {
             Outcome::Created { .. } => self.created += 1,
+            Outcome::Appended { .. } => self.appended += 1,
+            Outcome::Held { .. } => self.held += 1,
             Outcome::Duplicate { .. } | Outcome::DuplicateQuarantined { .. } => self.duplicate += 1,
             Outcome::Quarantined { .. } => self.quarantined += 1,
         }
@@ -117,18 +142,14 @@ pub async fn store_decision(
     raw: &[u8],
 ) -> Result<Outcome, StoreError> {
     let parser = &pipeline.rules.parser;
-    let reason = match decision {
+    let error_hold = match decision {
         Decision::Quarantine(reason) => reason.clone(),
         Decision::Ticket(ticket) => {
-            let keep_raw = (!ticket.message.warnings.is_empty()).then_some(raw);
             let mut savepoint = tx.begin().await?;
-            match store::insert_ticket(&mut savepoint, ticket, keep_raw).await {
-                Ok(inserted) => {
+            match store_ticket(&mut savepoint, pipeline, ticket, raw).await {
+                Ok(outcome) => {
                     savepoint.commit().await?;
-                    return Ok(match inserted {
-                        TicketInsert::Created { ticket_id, .. } => Outcome::Created { ticket_id },
-                        TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
-                    });
+                    return Ok(outcome);
                 }
                 Err(e) if e.is_refused_data() => {
                     savepoint.rollback().await?;
@@ -138,12 +159,98 @@ pub async fn store_decision(
             }
         }
     };
+    let hold = Hold {
+        kind: HoldKind::Error,
+        reason: &error_hold,
+        sender: None,
+        message_id: None,
+    };
     Ok(
-        match store::insert_quarantine(tx, parser, &reason, raw).await? {
-            QuarantineInsert::Created { id } => Outcome::Quarantined { id, reason },
+        match store::insert_quarantine(tx, parser, hold, raw).await? {
+            QuarantineInsert::Created { id } => Outcome::Quarantined {
+                id,
+                reason: error_hold,
+            },
             QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
         },
     )
+}
+
+/// The threading, automatic-message and loop rules (see the module doc).
+async fn store_ticket(
+    conn: &mut PgConnection,
+    pipeline: &Pipeline,
+    ticket: &NewTicket,
+    raw: &[u8],
+) -> Result<Outcome, StoreError> {
+    let rules = &pipeline.rules;
+    let keep_raw = (!ticket.message.warnings.is_empty()).then_some(raw);
+    let thread = store::find_thread(
+        conn,
+        &rules.parser,
+        &ticket.thread_refs,
+        ticket.tagged_ticket,
+    )
+    .await?;
+    if let Some(ticket_id) = thread {
+        return Ok(
+            match store::append_message(conn, ticket_id, ticket, keep_raw).await? {
+                TicketInsert::Appended { ticket_id, .. } => Outcome::Appended { ticket_id },
+                TicketInsert::Created { ticket_id, .. } => Outcome::Created { ticket_id },
+                TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
+            },
+        );
+    }
+    let sender = ticket.requester_email.as_str();
+    let held = if let Some(reason) = &ticket.message.automatic_reason {
+        Some((
+            HoldKind::Automatic,
+            format!("automatic message that answers no ticket: {reason}"),
+        ))
+    } else if !sender.is_empty()
+        && store::recent_tickets_from(conn, &rules.parser, sender, rules.sender_window).await?
+            >= i64::from(rules.max_tickets_per_sender)
+    {
+        if !store::loop_recorded_since(conn, &rules.parser, sender, rules.sender_window).await? {
+            tracing::warn!(parser = %rules.parser, sender, window_s = rules.sender_window.as_secs(),
+                max = rules.max_tickets_per_sender, "loop protection: holding back new tickets from this sender");
+        }
+        Some((
+            HoldKind::Loop,
+            format!(
+                "loop protection: {sender} opened {} tickets within {} s",
+                rules.max_tickets_per_sender,
+                rules.sender_window.as_secs()
+            ),
+        ))
+    } else {
+        None
+    };
+    if let Some((kind, reason)) = held {
+        if let Some(ticket_id) =
+            store::message_ticket(conn, &rules.parser, &ticket.message.message_id).await?
+        {
+            return Ok(Outcome::Duplicate { ticket_id });
+        }
+        let hold = Hold {
+            kind,
+            reason: &reason,
+            sender: (!sender.is_empty()).then_some(sender),
+            message_id: Some(&ticket.message.message_id),
+        };
+        return Ok(
+            match store::insert_quarantine(conn, &rules.parser, hold, raw).await? {
+                QuarantineInsert::Created { id } => Outcome::Held { id, reason },
+                QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
+            },
+        );
+    }
+    Ok(match store::insert_ticket(conn, ticket, keep_raw).await? {
+        TicketInsert::Created { ticket_id, .. } | TicketInsert::Appended { ticket_id, .. } => {
+            Outcome::Created { ticket_id }
+        }
+        TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
+    })
 }
 
 /// Decides and stores several messages in one transaction: one commit (one fsync) for the

@@ -60,6 +60,19 @@ pub struct Attachment {
     pub is_inline: bool,
 }
 
+/// Headers that mark a message as sent by a machine (RFC 3834 and common practice).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AutoSignals {
+    /// `Auto-Submitted` value, lower-case.
+    pub auto_submitted: Option<String>,
+    /// `X-Autoreply` or `X-Autorespond` present.
+    pub x_autoreply: bool,
+    /// `Precedence` value, lower-case.
+    pub precedence: Option<String>,
+    /// The message is a `multipart/report` (delivery or disposition notification).
+    pub is_report: bool,
+}
+
 /// Everything the ticket pipeline uses from one message.
 #[derive(Debug, Clone)]
 pub struct ParsedMessage {
@@ -93,6 +106,8 @@ pub struct ParsedMessage {
     pub body_html: Option<String>,
     /// Attachments and inline parts.
     pub attachments: Vec<Attachment>,
+    /// Machine-sender signals.
+    pub auto: AutoSignals,
     /// Things a person should know about how this message was read.
     pub warnings: Vec<String>,
     /// Size of the raw message in bytes.
@@ -184,9 +199,30 @@ pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
         body_text,
         body_html,
         attachments,
+        auto: auto_signals(&message),
         warnings,
         raw_size: raw.len(),
     })
+}
+
+fn auto_signals(message: &mail_parser::Message) -> AutoSignals {
+    let text = |name: &str| {
+        message
+            .header_raw(name)
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty())
+    };
+    AutoSignals {
+        auto_submitted: text("Auto-Submitted"),
+        x_autoreply: text("X-Autoreply").is_some() || text("X-Autorespond").is_some(),
+        precedence: text("Precedence"),
+        is_report: message.root_part().content_type().is_some_and(|ct| {
+            ct.ctype().eq_ignore_ascii_case("multipart")
+                && ct
+                    .subtype()
+                    .is_some_and(|s| s.eq_ignore_ascii_case("report"))
+        }),
+    }
 }
 
 /// A stable Message-ID for a message without one: the same bytes give the same id, whether

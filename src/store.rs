@@ -74,11 +74,18 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// What became of a message handed to [`insert_ticket`].
+/// What became of a message handed to [`insert_ticket`] or [`append_message`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TicketInsert {
     /// A new ticket and its first message were written.
     Created {
+        /// `tickets.id`.
+        ticket_id: i64,
+        /// `ticket_messages.id`.
+        message_row_id: i64,
+    },
+    /// The message was added to an existing ticket.
+    Appended {
         /// `tickets.id`.
         ticket_id: i64,
         /// `ticket_messages.id`.
@@ -98,8 +105,9 @@ pub async fn insert_ticket(
     ticket: &NewTicket,
     raw: Option<&[u8]>,
 ) -> Result<TicketInsert, StoreError> {
-    let m = &ticket.message;
-    if let Some(ticket_id) = existing_ticket(conn, &ticket.parser, &m.message_id).await? {
+    if let Some(ticket_id) =
+        message_ticket(conn, &ticket.parser, &ticket.message.message_id).await?
+    {
         return Ok(TicketInsert::Duplicate { ticket_id });
     }
     let ticket_id: i64 = sqlx::query_scalar(
@@ -112,45 +120,17 @@ pub async fn insert_ticket(
     .bind(&ticket.requester_name)
     .fetch_one(&mut *conn)
     .await?;
-
-    let message_row_id: Option<i64> = sqlx::query_scalar(
-        "insert into ticket_messages (ticket_id, parser, message_id, message_id_derived,
-             in_reply_to, references_ids, subject, from_email, from_name, to_emails, cc_emails,
-             sent_at, body_text, body_html, raw_size, warnings)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-         on conflict (parser, message_id) do nothing
-         returning id",
-    )
-    .bind(ticket_id)
-    .bind(&ticket.parser)
-    .bind(&m.message_id)
-    .bind(m.message_id_derived)
-    .bind(&m.in_reply_to)
-    .bind(&m.references)
-    .bind(&m.subject)
-    .bind(&m.from_email)
-    .bind(&m.from_name)
-    .bind(&m.to)
-    .bind(&m.cc)
-    .bind(m.sent_at)
-    .bind(&m.body_text)
-    .bind(&m.body_html)
-    .bind(m.raw_size)
-    .bind(&m.warnings)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(message_row_id) = message_row_id else {
+    let Some(message_row_id) = insert_message_rows(conn, ticket_id, ticket, raw).await? else {
         // Another writer stored the same message between our check and our insert.
         sqlx::query("delete from tickets where id = $1")
             .bind(ticket_id)
             .execute(&mut *conn)
             .await?;
-        let ticket_id = existing_ticket(conn, &ticket.parser, &m.message_id)
+        let ticket_id = message_ticket(conn, &ticket.parser, &ticket.message.message_id)
             .await?
             .unwrap_or_default();
         return Ok(TicketInsert::Duplicate { ticket_id });
     };
-
     if !ticket.participants.is_empty() {
         let emails: Vec<&str> = ticket
             .participants
@@ -179,7 +159,101 @@ pub async fn insert_ticket(
         .execute(&mut *conn)
         .await?;
     }
+    Ok(TicketInsert::Created {
+        ticket_id,
+        message_row_id,
+    })
+}
 
+/// Adds the message to an existing ticket: its people join as `cc` unless already on the
+/// ticket, and the ticket's `updated_at` moves. Writes nothing for a stored message.
+pub async fn append_message(
+    conn: &mut PgConnection,
+    ticket_id: i64,
+    ticket: &NewTicket,
+    raw: Option<&[u8]>,
+) -> Result<TicketInsert, StoreError> {
+    if let Some(ticket_id) =
+        message_ticket(conn, &ticket.parser, &ticket.message.message_id).await?
+    {
+        return Ok(TicketInsert::Duplicate { ticket_id });
+    }
+    let Some(message_row_id) = insert_message_rows(conn, ticket_id, ticket, raw).await? else {
+        let ticket_id = message_ticket(conn, &ticket.parser, &ticket.message.message_id)
+            .await?
+            .unwrap_or(ticket_id);
+        return Ok(TicketInsert::Duplicate { ticket_id });
+    };
+    let emails: Vec<&str> = ticket
+        .participants
+        .iter()
+        .map(|p| p.email.as_str())
+        .collect();
+    let names: Vec<Option<&str>> = ticket
+        .participants
+        .iter()
+        .map(|p| p.name.as_deref())
+        .collect();
+    sqlx::query(
+        "insert into participants (ticket_id, email, name, role)
+         select $1, u.email, u.name, 'cc' from unnest($2::text[], $3::text[]) as u(email, name)
+         where not exists (select 1 from participants p where p.ticket_id = $1 and p.email = u.email)
+         on conflict do nothing",
+    )
+    .bind(ticket_id)
+    .bind(&emails)
+    .bind(&names)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("update tickets set updated_at = now() where id = $1")
+        .bind(ticket_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(TicketInsert::Appended {
+        ticket_id,
+        message_row_id,
+    })
+}
+
+/// Inserts the `ticket_messages` row with its attachments and raw bytes; `None` when the
+/// (parser, Message-ID) already exists.
+async fn insert_message_rows(
+    conn: &mut PgConnection,
+    ticket_id: i64,
+    ticket: &NewTicket,
+    raw: Option<&[u8]>,
+) -> Result<Option<i64>, StoreError> {
+    let m = &ticket.message;
+    let message_row_id: Option<i64> = sqlx::query_scalar(
+        "insert into ticket_messages (ticket_id, parser, message_id, message_id_derived,
+             in_reply_to, references_ids, subject, from_email, from_name, to_emails, cc_emails,
+             sent_at, body_text, body_html, raw_size, warnings, automatic_reason)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+         on conflict (parser, message_id) do nothing
+         returning id",
+    )
+    .bind(ticket_id)
+    .bind(&ticket.parser)
+    .bind(&m.message_id)
+    .bind(m.message_id_derived)
+    .bind(&m.in_reply_to)
+    .bind(&m.references)
+    .bind(&m.subject)
+    .bind(&m.from_email)
+    .bind(&m.from_name)
+    .bind(&m.to)
+    .bind(&m.cc)
+    .bind(m.sent_at)
+    .bind(&m.body_text)
+    .bind(&m.body_html)
+    .bind(m.raw_size)
+    .bind(&m.warnings)
+    .bind(&m.automatic_reason)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(message_row_id) = message_row_id else {
+        return Ok(None);
+    };
     for a in &ticket.attachments {
         sqlx::query(
             "insert into attachments (ticket_message_id, filename, content_type, size, sha256,
@@ -197,7 +271,6 @@ pub async fn insert_ticket(
         .execute(&mut *conn)
         .await?;
     }
-
     if let Some(raw) = raw {
         sqlx::query("insert into raw_messages (ticket_message_id, raw) values ($1, $2)")
             .bind(message_row_id)
@@ -205,14 +278,80 @@ pub async fn insert_ticket(
             .execute(&mut *conn)
             .await?;
     }
-
-    Ok(TicketInsert::Created {
-        ticket_id,
-        message_row_id,
-    })
+    Ok(Some(message_row_id))
 }
 
-async fn existing_ticket(
+/// The ticket a message threads onto within its parser: the newest stored message among
+/// `refs`, else the ticket named by the subject tag (if it belongs to this parser).
+pub async fn find_thread(
+    conn: &mut PgConnection,
+    parser: &str,
+    refs: &[String],
+    tagged: Option<i64>,
+) -> Result<Option<i64>, StoreError> {
+    if !refs.is_empty() {
+        let found: Option<i64> = sqlx::query_scalar(
+            "select ticket_id from ticket_messages
+             where parser = $1 and message_id = any($2)
+             order by array_position($2, message_id) limit 1",
+        )
+        .bind(parser)
+        .bind(refs)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    let Some(id) = tagged else { return Ok(None) };
+    Ok(
+        sqlx::query_scalar("select id from tickets where id = $1 and parser = $2")
+            .bind(id)
+            .bind(parser)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
+/// How many tickets `requester` opened in `parser` within the last `window`.
+pub async fn recent_tickets_from(
+    conn: &mut PgConnection,
+    parser: &str,
+    requester: &str,
+    window: Duration,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "select count(*) from tickets
+         where parser = $1 and requester_email = $2 and created_at > now() - make_interval(secs => $3)",
+    )
+    .bind(parser)
+    .bind(requester)
+    .bind(window.as_secs_f64())
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+/// Whether a message from `sender` was already held back as a loop within `window` (the
+/// warning is logged once per window).
+pub async fn loop_recorded_since(
+    conn: &mut PgConnection,
+    parser: &str,
+    sender: &str,
+    window: Duration,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from quarantine
+         where parser = $1 and kind = 'loop' and sender = $2 and created_at > now() - make_interval(secs => $3))",
+    )
+    .bind(parser)
+    .bind(sender)
+    .bind(window.as_secs_f64())
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+/// The ticket holding (parser, Message-ID), if that message is stored.
+pub async fn message_ticket(
     conn: &mut PgConnection,
     parser: &str,
     message_id: &str,
@@ -241,26 +380,64 @@ pub enum QuarantineInsert {
     },
 }
 
-/// Keeps a message that could not become a ticket, with its raw bytes and the reason.
+/// Why a message was kept in `quarantine` instead of becoming a ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldKind {
+    /// It could not be turned into a ticket.
+    Error,
+    /// An auto-reply, bounce or own-address message that threads onto no ticket.
+    Automatic,
+    /// Loop protection: too many new tickets from its sender.
+    Loop,
+}
+
+impl HoldKind {
+    /// The `quarantine.kind` spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldKind::Error => "error",
+            HoldKind::Automatic => "automatic",
+            HoldKind::Loop => "loop",
+        }
+    }
+}
+
+/// A message to keep in `quarantine`.
+#[derive(Debug, Clone, Copy)]
+pub struct Hold<'a> {
+    /// Why.
+    pub kind: HoldKind,
+    /// In words.
+    pub reason: &'a str,
+    /// Its sender, when known.
+    pub sender: Option<&'a str>,
+    /// Its Message-ID, when known.
+    pub message_id: Option<&'a str>,
+}
+
+/// Keeps a message that did not become a ticket, with its raw bytes and the reason.
 /// The same bytes for the same parser are kept once.
 pub async fn insert_quarantine(
     conn: &mut PgConnection,
     parser: &str,
-    reason: &str,
+    hold: Hold<'_>,
     raw: &[u8],
 ) -> Result<QuarantineInsert, StoreError> {
     let sha256 = crate::mime::hex_sha256(raw);
     let inserted: Option<i64> = sqlx::query_scalar(
-        "insert into quarantine (parser, reason, raw, raw_sha256, raw_size)
-         values ($1, $2, $3, $4, $5)
+        "insert into quarantine (parser, reason, raw, raw_sha256, raw_size, kind, sender, message_id)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
          on conflict (parser, raw_sha256) do nothing
          returning id",
     )
     .bind(parser)
-    .bind(crate::mime::clean(reason))
+    .bind(crate::mime::clean(hold.reason))
     .bind(raw)
     .bind(&sha256)
     .bind(raw.len() as i64)
+    .bind(hold.kind.as_str())
+    .bind(hold.sender)
+    .bind(hold.message_id)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(id) = inserted {

@@ -1,8 +1,8 @@
 //! A [`ParsedMessage`] to the rows of a new ticket: pure code, no IO, no SQL.
 //!
-//! Decides who the requester is, who else takes part, and which attachments are kept,
-//! following the parser's settings. Threading onto existing tickets comes later; for now
-//! every message opens its own ticket.
+//! Decides who the requester is, who else takes part, which attachments are kept, what
+//! ticket the message may thread onto (its references and subject tag), and whether it was
+//! sent by a machine. Whether those tickets exist is the store's question.
 
 use crate::config::ParserConfig;
 use crate::mime::{Attachment, Mailbox, ParsedMessage};
@@ -19,6 +19,12 @@ pub struct TicketRules {
     pub add_attachments: bool,
     /// Cc and other To addresses become participants.
     pub add_ccs: bool,
+    /// Subject tag with `{id}` for the ticket id, e.g. `[#{id}]`.
+    pub ticket_tag: String,
+    /// Loop protection: at most this many new tickets per sender within `sender_window`.
+    pub max_tickets_per_sender: u32,
+    /// Loop protection window.
+    pub sender_window: std::time::Duration,
 }
 
 impl From<&ParserConfig> for TicketRules {
@@ -28,6 +34,9 @@ impl From<&ParserConfig> for TicketRules {
             mailbox_email: normalize_email(&p.email),
             add_attachments: p.add_attachments,
             add_ccs: p.add_ccs,
+            ticket_tag: p.ticket_tag.clone(),
+            max_tickets_per_sender: p.max_tickets_per_sender,
+            sender_window: p.sender_window,
         }
     }
 }
@@ -93,6 +102,8 @@ pub struct NewMessage {
     pub raw_size: i64,
     /// Notes on how the message was read.
     pub warnings: Vec<String>,
+    /// Why the message counts as automatic (auto-reply, bounce, own address), if it does.
+    pub automatic_reason: Option<String>,
 }
 
 /// A new ticket with its first message.
@@ -112,6 +123,11 @@ pub struct NewTicket {
     pub participants: Vec<Participant>,
     /// Attachments kept (none when `add_attachments = false`).
     pub attachments: Vec<Attachment>,
+    /// Message-IDs this message answers, most recent first (In-Reply-To, then References
+    /// from the end).
+    pub thread_refs: Vec<String>,
+    /// The ticket id named by the subject tag, if any.
+    pub tagged_ticket: Option<i64>,
 }
 
 /// Lower-cases and trims an address so that one person is one participant.
@@ -123,6 +139,14 @@ pub fn normalize_email(email: &str) -> String {
 pub fn new_ticket(rules: &TicketRules, mut parsed: ParsedMessage) -> NewTicket {
     let mut warnings = std::mem::take(&mut parsed.warnings);
     let requester = choose_requester(&parsed, &mut warnings);
+    let automatic_reason = automatic_reason(&parsed, requester.as_ref(), rules);
+    let mut thread_refs: Vec<String> = parsed.in_reply_to.iter().cloned().collect();
+    for r in parsed.references.iter().rev() {
+        if !thread_refs.contains(r) {
+            thread_refs.push(r.clone());
+        }
+    }
+    let tagged_ticket = tagged_ticket(&parsed.subject, &rules.ticket_tag);
     let (requester_email, requester_name) = match &requester {
         Some(m) => (normalize_email(&m.email), m.name.clone()),
         None => (String::new(), None),
@@ -187,10 +211,67 @@ pub fn new_ticket(rules: &TicketRules, mut parsed: ParsedMessage) -> NewTicket {
             body_html: parsed.body_html.as_deref().map(crate::html::sanitize),
             raw_size: parsed.raw_size as i64,
             warnings,
+            automatic_reason,
         },
         participants,
         attachments,
+        thread_refs,
+        tagged_ticket,
     }
+}
+
+/// Why a message was sent by a machine, following RFC 3834 and common practice; `None`
+/// for a person's message. `X-Auto-Response-Suppress` alone does not count (Outlook sets it
+/// on ordinary mail).
+pub fn automatic_reason(
+    parsed: &ParsedMessage,
+    requester: Option<&Mailbox>,
+    rules: &TicketRules,
+) -> Option<String> {
+    let signals = &parsed.auto;
+    if let Some(value) = &signals.auto_submitted
+        && value.split(';').next().is_some_and(|v| v.trim() != "no")
+    {
+        return Some(format!("Auto-Submitted: {value}"));
+    }
+    if signals.x_autoreply {
+        return Some("X-Autoreply / X-Autorespond header".into());
+    }
+    if let Some(p) = &signals.precedence
+        && ["bulk", "junk", "list", "auto_reply"].contains(&p.as_str())
+    {
+        return Some(format!("Precedence: {p}"));
+    }
+    if signals.is_report {
+        return Some("delivery status report (multipart/report)".into());
+    }
+    let sender = requester
+        .map(|m| normalize_email(&m.email))
+        .unwrap_or_default();
+    let local = sender.split('@').next().unwrap_or_default();
+    if local == "mailer-daemon" || local == "postmaster" {
+        return Some(format!("sent by {local}"));
+    }
+    if !sender.is_empty() && sender == rules.mailbox_email {
+        return Some("sent from the parser's own address (a mail loop)".into());
+    }
+    None
+}
+
+/// The ticket id in a subject carrying `tag` (`{id}` marks the number), e.g. 42 for
+/// "Re: [#42] Printer" with the tag "[#{id}]".
+pub fn tagged_ticket(subject: &str, tag: &str) -> Option<i64> {
+    let (prefix, suffix) = tag.split_once("{id}")?;
+    let mut rest = subject;
+    while let Some(pos) = rest.find(prefix) {
+        let after = &rest[pos + prefix.len()..];
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        if !digits.is_empty() && after[digits.len()..].starts_with(suffix) {
+            return digits.parse().ok();
+        }
+        rest = &rest[pos + prefix.len().max(1)..];
+    }
+    None
 }
 
 /// From, else Sender, else Reply-To, else Return-Path; a note says when From was missing.
@@ -235,7 +316,18 @@ mod tests {
             mailbox_email: "support@contoso.com".into(),
             add_attachments,
             add_ccs,
+            ticket_tag: "[#{id}]".into(),
+            max_tickets_per_sender: 20,
+            sender_window: std::time::Duration::from_secs(600),
         }
+    }
+
+    #[test]
+    fn subject_tags() {
+        assert_eq!(tagged_ticket("Re: [#42] Printer", "[#{id}]"), Some(42));
+        assert_eq!(tagged_ticket("[#] no [#7x] [#9]", "[#{id}]"), Some(9));
+        assert_eq!(tagged_ticket("Ticket#123: x", "Ticket#{id}:"), Some(123));
+        assert_eq!(tagged_ticket("no tag", "[#{id}]"), None);
     }
 
     const MAIL: &[u8] = b"From: Ann <ANN@Example.com>\r\nTo: support@contoso.com, Bob <bob@example.com>\r\nCc: Carol <carol@example.com>, ann@example.com, Support@Contoso.com\r\nSubject: help\r\nMessage-ID: <1@x>\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\nContent-Type: application/pdf; name=a.pdf\r\n\r\n%PDF\r\n--b--\r\n";

@@ -13,6 +13,9 @@ fn pipeline() -> Pipeline {
             mailbox_email: "support@contoso.com".into(),
             add_attachments: true,
             add_ccs: true,
+            ticket_tag: "[#{id}]".into(),
+            max_tickets_per_sender: 20,
+            sender_window: std::time::Duration::from_secs(600),
         },
         max_message_size: 1 << 20,
     }

@@ -59,6 +59,27 @@ async fn golden_corpus_matches_expected_rows() {
 async fn describe(pool: &PgPool, outcome: &Outcome) -> Value {
     match outcome {
         Outcome::Created { ticket_id } => describe_ticket(pool, *ticket_id).await,
+        Outcome::Appended { ticket_id } => {
+            let mut ticket = describe_ticket(pool, *ticket_id).await;
+            ticket["outcome"] = json!("appended");
+            ticket
+        }
+        Outcome::Held { id, .. } => {
+            let row = sqlx::query(
+                "select kind, reason, sender, message_id from quarantine where id = $1",
+            )
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            json!({
+                "outcome": "held",
+                "kind": row.get::<String, _>("kind"),
+                "reason": row.get::<String, _>("reason"),
+                "sender": row.get::<Option<String>, _>("sender"),
+                "message_id": row.get::<Option<String>, _>("message_id"),
+            })
+        }
         Outcome::Quarantined { id, .. } => {
             let row = sqlx::query("select reason, raw_size from quarantine where id = $1")
                 .bind(id)
@@ -87,9 +108,9 @@ async fn describe_ticket(pool: &PgPool, ticket_id: i64) -> Value {
         "select id, message_id, message_id_derived, in_reply_to, references_ids, subject,
                 from_email, from_name, to_emails, cc_emails,
                 to_char(sent_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') as sent_at,
-                body_text, body_html, raw_size, warnings,
+                body_text, body_html, raw_size, warnings, automatic_reason,
                 exists (select 1 from raw_messages r where r.ticket_message_id = ticket_messages.id) as raw_kept
-         from ticket_messages where ticket_id = $1",
+         from ticket_messages where ticket_id = $1 order by id desc limit 1",
     )
     .bind(ticket_id)
     .fetch_one(pool)
@@ -158,6 +179,7 @@ async fn describe_ticket(pool: &PgPool, ticket_id: i64) -> Value {
             "body_html": m.get::<Option<String>, _>("body_html"),
             "raw_size": m.get::<i64, _>("raw_size"),
             "warnings": m.get::<Vec<String>, _>("warnings"),
+            "automatic_reason": m.get::<Option<String>, _>("automatic_reason"),
             "raw_kept": m.get::<bool, _>("raw_kept"),
         },
         "participants": participants,

@@ -7,3 +7,4 @@ mod fuzz;
 mod golden;
 mod ingest;
 mod support;
+mod threading;
