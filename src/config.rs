@@ -20,6 +20,8 @@ pub const DATABASE_URL_ENV: &str = "MAIL2TICKET_DATABASE_URL";
 pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 /// Default scope for app-only IMAP access to Exchange Online.
 pub const DEFAULT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Default largest attachment whose content is stored: 25 MiB.
+pub const DEFAULT_MAX_ATTACHMENT_SIZE: u64 = 25 * 1024 * 1024;
 /// Default subject tag: "[#42]" threads onto ticket 42.
 pub const DEFAULT_TICKET_TAG: &str = "[#{id}]";
 /// Default largest message turned into a ticket: 35 MiB, Exchange Online's default limit.
@@ -114,6 +116,10 @@ pub struct ParserConfig {
     pub auth: ParserAuth,
     /// Messages larger than this (bytes) are quarantined instead of ticketed.
     pub max_message_size: u64,
+    /// Attachments larger than this (bytes) are stored as a stub (name, type, size).
+    pub max_attachment_size: u64,
+    /// Keep every message's raw bytes beside its ticket message.
+    pub keep_raw: bool,
     /// What to do on the server with a message once its rows are committed.
     pub after: AfterIngest,
     /// How often to look for new mail when the server has no IDLE.
@@ -254,6 +260,9 @@ struct RawParser {
     credential: Option<String>,
     password: Option<SecretSource>,
     max_message_size: Option<ByteSize>,
+    max_attachment_size: Option<ByteSize>,
+    #[serde(default = "yes")]
+    keep_raw: bool,
     after: Option<String>,
     poll_interval: Option<u64>,
     ticket_tag: Option<String>,
@@ -693,6 +702,13 @@ fn validate_parsers(
         if max_message_size == 0 {
             problems.add(key("max_message_size"), at, "must be larger than 0");
         }
+        let max_attachment_size = match &p.max_attachment_size {
+            None => DEFAULT_MAX_ATTACHMENT_SIZE,
+            Some(size) => size.bytes().unwrap_or_else(|e| {
+                problems.add(key("max_attachment_size"), at, e);
+                DEFAULT_MAX_ATTACHMENT_SIZE
+            }),
+        };
         let after = match &p.after {
             None => AfterIngest::MarkSeen,
             Some(text) => AfterIngest::parse(text).unwrap_or_else(|e| {
@@ -766,6 +782,8 @@ fn validate_parsers(
             add_ccs: p.add_ccs,
             auth,
             max_message_size,
+            max_attachment_size,
+            keep_raw: p.keep_raw,
             after,
             poll_interval,
             ticket_tag,

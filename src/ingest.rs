@@ -27,6 +27,8 @@ pub struct Pipeline {
     pub rules: TicketRules,
     /// Messages larger than this (bytes) are quarantined.
     pub max_message_size: u64,
+    /// Keep every message's raw bytes (else only those with warnings).
+    pub keep_raw: bool,
 }
 
 impl From<&ParserConfig> for Pipeline {
@@ -34,6 +36,7 @@ impl From<&ParserConfig> for Pipeline {
         Pipeline {
             rules: TicketRules::from(p),
             max_message_size: p.max_message_size,
+            keep_raw: p.keep_raw,
         }
     }
 }
@@ -184,7 +187,7 @@ async fn store_ticket(
     raw: &[u8],
 ) -> Result<Outcome, StoreError> {
     let rules = &pipeline.rules;
-    let keep_raw = (!ticket.message.warnings.is_empty()).then_some(raw);
+    let keep_raw = (pipeline.keep_raw || !ticket.message.warnings.is_empty()).then_some(raw);
     let thread = store::find_thread(
         conn,
         &rules.parser,

@@ -50,9 +50,11 @@ pub struct Attachment {
     pub filename: String,
     /// Lower-case `type/subtype`.
     pub content_type: String,
-    /// Decoded content.
-    pub content: Vec<u8>,
-    /// Hex SHA-256 of `content`.
+    /// Decoded content; `None` when it is not kept (over `max_attachment_size`).
+    pub content: Option<Vec<u8>>,
+    /// Size of the decoded content in bytes.
+    pub size: usize,
+    /// Hex SHA-256 of the decoded content.
     pub sha256: String,
     /// Content-ID without angle brackets.
     pub content_id: Option<String>,
@@ -169,7 +171,8 @@ pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
         && body_text.trim().is_empty()
     {
         let broken = attachments.remove(pos);
-        body_text = normalize_newlines(&clean(&String::from_utf8_lossy(&broken.content)));
+        let bytes = broken.content.unwrap_or_default();
+        body_text = normalize_newlines(&clean(&String::from_utf8_lossy(&bytes)));
         warnings.push(
             "the multipart body has no boundary lines; it was read as plain text".to_string(),
         );
@@ -455,9 +458,10 @@ fn attachments(message: &mail_parser::Message, body_html: Option<&str>) -> Vec<A
             };
             Attachment {
                 sha256: hex_sha256(&content),
+                size: content.len(),
                 filename,
                 content_type,
-                content,
+                content: Some(content),
                 content_id,
                 is_inline,
             }

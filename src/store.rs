@@ -263,7 +263,7 @@ async fn insert_message_rows(
         .bind(message_row_id)
         .bind(&a.filename)
         .bind(&a.content_type)
-        .bind(a.content.len() as i64)
+        .bind(a.size as i64)
         .bind(&a.sha256)
         .bind(&a.content_id)
         .bind(a.is_inline)

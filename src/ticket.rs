@@ -17,6 +17,8 @@ pub struct TicketRules {
     pub mailbox_email: String,
     /// Keep attachments.
     pub add_attachments: bool,
+    /// Attachments larger than this keep only their name, type, size and hash.
+    pub max_attachment_size: u64,
     /// Cc and other To addresses become participants.
     pub add_ccs: bool,
     /// Subject tag with `{id}` for the ticket id, e.g. `[#{id}]`.
@@ -33,6 +35,7 @@ impl From<&ParserConfig> for TicketRules {
             parser: p.name.clone(),
             mailbox_email: normalize_email(&p.email),
             add_attachments: p.add_attachments,
+            max_attachment_size: p.max_attachment_size,
             add_ccs: p.add_ccs,
             ticket_tag: p.ticket_tag.clone(),
             max_tickets_per_sender: p.max_tickets_per_sender,
@@ -177,11 +180,20 @@ pub fn new_ticket(rules: &TicketRules, mut parsed: ParsedMessage) -> NewTicket {
         }
     }
 
-    let attachments = if rules.add_attachments {
-        parsed.attachments
+    let mut attachments = if rules.add_attachments {
+        std::mem::take(&mut parsed.attachments)
     } else {
         Vec::new()
     };
+    for a in &mut attachments {
+        if a.size as u64 > rules.max_attachment_size {
+            a.content = None;
+            warnings.push(format!(
+                "attachment {:?} ({} bytes) is over max_attachment_size ({} bytes): stored without its content",
+                a.filename, a.size, rules.max_attachment_size
+            ));
+        }
+    }
 
     NewTicket {
         parser: rules.parser.clone(),
@@ -315,6 +327,7 @@ mod tests {
             parser: "support".into(),
             mailbox_email: "support@contoso.com".into(),
             add_attachments,
+            max_attachment_size: 1 << 20,
             add_ccs,
             ticket_tag: "[#{id}]".into(),
             max_tickets_per_sender: 20,

@@ -12,12 +12,14 @@ fn pipeline() -> Pipeline {
             parser: "fuzz".into(),
             mailbox_email: "support@contoso.com".into(),
             add_attachments: true,
+            max_attachment_size: 1 << 20,
             add_ccs: true,
             ticket_tag: "[#{id}]".into(),
             max_tickets_per_sender: 20,
             sender_window: std::time::Duration::from_secs(600),
         },
         max_message_size: 1 << 20,
+        keep_raw: true,
     }
 }
 

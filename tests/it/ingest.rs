@@ -169,3 +169,67 @@ async fn postgres_data_errors_are_classified_as_refused_data() {
         .unwrap_err();
     assert!(!mail2ticket::store::StoreError::from(gone).is_refused_data());
 }
+
+#[tokio::test]
+async fn an_attachment_over_the_limit_is_a_stub_with_a_note() {
+    let db = test_db().await;
+    let p = pipeline(&db.url, "support", "max_attachment_size = 20");
+    let raw = corpus("10-rfc2231-filename.eml");
+    let Outcome::Created { ticket_id } = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap()
+    else {
+        panic!("expected a ticket")
+    };
+    let rows: Vec<(String, i64, Option<Vec<u8>>)> = sqlx::query_as(
+        "select a.filename, a.size, a.content from attachments a
+         join ticket_messages m on m.id = a.ticket_message_id where m.ticket_id = $1 order by a.id",
+    )
+    .bind(ticket_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].1, rows[0].2.is_none()),
+        (48, true),
+        "the 48-byte PDF is a stub"
+    );
+    assert_eq!(
+        (rows[1].1, rows[1].2.as_ref().map(Vec::len)),
+        (8, Some(8)),
+        "the 8-byte CSV is kept"
+    );
+    let warnings: Vec<String> =
+        sqlx::query_scalar("select warnings from ticket_messages where ticket_id = $1")
+            .bind(ticket_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("Rechnung März 2026.pdf") && w.contains("max_attachment_size")),
+        "{warnings:?}"
+    );
+}
+
+#[tokio::test]
+async fn keep_raw_keeps_every_message_unless_turned_off() {
+    let db = test_db().await;
+    let raw = corpus("01-plain-ascii.eml");
+    for (name, extra, kept) in [("keeps", "", true), ("drops", "keep_raw = false", false)] {
+        let p = pipeline(&db.url, name, extra);
+        ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+        let stored: Option<Vec<u8>> = sqlx::query_scalar(
+            "select r.raw from ticket_messages m left join raw_messages r on r.ticket_message_id = m.id
+             where m.parser = $1",
+        )
+        .bind(name)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(stored.is_some(), kept, "{name}");
+        if kept {
+            assert_eq!(stored.unwrap(), raw);
+        }
+    }
+}
