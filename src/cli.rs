@@ -63,6 +63,11 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// List or replay quarantined and held messages.
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
     /// Turn raw RFC 5322 messages (files, directories, or stdin) into tickets.
     Ingest {
         #[command(flatten)]
@@ -73,6 +78,36 @@ enum Command {
         /// Message files, or directories read recursively (hidden files skipped);
         /// none or `-` reads one message from stdin.
         files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineAction {
+    /// List the rows not replayed yet.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this parser's rows.
+        #[arg(long, short = 'p')]
+        parser: Option<String>,
+        /// Include rows already replayed.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Push rows through the current pipeline again (after an upgrade or a config fix).
+    /// Each row is stored at most once.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Row ids to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<i64>,
+        /// Replay every row not replayed yet.
+        #[arg(long)]
+        all: bool,
+        /// With --all: only this parser's rows.
+        #[arg(long, short = 'p', requires = "all")]
+        parser: Option<String>,
     },
 }
 
@@ -142,6 +177,7 @@ async fn run(command: Command) -> ExitCode {
             };
             run_command(&config, once).await
         }
+        Command::Quarantine { action } => quarantine_command(action).await,
         Command::Ingest {
             config,
             parser,
@@ -245,6 +281,103 @@ async fn cancel_on_signal(cancel: tokio_util::sync::CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
     cancel.cancel();
+}
+
+async fn quarantine_command(action: QuarantineAction) -> ExitCode {
+    let path = match &action {
+        QuarantineAction::List { config, .. } | QuarantineAction::Replay { config, .. } => {
+            config.config.clone()
+        }
+    };
+    let config = match load_config(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let pool = match connect_and_migrate(&config).await {
+        Ok(pool) => pool,
+        Err(code) => return code,
+    };
+    match action {
+        QuarantineAction::List { parser, all, .. } => {
+            let rows = async {
+                let mut conn = pool.acquire().await?;
+                store::list_quarantine(&mut conn, parser.as_deref(), all).await
+            };
+            match rows.await {
+                Ok(rows) => {
+                    for r in &rows {
+                        println!(
+                            "#{:<6} {} {:<12} {:<9} {:>9} B  {}{}{}",
+                            r.id,
+                            r.created_at.format("%Y-%m-%d %H:%M:%S"),
+                            r.parser,
+                            r.kind,
+                            r.raw_size,
+                            r.reason,
+                            if r.header_only { " [header only]" } else { "" },
+                            r.replay_outcome
+                                .as_deref()
+                                .map(|o| format!(" [replayed: {o}]"))
+                                .unwrap_or_default(),
+                        );
+                    }
+                    println!("{} row(s)", rows.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+        QuarantineAction::Replay {
+            ids, all, parser, ..
+        } => {
+            let pipelines: std::collections::HashMap<String, Pipeline> = config
+                .parsers
+                .iter()
+                .map(|p| (p.name.clone(), Pipeline::from(p)))
+                .collect();
+            let ids = if all {
+                let pending = async {
+                    let mut conn = pool.acquire().await?;
+                    store::pending_quarantine_ids(&mut conn, parser.as_deref()).await
+                };
+                match pending.await {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(EXIT_FAILED);
+                    }
+                }
+            } else {
+                ids
+            };
+            let (mut stored, mut held, mut skipped) = (0, 0, 0);
+            for id in ids {
+                match ingest::replay(&pool, &pipelines, id).await {
+                    Ok(ingest::Replay::Stored(outcome)) => {
+                        stored += 1;
+                        println!("{}", describe(&outcome, &format!("quarantine #{id}")));
+                    }
+                    Ok(ingest::Replay::StillHeld) => {
+                        held += 1;
+                        println!("still held   quarantine #{id}");
+                    }
+                    Ok(ingest::Replay::Skipped(why)) => {
+                        skipped += 1;
+                        println!("skipped      quarantine #{id}: {why}");
+                    }
+                    Err(e) => {
+                        eprintln!("error: quarantine #{id}: {e}");
+                        return ExitCode::from(EXIT_FAILED);
+                    }
+                }
+            }
+            println!("replay: {stored} stored, {held} still held, {skipped} skipped");
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 fn load_config(path: &Path) -> Result<Config, ExitCode> {

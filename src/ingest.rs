@@ -167,6 +167,7 @@ pub async fn store_decision(
         reason: &error_hold,
         sender: None,
         message_id: None,
+        header_only: false,
     };
     Ok(
         match store::insert_quarantine(tx, parser, hold, raw).await? {
@@ -240,6 +241,7 @@ async fn store_ticket(
             reason: &reason,
             sender: (!sender.is_empty()).then_some(sender),
             message_id: Some(&ticket.message.message_id),
+            header_only: false,
         };
         return Ok(
             match store::insert_quarantine(conn, &rules.parser, hold, raw).await? {
@@ -285,4 +287,58 @@ pub async fn ingest_one(
     let outcome = store_decision(&mut tx, pipeline, &decision, raw).await?;
     tx.commit().await?;
     Ok(outcome)
+}
+
+/// What a replay of one quarantine row did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// Stored through the current pipeline (the row is marked replayed).
+    Stored(Outcome),
+    /// The current pipeline would keep it in quarantine again: nothing changed.
+    StillHeld,
+    /// Not replayable (already replayed, header only, unknown parser, no such row).
+    Skipped(String),
+}
+
+/// Pushes one quarantine row through the current pipeline of its parser, exactly once:
+/// the row is locked, and marked replayed in the transaction that stores the message.
+pub async fn replay(
+    pool: &PgPool,
+    pipelines: &std::collections::HashMap<String, Pipeline>,
+    id: i64,
+) -> Result<Replay, StoreError> {
+    let mut tx = pool.begin().await?;
+    let Some(row) = store::lock_quarantined(&mut tx, id).await? else {
+        return Ok(Replay::Skipped(format!("no quarantine row #{id}")));
+    };
+    if row.replayed {
+        return Ok(Replay::Skipped("already replayed".into()));
+    }
+    if row.header_only {
+        return Ok(Replay::Skipped(
+            "only the header was kept (too large to download); the message is still in the mailbox"
+                .into(),
+        ));
+    }
+    let Some(pipeline) = pipelines.get(&row.parser) else {
+        return Ok(Replay::Skipped(format!(
+            "parser {:?} is not in the configuration",
+            row.parser
+        )));
+    };
+    let decision = decide(pipeline, &row.raw);
+    let outcome = store_decision(&mut tx, pipeline, &decision, &row.raw).await?;
+    let description = match &outcome {
+        Outcome::Created { ticket_id } => format!("created ticket {ticket_id}"),
+        Outcome::Appended { ticket_id } => format!("appended to ticket {ticket_id}"),
+        Outcome::Duplicate { ticket_id } => format!("already in ticket {ticket_id}"),
+        Outcome::Quarantined { .. }
+        | Outcome::Held { .. }
+        | Outcome::DuplicateQuarantined { .. } => {
+            return Ok(Replay::StillHeld);
+        }
+    };
+    store::mark_replayed(&mut tx, id, &description).await?;
+    tx.commit().await?;
+    Ok(Replay::Stored(outcome))
 }

@@ -9,7 +9,7 @@
 use crate::auth::{AccessToken, TokenSource};
 use crate::config::{AfterIngest, ParserAuth, ParserConfig};
 use crate::imap::{self, IdleEnd, ImapError, ImapSession, Login};
-use crate::ingest::{self, Decision, Pipeline};
+use crate::ingest::{self, Pipeline};
 use crate::store::{self, Checkpoint, StoreError};
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -262,14 +262,29 @@ impl Poller {
         let mut done = Vec::with_capacity(raws.len());
         for (uid, raw) in &raws {
             let size = batch.iter().find(|(u, _)| u == uid).map_or(0, |(_, s)| *s);
-            let decision = if u64::from(size) > max {
-                Decision::Quarantine(format!(
+            let outcome = if u64::from(size) > max {
+                let reason = format!(
                     "message is {size} bytes (IMAP RFC822.SIZE), over max_message_size ({max} bytes); only its header is kept here, the message stays in the mailbox (UID {uid})"
-                ))
+                );
+                let hold = store::Hold {
+                    kind: store::HoldKind::Error,
+                    reason: &reason,
+                    sender: None,
+                    message_id: None,
+                    header_only: true,
+                };
+                match store::insert_quarantine(&mut tx, &parser.name, hold, raw).await? {
+                    store::QuarantineInsert::Created { id } => {
+                        ingest::Outcome::Quarantined { id, reason }
+                    }
+                    store::QuarantineInsert::Duplicate { id } => {
+                        ingest::Outcome::DuplicateQuarantined { id }
+                    }
+                }
             } else {
-                ingest::decide(&self.pipeline, raw)
+                let decision = ingest::decide(&self.pipeline, raw);
+                ingest::store_decision(&mut tx, &self.pipeline, &decision, raw).await?
             };
-            let outcome = ingest::store_decision(&mut tx, &self.pipeline, &decision, raw).await?;
             tracing::debug!(parser = %parser.name, uid, ?outcome, "stored");
             stats.count(&outcome);
             // Oversized messages stay on the server untouched.

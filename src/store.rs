@@ -413,6 +413,8 @@ pub struct Hold<'a> {
     pub sender: Option<&'a str>,
     /// Its Message-ID, when known.
     pub message_id: Option<&'a str>,
+    /// Only the header is kept (the message was too large to download).
+    pub header_only: bool,
 }
 
 /// Keeps a message that did not become a ticket, with its raw bytes and the reason.
@@ -425,8 +427,8 @@ pub async fn insert_quarantine(
 ) -> Result<QuarantineInsert, StoreError> {
     let sha256 = crate::mime::hex_sha256(raw);
     let inserted: Option<i64> = sqlx::query_scalar(
-        "insert into quarantine (parser, reason, raw, raw_sha256, raw_size, kind, sender, message_id)
-         values ($1, $2, $3, $4, $5, $6, $7, $8)
+        "insert into quarantine (parser, reason, raw, raw_sha256, raw_size, kind, sender, message_id, header_only)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          on conflict (parser, raw_sha256) do nothing
          returning id",
     )
@@ -438,6 +440,7 @@ pub async fn insert_quarantine(
     .bind(hold.kind.as_str())
     .bind(hold.sender)
     .bind(hold.message_id)
+    .bind(hold.header_only)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(id) = inserted {
@@ -499,4 +502,102 @@ pub async fn save_checkpoint(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// One row of `quarantine`, without its bytes (for listings).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QuarantineEntry {
+    /// `quarantine.id`.
+    pub id: i64,
+    /// Parser.
+    pub parser: String,
+    /// `error`, `automatic` or `loop`.
+    pub kind: String,
+    /// Why.
+    pub reason: String,
+    /// Sender, when known.
+    pub sender: Option<String>,
+    /// Size of the kept bytes.
+    pub raw_size: i64,
+    /// Only the header was kept.
+    pub header_only: bool,
+    /// When it arrived.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// What a replay made of it, if it was replayed.
+    pub replay_outcome: Option<String>,
+}
+
+/// Quarantine rows, oldest first; replayed ones only when `include_replayed`.
+pub async fn list_quarantine(
+    conn: &mut PgConnection,
+    parser: Option<&str>,
+    include_replayed: bool,
+) -> Result<Vec<QuarantineEntry>, StoreError> {
+    Ok(sqlx::query_as(
+        "select id, parser, kind, reason, sender, raw_size, header_only, created_at, replay_outcome
+         from quarantine
+         where ($1::text is null or parser = $1) and ($2 or replayed_at is null)
+         order by id",
+    )
+    .bind(parser)
+    .bind(include_replayed)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// A quarantined message to replay, locked until the transaction ends (so two replays
+/// of the same row cannot both store it).
+#[derive(Debug, sqlx::FromRow)]
+pub struct QuarantinedMessage {
+    /// `quarantine.id`.
+    pub id: i64,
+    /// Parser.
+    pub parser: String,
+    /// The kept bytes.
+    pub raw: Vec<u8>,
+    /// Only the header was kept.
+    pub header_only: bool,
+    /// Already replayed.
+    pub replayed: bool,
+}
+
+/// Loads and locks one quarantine row.
+pub async fn lock_quarantined(
+    conn: &mut PgConnection,
+    id: i64,
+) -> Result<Option<QuarantinedMessage>, StoreError> {
+    Ok(sqlx::query_as(
+        "select id, parser, raw, header_only, replayed_at is not null as replayed
+         from quarantine where id = $1 for update",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// Records that a quarantine row was replayed and what became of it.
+pub async fn mark_replayed(
+    conn: &mut PgConnection,
+    id: i64,
+    outcome: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("update quarantine set replayed_at = now(), replay_outcome = $2 where id = $1")
+        .bind(id)
+        .bind(outcome)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Ids of the rows not replayed yet (optionally of one parser), oldest first.
+pub async fn pending_quarantine_ids(
+    conn: &mut PgConnection,
+    parser: Option<&str>,
+) -> Result<Vec<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "select id from quarantine where replayed_at is null and ($1::text is null or parser = $1) order by id",
+    )
+    .bind(parser)
+    .fetch_all(&mut *conn)
+    .await?)
 }

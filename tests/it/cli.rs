@@ -224,3 +224,99 @@ fn ingest_names_an_unknown_parser_with_exit_2() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn quarantine_replay_after_a_config_fix_stores_each_message_once() {
+    let url = postgres::empty_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let big = support::corpus_dir().join("21-huge-headers.eml");
+    let vacation = dir.path().join("vacation.eml");
+    std::fs::write(&vacation, "From: dan@example.com\r\nSubject: Out of office\r\nAuto-Submitted: auto-replied\r\nMessage-ID: <ooo-1@example.com>\r\n\r\nAway.\r\n").unwrap();
+
+    // Too small a limit: the big message is quarantined, the vacation reply held.
+    let strict = write_config(
+        dir.path(),
+        &support::config_text(&url, "support", "max_message_size = 1000"),
+    );
+    let out = bin()
+        .args(["ingest", "--parser", "support", "--config"])
+        .arg(&strict)
+        .arg(&big)
+        .arg(&vacation)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line = summary_line(&out);
+    assert_eq!(
+        (
+            summary_count(&line, "quarantined"),
+            summary_count(&line, "held")
+        ),
+        (1, 1),
+        "{line}"
+    );
+
+    let list = bin()
+        .args(["quarantine", "list", "--config"])
+        .arg(&strict)
+        .output()
+        .unwrap();
+    let listing = text(&list.stdout);
+    assert!(
+        listing.contains("max_message_size") && listing.contains("automatic"),
+        "{listing}"
+    );
+    assert!(listing.contains("2 row(s)"), "{listing}");
+
+    // The limit is fixed: replaying everything tickets the big one; the auto-reply stays held.
+    let fixed = write_config(dir.path(), &support::config_text(&url, "support", ""));
+    let replay = || {
+        bin()
+            .args(["quarantine", "replay", "--all", "--config"])
+            .arg(&fixed)
+            .output()
+            .unwrap()
+    };
+    let first = replay();
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(
+        text(&first.stdout).contains("replay: 1 stored, 1 still held, 0 skipped"),
+        "{}",
+        text(&first.stdout)
+    );
+    let second = replay();
+    assert!(
+        text(&second.stdout).contains("replay: 0 stored, 1 still held, 0 skipped"),
+        "{}",
+        text(&second.stdout)
+    );
+
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let tickets: i64 = sqlx::query_scalar("select count(*) from tickets")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tickets, 1);
+    let replayed: Vec<String> =
+        sqlx::query_scalar("select replay_outcome from quarantine where replayed_at is not null")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(replayed, vec!["created ticket 1".to_string()]);
+    // Naming a replayed row again changes nothing.
+    let id: i64 = sqlx::query_scalar("select id from quarantine where replayed_at is not null")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let again = bin()
+        .args(["quarantine", "replay", "--config"])
+        .arg(&fixed)
+        .arg(id.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        text(&again.stdout).contains("already replayed"),
+        "{}",
+        text(&again.stdout)
+    );
+}
