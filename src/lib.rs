@@ -6,6 +6,7 @@
 //! - [`mime`]: raw bytes to [`mime::ParsedMessage`]; pure, no IO.
 //! - [`ticket`]: parsed message to [`ticket::NewTicket`] rows; pure, no IO.
 //! - [`html`]: sanitizing a stranger's HTML; pure.
+//! - [`tnef`]: the files inside Outlook's winmail.dat; pure.
 //! - [`store`]: the only module that speaks SQL; migrations are embedded.
 //! - [`ingest`]: the pipeline every mail source uses: decide (pure), then store in one
 //!   transaction, or quarantine.
@@ -30,3 +31,4 @@ pub mod store;
 pub mod supervisor;
 pub mod ticket;
 pub mod tls;
+pub mod tnef;

@@ -425,7 +425,7 @@ pub fn html_to_text(html: &str, warnings: &mut Vec<String>) -> String {
 
 fn attachments(message: &mail_parser::Message, body_html: Option<&str>) -> Vec<Attachment> {
     let html_lower = body_html.map(str::to_ascii_lowercase);
-    message
+    let parts: Vec<Attachment> = message
         .attachments()
         .enumerate()
         .map(|(index, part)| {
@@ -464,6 +464,44 @@ fn attachments(message: &mail_parser::Message, body_html: Option<&str>) -> Vec<A
                 content: Some(content),
                 content_id,
                 is_inline,
+            }
+        })
+        .collect();
+    parts.into_iter().flat_map(unpack_tnef).collect()
+}
+
+/// Outlook's `winmail.dat` becomes the files inside it; one that holds no file (only a
+/// rich-text body) is kept as it is.
+fn unpack_tnef(attachment: Attachment) -> Vec<Attachment> {
+    let looks_tnef = attachment.content_type == "application/ms-tnef"
+        || attachment.content_type == "application/vnd.ms-tnef"
+        || attachment.filename.eq_ignore_ascii_case("winmail.dat");
+    let files = match &attachment.content {
+        Some(content) if looks_tnef => crate::tnef::files(content),
+        _ => Vec::new(),
+    };
+    if files.is_empty() {
+        return vec![attachment];
+    }
+    files
+        .into_iter()
+        .enumerate()
+        .map(|(i, file)| {
+            let filename = match safe_filename(&clean(&file.name)) {
+                name if name.is_empty() => format!("winmail-{}.bin", i + 1),
+                name => name,
+            };
+            Attachment {
+                sha256: hex_sha256(&file.data),
+                size: file.data.len(),
+                filename,
+                content_type: file
+                    .mime_type
+                    .map(|m| clean(m.trim()).to_ascii_lowercase())
+                    .unwrap_or_else(|| "application/octet-stream".to_string()),
+                content: Some(file.data),
+                content_id: None,
+                is_inline: false,
             }
         })
         .collect()

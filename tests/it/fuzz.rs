@@ -126,6 +126,19 @@ proptest! {
     fn mime_shaped_noise_never_panics(raw in mime_shaped()) {
         check_storable(&raw);
     }
+
+    #[test]
+    fn tnef_shaped_noise_never_panics(body in prop::collection::vec(any::<u8>(), 0..2048), level in 1u8..3) {
+        // The TNEF signature, then attribute-shaped records with random ids and lengths.
+        let mut data = vec![0x78, 0x9F, 0x3E, 0x22, 0, 0];
+        for chunk in body.chunks(16) {
+            data.push(level);
+            data.extend_from_slice(chunk);
+        }
+        for file in mail2ticket::tnef::files(&data) {
+            prop_assert!(!file.data.is_empty());
+        }
+    }
 }
 
 #[test]
