@@ -93,19 +93,32 @@ fn describe_entra(error: &str, aadsts: &Option<u32>, description: &str) -> Strin
 }
 
 /// A short fix for the AADSTS codes admins meet most.
-fn entra_hint(code: u32) -> &'static str {
+pub fn entra_hint(code: u32) -> &'static str {
     match code {
         7000215 => {
-            " Fix: the client_secret is wrong or expired; create a new secret in the App Registration."
+            " Fix: the client_secret is wrong or expired; create a new secret in the App Registration (Certificates & secrets) and use its Value, not its ID."
         }
         700016 => {
-            " Fix: client_id is not an application in this tenant; check the Application ID and tenant_id."
+            " Fix: client_id is not an application in this tenant; check the Application (client) ID and tenant_id, and that the app was consented in this tenant."
         }
-        90002 => " Fix: tenant_id does not exist; use the Directory ID of your tenant.",
+        90002 => " Fix: tenant_id does not exist; use the Directory (tenant) ID of your tenant.",
         1002012 | 70011 => {
-            " Fix: the scope is wrong; for app-only IMAP use https://outlook.office365.com/.default."
+            " Fix: the scope is wrong; app-only IMAP uses https://outlook.office365.com/.default, delegated uses https://outlook.office.com/IMAP.AccessAsUser.All."
         }
         70003 => " Fix: the application is not allowed this grant type.",
+        50126 => " Fix: the username or password is wrong.",
+        50076 | 50079 => {
+            " Fix: multi-factor authentication is required for this user; the password flow cannot do MFA: use a delegated login or app-only access."
+        }
+        65001 => {
+            " Fix: consent is missing; an admin must grant consent to the application's API permissions."
+        }
+        7000218 => {
+            " Fix: the redirect is registered as Web; register http://localhost under 'Mobile and desktop applications' or allow public client flows."
+        }
+        700082 | 50173 => {
+            " Fix: the refresh token expired or the grant was revoked; sign in again with mail2ticket login."
+        }
         _ => "",
     }
 }

@@ -63,6 +63,15 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Walk each parser's chain (DNS, TCP/TLS, token, claims, login, folder) and explain
+    /// what fails; exit 0 only when every checked parser passes.
+    Doctor {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Check only this parser.
+        #[arg(long, short = 'p')]
+        parser: Option<String>,
+    },
     /// List or replay quarantined and held messages.
     Quarantine {
         #[command(subcommand)]
@@ -178,6 +187,20 @@ async fn run(command: Command) -> ExitCode {
             run_command(&config, once).await
         }
         Command::Quarantine { action } => quarantine_command(action).await,
+        Command::Doctor { config, parser } => {
+            let config = match load_config(&config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match crate::doctor::run(&config, parser.as_deref()).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(EXIT_FAILED),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+            }
+        }
         Command::Ingest {
             config,
             parser,

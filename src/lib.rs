@@ -20,6 +20,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod html;
 pub mod imap;
 pub mod ingest;

@@ -743,6 +743,77 @@ async fn run_once_exits_1_when_a_parser_fails_and_still_ingests_the_others() {
     assert!(!stdout.contains("s3cret") && !String::from_utf8_lossy(&out.stderr).contains("s3cret"));
 }
 
+#[tokio::test]
+async fn doctor_names_the_failing_step_and_its_fix() {
+    let s = sandbox().await;
+    let mut text = config_toml(
+        &s,
+        &[s.ssl("good", SHARED_A), s.ssl("ungranted", NOT_GRANTED)],
+    );
+    // A parser whose server certificate is not trusted (no ca_file).
+    text.push_str(&format!(
+        "\n[[parser]]\nname = \"untrusted\"\nemail = \"{SHARED_A}\"\nshared_mailbox = true\ncredential = \"app\"\n[parser.imap]\nhost = \"localhost\"\nport = {}\n",
+        s.dovecot.imaps_port
+    ));
+    // A parser whose credential has a wrong secret.
+    text.push_str(&format!(
+        "\n[[credential]]\nname = \"bad-secret\"\ntype = \"client_credentials\"\ntenant_id = \"{}\"\nclient_id = \"app-1\"\nclient_secret = \"wrong-secret-value\"\nauthority = \"{}\"\n\n[[parser]]\nname = \"badsecret\"\nemail = \"{SHARED_A}\"\nshared_mailbox = true\ncredential = \"bad-secret\"\n[parser.imap]\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\n",
+        crate::support::entra::TENANT,
+        s.entra.url,
+        s.dovecot.imaps_port,
+        s.dovecot.ca_file.display()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m2t.toml");
+    std::fs::write(&path, text).unwrap();
+
+    let out = binary(&["doctor", "--config"], &path).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let section = |name: &str| -> String {
+        let start = report
+            .find(&format!("parser {name}\n"))
+            .unwrap_or_else(|| panic!("no {name} in {report}"));
+        let rest = &report[start + 1..];
+        rest[..rest.find("\nparser ").map_or(rest.len(), |e| e + 1)].to_string()
+    };
+    let good = section("good");
+    assert!(
+        !good.contains("FAIL") && good.contains("OK   SELECT") && good.contains("IMAP.AccessAsApp"),
+        "{good}"
+    );
+    let ungranted = section("ungranted");
+    assert!(
+        ungranted.contains("FAIL AUTHENTICATE") && ungranted.contains("New-ServicePrincipal"),
+        "{ungranted}"
+    );
+    let untrusted = section("untrusted");
+    assert!(
+        untrusted.contains("FAIL TLS") && untrusted.contains("ca_file"),
+        "{untrusted}"
+    );
+    let bad = section("badsecret");
+    assert!(
+        bad.contains("FAIL token")
+            && bad.contains("AADSTS7000215")
+            && bad.contains("client_secret is wrong"),
+        "{bad}"
+    );
+    assert!(
+        !report.contains("wrong-secret-value") && !report.contains("s3cret"),
+        "{report}"
+    );
+
+    let only_good = binary(&["doctor", "--parser", "good", "--config"], &path)
+        .output()
+        .unwrap();
+    assert!(
+        only_good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&only_good.stdout)
+    );
+}
+
 fn binary(args: &[&str], config: &Path) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mail2ticket"));
     c.args(args)
