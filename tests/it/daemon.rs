@@ -252,15 +252,7 @@ async fn mail_delivered_while_idling_becomes_a_ticket() {
     let s = sandbox().await;
     let config = config(&s, &[s.ssl("support", SHARED_A)]);
     let daemon = Daemon::start(&config, &s.db.pool);
-    // Wait until the poller has selected the folder (its checkpoint exists), then deliver.
-    wait_for(Duration::from_secs(15), || async {
-        sqlx::query_scalar::<_, i64>("select count(*) from mailbox_state")
-            .fetch_one(&s.db.pool)
-            .await
-            .unwrap()
-            > 0
-    })
-    .await;
+    wait_until_watching(&s.db).await;
     s.dovecot.deliver(SHARED_A, &message(7, SHARED_A));
     wait_for(Duration::from_secs(15), || async {
         tickets(&s.db, "support").await == vec!["Request 7"]
@@ -351,10 +343,7 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
     };
     let config = config(&s, &[parser]);
     let daemon = Daemon::start(&config, &s.db.pool);
-    wait_for(Duration::from_secs(15), || async {
-        count(&s.db, "select count(*) from mailbox_state").await > 0
-    })
-    .await;
+    wait_until_watching(&s.db).await;
     s.dovecot.deliver(SHARED_A, &message(3, SHARED_A));
     wait_for(Duration::from_secs(15), || async {
         tickets(&s.db, "support").await == vec!["Request 3"]
@@ -526,10 +515,7 @@ async fn the_daemon_survives_a_database_outage() {
     let config = Config::from_toml(Path::new("outage.toml"), &text).unwrap();
     let pool = mail2ticket::store::connect(&config.database).await.unwrap();
     let daemon = Daemon::start(&config, &pool);
-    wait_for(Duration::from_secs(15), || async {
-        count(&s.db, "select count(*) from mailbox_state").await > 0
-    })
-    .await;
+    wait_until_watching(&s.db).await;
     proxy.set_down(true);
     s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -861,6 +847,15 @@ impl Daemon {
             .expect("pollers stop when cancelled")
             .unwrap();
     }
+}
+
+/// Waits until a poller has selected its folder (its checkpoint row exists): mail
+/// delivered after this is new mail for a running daemon.
+async fn wait_until_watching(db: &TestDb) {
+    wait_for(Duration::from_secs(15), || async {
+        count(db, "select count(*) from mailbox_state").await > 0
+    })
+    .await;
 }
 
 async fn wait_for<F, Fut>(limit: Duration, mut check: F)
