@@ -144,7 +144,16 @@ impl Poller {
         Ok(())
     }
 
+    /// Logs in, and creates the `after = "move:..."` folder once per session.
     async fn connect(&self) -> Result<Connected, PollError> {
+        let mut connected = self.login().await?;
+        if let AfterIngest::Move(target) = &self.parser.after {
+            connected.session.ensure_folder(target).await?;
+        }
+        Ok(connected)
+    }
+
+    async fn login(&self) -> Result<Connected, PollError> {
         let parser = &self.parser;
         let user = parser.login_user();
         match (&parser.auth, &self.tokens) {
@@ -197,9 +206,6 @@ impl Poller {
     ) -> Result<(), PollError> {
         let parser = &self.parser;
         let folder = &parser.imap.folder;
-        if let AfterIngest::Move(target) = &parser.after {
-            session.ensure_folder(target).await?;
-        }
         let status = session.select(folder).await?;
         let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
         let saved = store::load_checkpoint(&mut conn, &parser.name, folder).await?;
