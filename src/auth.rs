@@ -11,7 +11,6 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
@@ -145,7 +144,6 @@ pub struct TokenSource {
     scope: String,
     http: reqwest::Client,
     cache: Mutex<Option<AccessToken>>,
-    requests: AtomicU64,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -182,18 +180,7 @@ impl TokenSource {
             scope: credential.scope.clone(),
             http,
             cache: Mutex::new(None),
-            requests: AtomicU64::new(0),
         })
-    }
-
-    /// The credential's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// How many token requests this source has sent (for logs, metrics and tests).
-    pub fn requests_sent(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
     }
 
     /// A token valid for a while yet: the cached one, or a new one.
@@ -222,7 +209,6 @@ impl TokenSource {
     }
 
     async fn request(&self) -> Result<AccessToken, AuthError> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", self.client_id.as_str()),
