@@ -188,6 +188,13 @@ async fn store_ticket(
     raw: &[u8],
 ) -> Result<Outcome, StoreError> {
     let rules = &pipeline.rules;
+    // A message already stored is a duplicate whatever the rules would say now: one lookup
+    // here, before any rule runs (re-fetches after a crash take this path).
+    if let Some(ticket_id) =
+        store::message_ticket(conn, &rules.parser, &ticket.message.message_id).await?
+    {
+        return Ok(Outcome::Duplicate { ticket_id });
+    }
     let keep_raw = (pipeline.keep_raw || !ticket.message.warnings.is_empty()).then_some(raw);
     let thread = store::find_thread(
         conn,
@@ -231,11 +238,6 @@ async fn store_ticket(
         None
     };
     if let Some((kind, reason)) = held {
-        if let Some(ticket_id) =
-            store::message_ticket(conn, &rules.parser, &ticket.message.message_id).await?
-        {
-            return Ok(Outcome::Duplicate { ticket_id });
-        }
         let hold = Hold {
             kind,
             reason: &reason,

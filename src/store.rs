@@ -99,17 +99,13 @@ pub enum TicketInsert {
 }
 
 /// Writes a new ticket with its message, participants, attachments and (when given) raw
-/// bytes. Writes nothing when the message is already stored for that parser.
+/// bytes. The caller checks [`message_ticket`] first; a message stored meanwhile by another
+/// writer is still caught (the unique key) and nothing is written.
 pub async fn insert_ticket(
     conn: &mut PgConnection,
     ticket: &NewTicket,
     raw: Option<&[u8]>,
 ) -> Result<TicketInsert, StoreError> {
-    if let Some(ticket_id) =
-        message_ticket(conn, &ticket.parser, &ticket.message.message_id).await?
-    {
-        return Ok(TicketInsert::Duplicate { ticket_id });
-    }
     let ticket_id: i64 = sqlx::query_scalar(
         "insert into tickets (parser, subject, requester_email, requester_name)
          values ($1, $2, $3, $4) returning id",
@@ -166,18 +162,14 @@ pub async fn insert_ticket(
 }
 
 /// Adds the message to an existing ticket: its people join as `cc` unless already on the
-/// ticket, and the ticket's `updated_at` moves. Writes nothing for a stored message.
+/// ticket, and the ticket's `updated_at` moves. As with [`insert_ticket`], the caller checks
+/// [`message_ticket`] first and a concurrent copy is still caught.
 pub async fn append_message(
     conn: &mut PgConnection,
     ticket_id: i64,
     ticket: &NewTicket,
     raw: Option<&[u8]>,
 ) -> Result<TicketInsert, StoreError> {
-    if let Some(ticket_id) =
-        message_ticket(conn, &ticket.parser, &ticket.message.message_id).await?
-    {
-        return Ok(TicketInsert::Duplicate { ticket_id });
-    }
     let Some(message_row_id) = insert_message_rows(conn, ticket_id, ticket, raw).await? else {
         let ticket_id = message_ticket(conn, &ticket.parser, &ticket.message.message_id)
             .await?
