@@ -5,8 +5,18 @@
 //! request, not N (single flight). A token is renewed ahead of its expiry; a token the
 //! server rejected is dropped with [`TokenSource::invalidate`] so the next call fetches a
 //! new one. Errors carry Entra's AADSTS code and description, never the secret.
+//!
+//! Three flows fill the cache: client credentials (secret or certificate assertion), the
+//! resource-owner password grant, and delegated sign-ins refreshed with a refresh token
+//! kept encrypted in Postgres (`credential_grants`). A refresh locks its row, so the
+//! rotated refresh token is saved, in the same transaction as the new expiry, before any
+//! other process can redeem the old one. A dead grant turns into "needs login" for that
+//! credential only. A failed request is remembered for [`FAILURE_HOLD`], so many pollers
+//! sharing a broken credential ask Entra once, not once each.
 
-use crate::config::CredentialConfig;
+use crate::config::{ClientAuth, Config, CredentialConfig, CredentialKind, PasswordUser};
+use crate::sealed::SealingKey;
+use crate::store;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -19,6 +29,9 @@ use tokio::sync::Mutex;
 const RENEW_MARGIN: Duration = Duration::from_secs(300);
 /// Give up on a token request after this long.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A failed token request is answered from memory for this long before Entra is asked
+/// again (all pollers of a credential share one failure instead of each asking).
+pub const FAILURE_HOLD: Duration = Duration::from_secs(20);
 
 /// A bearer token and when to stop using it.
 #[derive(Clone)]
@@ -70,6 +83,34 @@ pub enum AuthError {
         /// What went wrong.
         reason: String,
     },
+    /// A delegated credential has no usable sign-in: someone must run `mail2ticket login`.
+    #[error("credential {credential:?} needs login: {reason}; sign in again with: {command}")]
+    NeedsLogin {
+        /// The credential's name.
+        credential: String,
+        /// Why (never signed in, grant expired or revoked, key changed, ...).
+        reason: String,
+        /// The command that fixes it.
+        command: String,
+    },
+    /// The database holding a delegated credential's sign-in failed.
+    #[error(
+        "cannot read or save the sign-in of credential {credential:?} in the database: {reason}"
+    )]
+    Store {
+        /// The credential's name.
+        credential: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The client assertion could not be made from the certificate and key.
+    #[error("cannot make the certificate assertion of credential {credential:?}: {reason}")]
+    Certificate {
+        /// The credential's name.
+        credential: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The endpoint answered something that is not a token response.
     #[error(
         "the token endpoint {url} gave an unexpected answer for credential {credential:?}: {reason}"
@@ -115,17 +156,44 @@ pub fn entra_hint(code: u32) -> &'static str {
         7000218 => {
             " Fix: the redirect is registered as Web; register http://localhost under 'Mobile and desktop applications' or allow public client flows."
         }
-        700082 | 50173 => {
-            " Fix: the refresh token expired or the grant was revoked; sign in again with mail2ticket login."
+        700082 | 50173 | 70008 => {
+            " Fix: the refresh token expired or the grant was revoked (password change, admin revocation); sign in again with mail2ticket login."
+        }
+        700027 => {
+            " Fix: the certificate is not registered on the App Registration, or the private key does not belong to it; upload the certificate (Certificates & secrets > Certificates) and check the key pair."
+        }
+        700024 => {
+            " Fix: the machine's clock is wrong (the client assertion is outside its valid time range); enable NTP."
+        }
+        501481 => {
+            " Fix: the PKCE code verifier did not match; start mail2ticket login again and use the URL it prints this time."
+        }
+        50011 => {
+            " Fix: the redirect URI is not registered; add http://localhost under Authentication > Mobile and desktop applications."
         }
         _ => "",
     }
 }
 
+/// A successful answer of the token endpoint.
 #[derive(Deserialize)]
-struct TokenResponse {
-    access_token: String,
-    expires_in: u64,
+pub struct TokenResponse {
+    /// The bearer token.
+    pub access_token: SecretString,
+    /// Its lifetime in seconds.
+    pub expires_in: u64,
+    /// A new refresh token (delegated flows with offline_access).
+    #[serde(default)]
+    pub refresh_token: Option<SecretString>,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("expires_in", &self.expires_in)
+            .field("refresh_token", &self.refresh_token.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Deserialize)]
@@ -135,15 +203,41 @@ struct ErrorResponse {
     error_description: String,
 }
 
+/// How a credential's access tokens are obtained.
+enum Flow {
+    /// Client credentials (secret or certificate).
+    App,
+    /// Resource-owner password grant.
+    Password(PasswordUser),
+    /// Refresh token from `credential_grants`.
+    Delegated(Delegated),
+}
+
+/// What a delegated credential needs to refresh its sign-in.
+struct Delegated {
+    tenant_id: String,
+    pool: Option<sqlx::PgPool>,
+    key: Option<Arc<SealingKey>>,
+    login_command: String,
+}
+
+#[derive(Default)]
+struct Cache {
+    token: Option<AccessToken>,
+    failure: Option<(Instant, AuthError)>,
+}
+
 /// The token cache of one credential.
 pub struct TokenSource {
     name: String,
+    kind: CredentialKind,
     token_url: String,
     client_id: String,
-    client_secret: SecretString,
+    client_auth: ClientAuth,
     scope: String,
+    flow: Flow,
     http: reqwest::Client,
-    cache: Mutex<Option<AccessToken>>,
+    cache: Mutex<Cache>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -155,45 +249,103 @@ impl std::fmt::Debug for TokenSource {
     }
 }
 
+/// The HTTP client for token requests (timeouts, user agent, ring TLS).
+pub fn http_client() -> Result<reqwest::Client, String> {
+    crate::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(HTTP_TIMEOUT)
+        .user_agent(concat!("mail2ticket/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
 impl TokenSource {
-    /// A token source for a client-credentials `[[credential]]`.
-    pub fn new(credential: &CredentialConfig) -> Result<Self, AuthError> {
-        crate::tls::install_crypto_provider();
-        let token_url = format!(
-            "{}/{}/oauth2/v2.0/token",
-            credential.authority, credential.tenant_id
-        );
-        let http = reqwest::Client::builder()
-            .timeout(HTTP_TIMEOUT)
-            .user_agent(concat!("mail2ticket/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| AuthError::Unreachable {
-                credential: credential.name.clone(),
-                url: token_url.clone(),
-                reason: format!("cannot build the HTTP client: {e}"),
-            })?;
+    /// A token source for a `[[credential]]`. A delegated one reads and saves its sign-in
+    /// through `pool`, sealed with `key`; `config_path` goes into the "login" hint.
+    pub fn new(
+        credential: &CredentialConfig,
+        pool: Option<sqlx::PgPool>,
+        key: Option<Arc<SealingKey>>,
+        config_path: &std::path::Path,
+    ) -> Result<Self, AuthError> {
+        let token_url = credential.token_url();
+        let http = http_client().map_err(|reason| AuthError::Unreachable {
+            credential: credential.name.clone(),
+            url: token_url.clone(),
+            reason,
+        })?;
+        let flow = match credential.kind {
+            CredentialKind::ClientCredentials => Flow::App,
+            CredentialKind::Password => Flow::Password(
+                credential
+                    .user
+                    .clone()
+                    .expect("a validated password credential has a user"),
+            ),
+            CredentialKind::Delegated => Flow::Delegated(Delegated {
+                tenant_id: credential.tenant_id.clone(),
+                pool,
+                key,
+                login_command: login_command(config_path, &credential.name),
+            }),
+        };
         Ok(TokenSource {
             name: credential.name.clone(),
+            kind: credential.kind,
             token_url,
             client_id: credential.client_id.clone(),
-            client_secret: credential.client_secret.clone(),
+            client_auth: credential.client_auth.clone(),
             scope: credential.scope.clone(),
+            flow,
             http,
-            cache: Mutex::new(None),
+            cache: Mutex::new(Cache::default()),
         })
+    }
+
+    /// The credential's type: app-only tokens carry roles, user tokens scopes.
+    pub fn kind(&self) -> CredentialKind {
+        self.kind
     }
 
     /// A token valid for a while yet: the cached one, or a new one.
     pub async fn token(&self) -> Result<AccessToken, AuthError> {
         let mut cache = self.cache.lock().await;
-        if let Some(token) = cache.as_ref()
+        if let Some(token) = cache.token.as_ref()
             && Instant::now() < token.renew_at
         {
             return Ok(token.clone());
         }
-        let token = self.request().await?;
-        *cache = Some(token.clone());
-        Ok(token)
+        if let Some((at, error)) = cache.failure.as_ref()
+            && at.elapsed() < FAILURE_HOLD
+        {
+            return Err(error.clone());
+        }
+        let started = Instant::now();
+        let result = match &self.flow {
+            Flow::App => self.request(&[("grant_type", "client_credentials")]).await,
+            Flow::Password(user) => {
+                self.request(&[
+                    ("grant_type", "password"),
+                    ("username", user.username.as_str()),
+                    ("password", user.password.expose_secret()),
+                ])
+                .await
+            }
+            Flow::Delegated(delegated) => self.refresh(delegated).await,
+        };
+        match result {
+            Ok(response) => {
+                tracing::info!(credential = %self.name, expires_in_s = response.expires_in, "got an access token");
+                let token = access_token(&response, started);
+                cache.token = Some(token.clone());
+                cache.failure = None;
+                Ok(token)
+            }
+            Err(error) => {
+                cache.failure = Some((Instant::now(), error.clone()));
+                Err(error)
+            }
+        }
     }
 
     /// Forgets `rejected` (a token the server refused) so the next [`token`](Self::token)
@@ -201,69 +353,229 @@ impl TokenSource {
     pub async fn invalidate(&self, rejected: &AccessToken) {
         let mut cache = self.cache.lock().await;
         if cache
+            .token
             .as_ref()
             .is_some_and(|t| t.secret.expose_secret() == rejected.secret.expose_secret())
         {
-            *cache = None;
+            cache.token = None;
         }
     }
 
-    async fn request(&self) -> Result<AccessToken, AuthError> {
-        let form = [
-            ("grant_type", "client_credentials"),
-            ("client_id", self.client_id.as_str()),
-            ("client_secret", self.client_secret.expose_secret()),
-            ("scope", self.scope.as_str()),
-        ];
-        let unreachable = |reason: String| AuthError::Unreachable {
+    /// One request to the token endpoint with the grant's fields, the scope and the
+    /// application's own proof (secret, assertion, or none).
+    async fn request(&self, grant: &[(&str, &str)]) -> Result<TokenResponse, AuthError> {
+        let mut form: Vec<(&str, String)> =
+            grant.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        form.push(("scope", self.scope.clone()));
+        post_token(
+            &self.http,
+            &self.name,
+            &self.token_url,
+            &self.client_id,
+            &self.client_auth,
+            form,
+        )
+        .await
+    }
+
+    /// Redeems the stored refresh token under a row lock and saves the rotated one in the
+    /// same transaction; a dead grant marks the credential "needs login".
+    async fn refresh(&self, d: &Delegated) -> Result<TokenResponse, AuthError> {
+        let needs_login = |reason: String| AuthError::NeedsLogin {
             credential: self.name.clone(),
-            url: self.token_url.clone(),
             reason,
+            command: d.login_command.clone(),
         };
-        let started = Instant::now();
-        let response = self
-            .http
-            .post(&self.token_url)
-            .form(&form)
-            .send()
+        let store_error = |e: &dyn std::fmt::Display| AuthError::Store {
+            credential: self.name.clone(),
+            reason: e.to_string(),
+        };
+        let (Some(pool), Some(key)) = (&d.pool, &d.key) else {
+            return Err(store_error(&"no database connection or [secrets] key"));
+        };
+        let mut tx = pool.begin().await.map_err(|e| store_error(&e))?;
+        let grant = store::lock_grant(&mut tx, &self.name)
             .await
-            .map_err(|e| unreachable(e.without_url().to_string()))?;
-        let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| unreachable(e.without_url().to_string()))?;
-        if status.is_success() {
-            let parsed: TokenResponse =
-                serde_json::from_slice(&body).map_err(|e| AuthError::BadResponse {
-                    credential: self.name.clone(),
-                    url: self.token_url.clone(),
-                    reason: format!("not a token response: {e}"),
-                })?;
-            let lifetime = Duration::from_secs(parsed.expires_in);
-            let margin = RENEW_MARGIN.min(lifetime / 5);
-            tracing::info!(credential = %self.name, expires_in_s = parsed.expires_in, "got an access token");
-            return Ok(AccessToken {
-                secret: SecretString::from(parsed.access_token),
-                expires_at: started + lifetime,
-                renew_at: started + lifetime - margin,
-            });
+            .map_err(|e| store_error(&e))?
+            .ok_or_else(|| needs_login("nobody has signed in with it yet".to_string()))?;
+        if grant.status != "ok" {
+            return Err(needs_login(
+                grant
+                    .status_reason
+                    .unwrap_or_else(|| "the sign-in is no longer valid".into()),
+            ));
         }
-        match serde_json::from_slice::<ErrorResponse>(&body) {
-            Ok(e) => Err(AuthError::Entra {
-                credential: self.name.clone(),
-                status: status.as_u16(),
-                aadsts: aadsts_code(&e.error_description),
-                description: strip_trace(&e.error_description),
-                error: e.error,
-            }),
-            Err(_) => Err(AuthError::BadResponse {
-                credential: self.name.clone(),
-                url: self.token_url.clone(),
-                reason: format!("HTTP {status} without an OAuth error body"),
-            }),
+        if grant.tenant_id != d.tenant_id || grant.client_id != self.client_id {
+            return Err(needs_login(format!(
+                "the stored sign-in is for application {} in tenant {}, but the credential now names application {} in tenant {}",
+                grant.client_id, grant.tenant_id, self.client_id, d.tenant_id
+            )));
+        }
+        let refresh_token = grant
+            .refresh_token
+            .as_deref()
+            .ok_or_else(|| needs_login("no refresh token is stored".to_string()))
+            .and_then(|sealed| {
+                key.open(&self.name, sealed)
+                    .map_err(|e| needs_login(e.to_string()))
+            })?;
+        let result = self
+            .request(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token.expose_secret()),
+            ])
+            .await;
+        match result {
+            Ok(response) => {
+                let rotated = response.refresh_token.as_ref().unwrap_or(&refresh_token);
+                store::save_refreshed_grant(
+                    &mut tx,
+                    &self.name,
+                    &key.seal(&self.name, rotated),
+                    Duration::from_secs(response.expires_in),
+                )
+                .await
+                .map_err(|e| store_error(&e))?;
+                tx.commit().await.map_err(|e| store_error(&e))?;
+                Ok(response)
+            }
+            Err(error) if is_dead_grant(&error) => {
+                let reason = format!("Entra refused the stored sign-in: {error}");
+                store::mark_needs_login(&mut tx, &self.name, &reason)
+                    .await
+                    .map_err(|e| store_error(&e))?;
+                tx.commit().await.map_err(|e| store_error(&e))?;
+                tracing::error!(credential = %self.name, "{reason}; this credential needs login, the others carry on");
+                Err(needs_login(reason))
+            }
+            Err(error) => Err(error),
         }
     }
+}
+
+/// The command that signs a delegated credential in again.
+pub fn login_command(config_path: &std::path::Path, credential: &str) -> String {
+    format!(
+        "mail2ticket login --config {} --credential {credential}",
+        config_path.display()
+    )
+}
+
+/// True when Entra says the refresh token itself is finished (expired, revoked, consent
+/// withdrawn, a new MFA or password needed): only a new sign-in helps.
+pub fn is_dead_grant(error: &AuthError) -> bool {
+    matches!(error, AuthError::Entra { error, .. } if error == "invalid_grant" || error == "interaction_required")
+}
+
+fn access_token(response: &TokenResponse, started: Instant) -> AccessToken {
+    let lifetime = Duration::from_secs(response.expires_in);
+    let margin = RENEW_MARGIN.min(lifetime / 5);
+    AccessToken {
+        secret: response.access_token.clone(),
+        expires_at: started + lifetime,
+        renew_at: started + lifetime - margin,
+    }
+}
+
+/// POSTs `form` plus the application's proof of identity to a token endpoint and reads
+/// the answer; also used by `mail2ticket login` for the code and device-code grants.
+pub async fn post_token(
+    http: &reqwest::Client,
+    credential: &str,
+    token_url: &str,
+    client_id: &str,
+    client_auth: &ClientAuth,
+    mut form: Vec<(&str, String)>,
+) -> Result<TokenResponse, AuthError> {
+    form.push(("client_id", client_id.to_string()));
+    match client_auth {
+        ClientAuth::Public => {}
+        ClientAuth::Secret(secret) => {
+            form.push(("client_secret", secret.expose_secret().to_string()))
+        }
+        ClientAuth::Certificate(certificate) => {
+            let assertion = crate::assertion::client_assertion(certificate, client_id, token_url)
+                .map_err(|reason| AuthError::Certificate {
+                credential: credential.to_string(),
+                reason,
+            })?;
+            form.push((
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_string(),
+            ));
+            form.push(("client_assertion", assertion.expose_secret().to_string()));
+        }
+    }
+    let (status, body) = post_form(http, credential, token_url, &form).await?;
+    if status.is_success() {
+        return serde_json::from_slice(&body).map_err(|e| AuthError::BadResponse {
+            credential: credential.to_string(),
+            url: token_url.to_string(),
+            reason: format!("not a token response: {e}"),
+        });
+    }
+    Err(entra_error(credential, token_url, status, &body))
+}
+
+/// POSTs a form and returns the status and body; errors never include the URL's query
+/// or the form.
+pub async fn post_form(
+    http: &reqwest::Client,
+    credential: &str,
+    url: &str,
+    form: &[(&str, String)],
+) -> Result<(reqwest::StatusCode, Vec<u8>), AuthError> {
+    let unreachable = |reason: String| AuthError::Unreachable {
+        credential: credential.to_string(),
+        url: url.to_string(),
+        reason,
+    };
+    let response = http
+        .post(url)
+        .form(form)
+        .send()
+        .await
+        .map_err(|e| unreachable(e.without_url().to_string()))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| unreachable(e.without_url().to_string()))?;
+    Ok((status, body.to_vec()))
+}
+
+/// The OAuth error in an unsuccessful answer, as an [`AuthError`].
+pub fn entra_error(
+    credential: &str,
+    url: &str,
+    status: reqwest::StatusCode,
+    body: &[u8],
+) -> AuthError {
+    match serde_json::from_slice::<ErrorResponse>(body) {
+        Ok(e) => AuthError::Entra {
+            credential: credential.to_string(),
+            status: status.as_u16(),
+            aadsts: aadsts_code(&e.error_description),
+            description: strip_trace(&e.error_description),
+            error: e.error,
+        },
+        Err(_) => AuthError::BadResponse {
+            credential: credential.to_string(),
+            url: url.to_string(),
+            reason: format!("HTTP {status} without an OAuth error body"),
+        },
+    }
+}
+
+/// The claims of a JWT (the middle part), without checking its signature: for saying
+/// who a token is for, never for trusting it.
+pub fn token_claims(token: &str) -> Result<serde_json::Value, String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).ok_or("no payload")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
 /// The number after "AADSTS" in an Entra error description.
@@ -294,11 +606,17 @@ pub struct TokenSources {
 }
 
 impl TokenSources {
-    /// One source per `[[credential]]`.
-    pub fn from_config(credentials: &[CredentialConfig]) -> Result<Self, AuthError> {
+    /// One source per `[[credential]]`. Delegated credentials keep their sign-in in
+    /// `pool` (without one, they report a database error when asked for a token).
+    pub fn from_config(config: &Config, pool: Option<sqlx::PgPool>) -> Result<Self, AuthError> {
+        let key = config
+            .secrets_key
+            .as_ref()
+            .map(|k| Arc::new(SealingKey::new(k)));
         let mut by_name = HashMap::new();
-        for c in credentials {
-            by_name.insert(c.name.clone(), Arc::new(TokenSource::new(c)?));
+        for c in &config.credentials {
+            let source = TokenSource::new(c, pool.clone(), key.clone(), &config.path)?;
+            by_name.insert(c.name.clone(), Arc::new(source));
         }
         Ok(TokenSources { by_name })
     }

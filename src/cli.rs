@@ -72,6 +72,19 @@ enum Command {
         #[arg(long, short = 'p')]
         parser: Option<String>,
     },
+    /// Sign a user in once for a `type = "delegated"` credential (authorization code with
+    /// PKCE on a loopback redirect; paste the redirected address on a headless server).
+    /// The refresh token is kept in the database, encrypted with [secrets] key.
+    Login {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The delegated credential to sign in.
+        #[arg(long)]
+        credential: String,
+        /// Use the device-code flow instead (often blocked by Conditional Access).
+        #[arg(long)]
+        device_code: bool,
+    },
     /// List or replay quarantined and held messages.
     Quarantine {
         #[command(subcommand)]
@@ -187,6 +200,17 @@ async fn run(command: Command) -> ExitCode {
             run_command(&config, once).await
         }
         Command::Quarantine { action } => quarantine_command(action).await,
+        Command::Login {
+            config,
+            credential,
+            device_code,
+        } => {
+            let config = match load_config(&config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            login_command(&config, &credential, device_code).await
+        }
         Command::Doctor { config, parser } => {
             let config = match load_config(&config.config) {
                 Ok(c) => c,
@@ -215,6 +239,50 @@ async fn run(command: Command) -> ExitCode {
     }
 }
 
+async fn login_command(config: &Config, name: &str, device_code: bool) -> ExitCode {
+    let Some(credential) = config.credentials.iter().find(|c| c.name == name) else {
+        let known: Vec<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
+        eprintln!(
+            "{}: no [[credential]] is named {name:?} (defined: {known:?})",
+            config.path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    if credential.kind != crate::config::CredentialKind::Delegated {
+        eprintln!(
+            "{}: credential {name:?} is of type {:?}; login is for type = \"delegated\" credentials",
+            config.path.display(),
+            credential.kind.as_str()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let pool = match connect_and_migrate(config).await {
+        Ok(pool) => pool,
+        Err(code) => return code,
+    };
+    let flow = if device_code {
+        crate::login::Flow::DeviceCode
+    } else {
+        crate::login::Flow::AuthorizationCode
+    };
+    match crate::login::login(config, credential, flow, &pool).await {
+        Ok(signed_in) => {
+            println!(
+                "OK: credential {name:?} signed in as {}; its refresh token is saved, encrypted, in the database. A running daemon picks it up on its next attempt.",
+                signed_in
+                    .user
+                    .as_deref()
+                    .unwrap_or("(user not named in the token)")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: login failed: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
 /// How long a shutdown may take before the remaining work is abandoned (it is retried on
 /// the next start: nothing uncommitted was acknowledged on the server).
 const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -235,7 +303,7 @@ async fn run_command(config: &Config, once: bool) -> ExitCode {
         Ok(pool) => pool,
         Err(code) => return code,
     };
-    let tokens = match crate::auth::TokenSources::from_config(&config.credentials) {
+    let tokens = match crate::auth::TokenSources::from_config(config, Some(pool.clone())) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");

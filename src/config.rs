@@ -7,7 +7,7 @@
 //! all of them are reported at once so that one `check-config` run shows everything.
 
 use crate::secret::SecretSource;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::fmt;
@@ -20,6 +20,13 @@ pub const DATABASE_URL_ENV: &str = "MAIL2TICKET_DATABASE_URL";
 pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 /// Default scope for app-only IMAP access to Exchange Online.
 pub const DEFAULT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Default scope of the resource-owner password grant.
+pub const DEFAULT_PASSWORD_SCOPE: &str = "https://outlook.office.com/IMAP.AccessAsUser.All";
+/// Default scope of a delegated sign-in: IMAP as the user, plus a refresh token.
+pub const DEFAULT_DELEGATED_SCOPE: &str =
+    "https://outlook.office.com/IMAP.AccessAsUser.All offline_access";
+/// Shortest `[secrets] key` accepted, in bytes.
+pub const MIN_SECRETS_KEY_LEN: usize = 32;
 /// Default largest attachment whose content is stored: 25 MiB.
 pub const DEFAULT_MAX_ATTACHMENT_SIZE: u64 = 25 * 1024 * 1024;
 /// Default subject tag: "[#42]" threads onto ticket 42.
@@ -38,6 +45,9 @@ pub struct Config {
     pub credentials: Vec<CredentialConfig>,
     /// The mailboxes read into tickets.
     pub parsers: Vec<ParserConfig>,
+    /// `[secrets] key`: encrypts the refresh tokens of delegated credentials in the
+    /// database. Required when a delegated credential exists.
+    pub secrets_key: Option<SecretString>,
 }
 
 /// `[database]`: the Postgres that holds tickets.
@@ -55,6 +65,50 @@ pub struct DatabaseConfig {
 pub enum CredentialKind {
     /// Entra ID app-only access (client credentials grant).
     ClientCredentials,
+    /// A user's username and password (resource-owner password grant).
+    Password,
+    /// A user signed in once with `mail2ticket login`; refreshed with its refresh token.
+    Delegated,
+}
+
+impl CredentialKind {
+    /// The name written in `type = "..."`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::ClientCredentials => "client_credentials",
+            CredentialKind::Password => "password",
+            CredentialKind::Delegated => "delegated",
+        }
+    }
+}
+
+/// How the application proves its own identity to the token endpoint.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    /// No proof: a public client (password and delegated flows only).
+    Public,
+    /// A client secret.
+    Secret(SecretString),
+    /// A certificate: a client assertion signed with its private key.
+    Certificate(ClientCertificate),
+}
+
+/// A certificate registered on the App Registration, and its private key.
+#[derive(Clone)]
+pub struct ClientCertificate {
+    /// base64url SHA-256 of the certificate (DER): the assertion's `x5t#S256` header.
+    pub thumbprint_s256: String,
+    /// The RSA private key (PEM), checked to be usable when the configuration loads.
+    pub private_key_pem: SecretString,
+}
+
+impl fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCertificate")
+            .field("thumbprint_s256", &self.thumbprint_s256)
+            .field("private_key_pem", &"[REDACTED]")
+            .finish()
+    }
 }
 
 /// `[[credential]]`: an OAuth identity. Many parsers may share one (one token cache).
@@ -68,12 +122,40 @@ pub struct CredentialConfig {
     pub tenant_id: String,
     /// Entra "Application ID".
     pub client_id: String,
-    /// The application's client secret.
-    pub client_secret: SecretString,
+    /// How the application authenticates itself.
+    pub client_auth: ClientAuth,
+    /// The user of a `password` credential.
+    pub user: Option<PasswordUser>,
     /// Token endpoint base, e.g. `https://login.microsoftonline.com`.
     pub authority: String,
     /// Requested scope.
     pub scope: String,
+    /// Loopback port `mail2ticket login` listens on for the redirect (0: any free port).
+    pub redirect_port: u16,
+}
+
+impl CredentialConfig {
+    /// `{authority}/{tenant}/oauth2/v2.0/token`.
+    pub fn token_url(&self) -> String {
+        format!("{}/{}/oauth2/v2.0/token", self.authority, self.tenant_id)
+    }
+
+    /// `{authority}/{tenant}/oauth2/v2.0/{endpoint}` (authorize, devicecode).
+    pub fn endpoint_url(&self, endpoint: &str) -> String {
+        format!(
+            "{}/{}/oauth2/v2.0/{endpoint}",
+            self.authority, self.tenant_id
+        )
+    }
+}
+
+/// The username and password of a `type = "password"` credential.
+#[derive(Debug, Clone)]
+pub struct PasswordUser {
+    /// The user principal name that signs in.
+    pub username: String,
+    /// Its password.
+    pub password: SecretString,
 }
 
 /// Whether a parser runs.
@@ -216,6 +298,13 @@ struct RawConfig {
     credential: Vec<Spanned<RawCredential>>,
     #[serde(default)]
     parser: Vec<Spanned<RawParser>>,
+    secrets: Option<RawSecrets>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecrets {
+    key: Option<SecretSource>,
 }
 
 #[derive(Deserialize)]
@@ -239,8 +328,13 @@ struct RawCredential {
     tenant_id: Option<String>,
     client_id: Option<String>,
     client_secret: Option<SecretSource>,
+    certificate: Option<SecretSource>,
+    private_key: Option<SecretSource>,
+    username: Option<String>,
+    password: Option<SecretSource>,
     authority: Option<String>,
     scope: Option<String>,
+    redirect_port: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -476,6 +570,7 @@ impl Config {
         let database = validate_database(raw.database, &config_dir, &mut problems);
         let credentials = validate_credentials(&raw.credential, &config_dir, &mut problems);
         let parsers = validate_parsers(&raw.parser, &credentials, &config_dir, &mut problems);
+        let secrets_key = validate_secrets(raw.secrets, &credentials, &config_dir, &mut problems);
         if !problems.list.is_empty() {
             return Err(ConfigError {
                 path: path.to_path_buf(),
@@ -487,6 +582,7 @@ impl Config {
             database: database.expect("no problems means a database"),
             credentials,
             parsers,
+            secrets_key,
         })
     }
 
@@ -554,6 +650,7 @@ fn validate_credentials(
                 ),
             );
         }
+        let kind = c.kind.as_str();
         let mut required = |field: &str, value: &Option<String>| -> String {
             match value.as_deref().map(str::trim) {
                 Some(v) if !v.is_empty() => v.to_string(),
@@ -561,10 +658,7 @@ fn validate_credentials(
                     problems.add(
                         key(field),
                         at,
-                        format!(
-                            "missing: a {:?} credential needs {field}",
-                            "client_credentials"
-                        ),
+                        format!("missing: a {kind:?} credential needs {field}"),
                     );
                     String::new()
                 }
@@ -572,20 +666,54 @@ fn validate_credentials(
         };
         let tenant_id = required("tenant_id", &c.tenant_id);
         let client_id = required("client_id", &c.client_id);
-        let client_secret = match &c.client_secret {
-            Some(source) => source.resolve(config_dir).unwrap_or_else(|e| {
-                problems.add(key("client_secret"), at, e);
-                SecretString::from(String::new())
-            }),
-            None => {
-                problems.add(
-                    key("client_secret"),
-                    at,
-                    "missing: set client_secret = { env = \"VAR\" } (or { file = \"...\" })",
-                );
-                SecretString::from(String::new())
+        let client_auth = validate_client_auth(c, config_dir, &key, at, problems);
+        let user = match c.kind {
+            CredentialKind::Password => {
+                let username = match c.username.as_deref().map(str::trim) {
+                    Some(u) if looks_like_address(u) => u.to_string(),
+                    _ => {
+                        problems.add(
+                            key("username"),
+                            at,
+                            "missing: a \"password\" credential needs username = \"user@tenant.com\" (the user principal name that signs in)",
+                        );
+                        String::new()
+                    }
+                };
+                let password = match &c.password {
+                    Some(source) => {
+                        resolve_secret(source, config_dir, &key("password"), at, problems)
+                    }
+                    None => {
+                        problems.add(
+                            key("password"),
+                            at,
+                            "missing: set password = { env = \"VAR\" } (or { file = \"...\" })",
+                        );
+                        SecretString::from(String::new())
+                    }
+                };
+                Some(PasswordUser { username, password })
+            }
+            _ => {
+                for (field, set) in [
+                    ("username", c.username.is_some()),
+                    ("password", c.password.is_some()),
+                ] {
+                    if set {
+                        problems.add(key(field), at, format!("only a \"password\" credential has {field}; remove it (a {kind:?} credential does not sign in with a password)"));
+                    }
+                }
+                None
             }
         };
+        if c.redirect_port.is_some() && c.kind != CredentialKind::Delegated {
+            problems.add(
+                key("redirect_port"),
+                at,
+                "only a \"delegated\" credential has redirect_port; remove it",
+            );
+        }
         let authority = c
             .authority
             .clone()
@@ -599,20 +727,149 @@ fn validate_credentials(
                 format!("must be an http(s) URL such as {DEFAULT_AUTHORITY}"),
             );
         }
+        let default_scope = match c.kind {
+            CredentialKind::ClientCredentials => DEFAULT_APP_SCOPE,
+            CredentialKind::Password => DEFAULT_PASSWORD_SCOPE,
+            CredentialKind::Delegated => DEFAULT_DELEGATED_SCOPE,
+        };
+        let scope = c.scope.clone().unwrap_or_else(|| default_scope.to_string());
+        if c.kind == CredentialKind::Delegated
+            && !scope.split_whitespace().any(|s| s == "offline_access")
+        {
+            problems.add(
+                key("scope"),
+                at,
+                format!("a delegated credential needs offline_access in its scope (or it gets no refresh token); use {DEFAULT_DELEGATED_SCOPE:?}"),
+            );
+        }
         out.push(CredentialConfig {
             name: c.name.clone(),
             kind: c.kind,
             tenant_id,
             client_id,
-            client_secret,
+            client_auth,
+            user,
             authority,
-            scope: c
-                .scope
-                .clone()
-                .unwrap_or_else(|| DEFAULT_APP_SCOPE.to_string()),
+            scope,
+            redirect_port: c.redirect_port.unwrap_or(0),
         });
     }
     out
+}
+
+fn resolve_secret(
+    source: &SecretSource,
+    config_dir: &Path,
+    key: &str,
+    at: Option<usize>,
+    problems: &mut Problems,
+) -> SecretString {
+    source.resolve(config_dir).unwrap_or_else(|e| {
+        problems.add(key, at, e);
+        SecretString::from(String::new())
+    })
+}
+
+/// A client secret, a certificate, or neither (public client), by credential type.
+fn validate_client_auth(
+    c: &RawCredential,
+    config_dir: &Path,
+    key: &dyn Fn(&str) -> String,
+    at: Option<usize>,
+    problems: &mut Problems,
+) -> ClientAuth {
+    match (&c.client_secret, &c.certificate, &c.private_key) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            problems.add(
+                key("client_secret"),
+                at,
+                "set either client_secret or certificate + private_key, not both",
+            );
+            ClientAuth::Public
+        }
+        (Some(secret), None, None) => ClientAuth::Secret(resolve_secret(
+            secret,
+            config_dir,
+            &key("client_secret"),
+            at,
+            problems,
+        )),
+        (None, Some(certificate), Some(private_key)) => {
+            let certificate =
+                resolve_secret(certificate, config_dir, &key("certificate"), at, problems);
+            let private_key =
+                resolve_secret(private_key, config_dir, &key("private_key"), at, problems);
+            if certificate.expose_secret().is_empty() || private_key.expose_secret().is_empty() {
+                return ClientAuth::Public;
+            }
+            match crate::assertion::load_certificate(certificate.expose_secret(), private_key) {
+                Ok(cert) => ClientAuth::Certificate(cert),
+                Err(crate::assertion::CertificateError::Certificate(e)) => {
+                    problems.add(key("certificate"), at, e);
+                    ClientAuth::Public
+                }
+                Err(crate::assertion::CertificateError::PrivateKey(e)) => {
+                    problems.add(key("private_key"), at, e);
+                    ClientAuth::Public
+                }
+            }
+        }
+        (None, Some(_), None) => {
+            problems.add(key("private_key"), at, "missing: a certificate needs its private key: private_key = { file = \"app.key\" } (PEM, RSA)");
+            ClientAuth::Public
+        }
+        (None, None, Some(_)) => {
+            problems.add(key("certificate"), at, "missing: a private_key needs its certificate: certificate = { file = \"app.pem\" } (the one uploaded to the App Registration)");
+            ClientAuth::Public
+        }
+        (None, None, None) => {
+            if c.kind == CredentialKind::ClientCredentials {
+                problems.add(
+                    key("client_secret"),
+                    at,
+                    "missing: set client_secret = { env = \"VAR\" } (or { file = \"...\" }), or certificate = { file = \"app.pem\" } and private_key = { file = \"app.key\" }",
+                );
+            }
+            ClientAuth::Public
+        }
+    }
+}
+
+fn validate_secrets(
+    raw: Option<RawSecrets>,
+    credentials: &[CredentialConfig],
+    config_dir: &Path,
+    problems: &mut Problems,
+) -> Option<SecretString> {
+    let needed_by = credentials
+        .iter()
+        .find(|c| c.kind == CredentialKind::Delegated)
+        .map(|c| c.name.clone());
+    let key = match raw.and_then(|s| s.key) {
+        Some(source) => source
+            .resolve(config_dir)
+            .map_err(|e| problems.add("secrets.key", None, e))
+            .ok()?,
+        None => {
+            if let Some(name) = needed_by {
+                problems.add(
+                    "secrets.key",
+                    None,
+                    format!("missing: the delegated credential {name:?} keeps its refresh token in the database, encrypted with this key; add [secrets] key = {{ env = \"MAIL2TICKET_KEY\" }} and set it to {MIN_SECRETS_KEY_LEN}+ random bytes (e.g. openssl rand -base64 32)"),
+                );
+            }
+            return None;
+        }
+    };
+    if key.expose_secret().len() < MIN_SECRETS_KEY_LEN {
+        problems.add(
+            "secrets.key",
+            None,
+            format!("too short: use at least {MIN_SECRETS_KEY_LEN} random bytes (e.g. openssl rand -base64 32)"),
+        );
+        return None;
+    }
+    Some(key)
 }
 
 fn validate_parsers(
@@ -934,6 +1191,106 @@ host = "outlook.office365.com"
         let text = format!("{GOOD}\n{second}");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("already defined"), "{err}");
+    }
+
+    fn credential(body: &str) -> String {
+        GOOD.replace(
+            "type = \"client_credentials\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"s3cr3t-value\"\n",
+            body,
+        )
+    }
+
+    #[test]
+    fn password_credentials_need_a_user_and_get_the_delegated_imap_scope() {
+        let c = load(&credential(
+            "type = \"password\"\ntenant_id = \"t\"\nclient_id = \"c\"\nusername = \"agent@contoso.com\"\npassword = \"pw-value-123\"\n",
+        ))
+        .unwrap();
+        let cred = &c.credentials[0];
+        assert_eq!(cred.kind, CredentialKind::Password);
+        assert_eq!(cred.scope, DEFAULT_PASSWORD_SCOPE);
+        assert!(matches!(cred.client_auth, ClientAuth::Public));
+        assert_eq!(cred.user.as_ref().unwrap().username, "agent@contoso.com");
+        assert!(!format!("{c:?}").contains("pw-value-123"));
+        let err = load(&credential(
+            "type = \"password\"\ntenant_id = \"t\"\nclient_id = \"c\"\n",
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(
+            keys.contains(&"credential[0].username") && keys.contains(&"credential[0].password"),
+            "{keys:?}"
+        );
+    }
+
+    #[test]
+    fn delegated_credentials_need_the_secrets_key_and_offline_access() {
+        let delegated = credential("type = \"delegated\"\ntenant_id = \"t\"\nclient_id = \"c\"\n");
+        let err = load(&delegated).unwrap_err().to_string();
+        assert!(
+            err.contains("key `secrets.key`") && err.contains("MAIL2TICKET_KEY"),
+            "{err}"
+        );
+        let with_key = format!("[secrets]\nkey = \"{}\"\n{delegated}", "k".repeat(40));
+        let c = load(&with_key).unwrap();
+        assert_eq!(c.credentials[0].scope, DEFAULT_DELEGATED_SCOPE);
+        assert_eq!(c.credentials[0].redirect_port, 0);
+        assert!(!format!("{c:?}").contains(&"k".repeat(40)));
+        let short = format!("[secrets]\nkey = \"short\"\n{delegated}");
+        assert!(load(&short).unwrap_err().to_string().contains("too short"));
+        let no_offline = with_key.replace(
+            "client_id = \"c\"\n",
+            "client_id = \"c\"\nscope = \"https://outlook.office.com/IMAP.AccessAsUser.All\"\n",
+        );
+        let err = load(&no_offline).unwrap_err().to_string();
+        assert!(
+            err.contains("credential[0].scope") && err.contains("offline_access"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn client_proof_is_a_secret_or_a_certificate_never_both() {
+        let both = GOOD.replace(
+            "client_secret = \"s3cr3t-value\"\n",
+            "client_secret = \"s3cr3t-value\"\ncertificate = \"x\"\nprivate_key = \"y\"\n",
+        );
+        assert!(load(&both).unwrap_err().to_string().contains("not both"));
+        let none = GOOD.replace("client_secret = \"s3cr3t-value\"\n", "");
+        let err = load(&none).unwrap_err().to_string();
+        assert!(
+            err.contains("credential[0].client_secret") && err.contains("private_key"),
+            "{err}"
+        );
+        let lonely = GOOD.replace(
+            "client_secret = \"s3cr3t-value\"\n",
+            "certificate = \"x\"\n",
+        );
+        assert!(
+            load(&lonely)
+                .unwrap_err()
+                .to_string()
+                .contains("credential[0].private_key")
+        );
+        let garbage = GOOD.replace(
+            "client_secret = \"s3cr3t-value\"\n",
+            "certificate = \"not a pem\"\nprivate_key = \"secret-key-text\"\n",
+        );
+        let err = load(&garbage).unwrap_err().to_string();
+        assert!(
+            err.contains("credential[0].certificate") && !err.contains("secret-key-text"),
+            "{err}"
+        );
+        let port = GOOD.replace(
+            "client_secret = \"s3cr3t-value\"\n",
+            "client_secret = \"s3cr3t-value\"\nredirect_port = 8400\n",
+        );
+        assert!(
+            load(&port)
+                .unwrap_err()
+                .to_string()
+                .contains("credential[0].redirect_port")
+        );
     }
 
     #[test]

@@ -3,9 +3,8 @@
 //! It prints no secret and no whole token: only claims that say who the token is for.
 
 use crate::auth::{AuthError, TokenSources, entra_hint};
-use crate::config::{Config, ParserAuth, ParserConfig};
+use crate::config::{Config, CredentialKind, ParserAuth, ParserConfig};
 use crate::imap::{self, ImapError, Login};
-use base64::Engine;
 use secrecy::ExposeSecret;
 use std::time::Instant;
 
@@ -152,15 +151,25 @@ pub async fn check_parser(parser: &ParserConfig, tokens: &TokenSources) -> Vec<S
                         AuthError::Unreachable { .. } => {
                             "check the credential's authority and outbound HTTPS".to_string()
                         }
+                        AuthError::NeedsLogin { command, .. } => {
+                            format!("a user must sign in again: {command}")
+                        }
+                        AuthError::Certificate { .. } => {
+                            "check certificate and private_key (an unencrypted RSA key in PEM)"
+                                .to_string()
+                        }
+                        AuthError::Store { .. } => {
+                            "check [database] url and that Postgres runs".to_string()
+                        }
                         _ => String::new(),
                     };
                     steps.push(Step::fail("token", e.to_string(), fix));
                     return steps;
                 }
             };
-            match token_claims(token.secret.expose_secret()) {
+            match crate::auth::token_claims(token.secret.expose_secret()) {
                 Ok(claims) => {
-                    let claim_step = check_claims(&claims);
+                    let claim_step = check_claims(&claims, source.kind());
                     let ok = claim_step.ok;
                     steps.push(claim_step);
                     if !ok {
@@ -212,27 +221,25 @@ pub async fn check_parser(parser: &ParserConfig, tokens: &TokenSources) -> Vec<S
     steps
 }
 
-/// The claims of a JWT (the middle part), without checking its signature.
-pub fn token_claims(token: &str) -> Result<serde_json::Value, String> {
-    let payload = token.split('.').nth(1).ok_or("no payload")?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
-}
-
 /// Audience must be Exchange Online; an app-only token must carry the role
-/// IMAP.AccessAsApp, a delegated one the scope IMAP.AccessAsUser.All.
-pub fn check_claims(claims: &serde_json::Value) -> Step {
+/// IMAP.AccessAsApp, a user's token (password or delegated) the scope
+/// IMAP.AccessAsUser.All.
+pub fn check_claims(claims: &serde_json::Value, kind: CredentialKind) -> Step {
+    let app_only = kind == CredentialKind::ClientCredentials;
     let aud = claims["aud"].as_str().unwrap_or_default();
     if !aud.starts_with("https://outlook.office365.com")
         && !aud.starts_with("https://outlook.office.com")
         && aud != "00000002-0000-0ff1-ce00-000000000000"
     {
+        let scope = if app_only {
+            crate::config::DEFAULT_APP_SCOPE
+        } else {
+            crate::config::DEFAULT_PASSWORD_SCOPE
+        };
         return Step::fail(
             "token claims",
             format!("audience is {aud:?}, not Exchange Online"),
-            "request the scope https://outlook.office365.com/.default",
+            format!("set the credential's scope to {scope} (or remove scope to get the default)"),
         );
     }
     let roles: Vec<&str> = claims["roles"]
@@ -240,28 +247,39 @@ pub fn check_claims(claims: &serde_json::Value) -> Step {
         .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
         .unwrap_or_default();
     let scp = claims["scp"].as_str().unwrap_or_default();
-    if roles.contains(&"IMAP.AccessAsApp") {
+    if app_only && roles.contains(&"IMAP.AccessAsApp") {
         return Step::ok(
             "token claims",
             format!("audience {aud}, role IMAP.AccessAsApp (app-only)"),
         );
     }
-    if scp.split(' ').any(|s| s == "IMAP.AccessAsUser.All") {
+    if !app_only && scp.split(' ').any(|s| s == "IMAP.AccessAsUser.All") {
+        let user = ["upn", "preferred_username", "unique_name"]
+            .iter()
+            .find_map(|k| claims[k].as_str())
+            .unwrap_or("?");
         return Step::ok(
             "token claims",
-            format!("audience {aud}, scope IMAP.AccessAsUser.All (delegated)"),
+            format!("audience {aud}, scope IMAP.AccessAsUser.All (user {user})"),
         );
     }
-    Step::fail(
-        "token claims",
-        format!("roles {roles:?}, scp {scp:?}: no IMAP permission"),
-        "add the API permission Office 365 Exchange Online > Application permissions > IMAP.AccessAsApp and grant admin consent (delegated: IMAP.AccessAsUser.All)",
-    )
+    if app_only {
+        Step::fail(
+            "token claims",
+            format!("roles {roles:?}: no IMAP.AccessAsApp"),
+            "add the API permission Office 365 Exchange Online > Application permissions > IMAP.AccessAsApp and grant admin consent",
+        )
+    } else {
+        Step::fail(
+            "token claims",
+            format!("scp {scp:?}: no IMAP.AccessAsUser.All"),
+            "add the delegated API permission Microsoft Graph > IMAP.AccessAsUser.All (or Office 365 Exchange Online > IMAP.AccessAsUser.All), grant consent, and sign in again",
+        )
+    }
 }
 
 /// Runs every parser (or the named one) and prints the report; true when all passed.
 pub async fn run(config: &Config, only: Option<&str>) -> Result<bool, String> {
-    let tokens = TokenSources::from_config(&config.credentials).map_err(|e| e.to_string())?;
     let parsers: Vec<&ParserConfig> = config
         .parsers
         .iter()
@@ -271,22 +289,62 @@ pub async fn run(config: &Config, only: Option<&str>) -> Result<bool, String> {
         return Err(format!("no parser named {:?}", only.unwrap_or_default()));
     }
     let mut all_ok = true;
+    // Delegated sign-ins live in the database: connect only when a checked parser needs it.
+    let needs_database = parsers.iter().any(|p| match &p.auth {
+        ParserAuth::Credential(name) => config
+            .credentials
+            .iter()
+            .any(|c| &c.name == name && c.kind == CredentialKind::Delegated),
+        ParserAuth::Password(_) => false,
+    });
+    let pool = if needs_database {
+        match crate::store::connect(&config.database).await {
+            Ok(pool) => match crate::store::migrate(&pool).await {
+                Ok(()) => Some(pool),
+                Err(e) => {
+                    print_step(&Step::fail(
+                        "database",
+                        e.to_string(),
+                        "the delegated sign-ins are kept in the database: check [database] url",
+                    ));
+                    all_ok = false;
+                    None
+                }
+            },
+            Err(e) => {
+                print_step(&Step::fail(
+                    "database",
+                    e.to_string(),
+                    "the delegated sign-ins are kept in the database: check [database] url and that Postgres runs",
+                ));
+                all_ok = false;
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let tokens = TokenSources::from_config(config, pool).map_err(|e| e.to_string())?;
     for parser in parsers {
         println!("parser {}", parser.name);
         for step in check_parser(parser, &tokens).await {
-            println!(
-                "  {:<4} {:<13} {}",
-                if step.ok { "OK" } else { "FAIL" },
-                step.name,
-                step.detail
-            );
-            if let Some(fix) = &step.fix {
-                println!("       fix: {fix}");
-            }
+            print_step(&step);
             all_ok &= step.ok;
         }
     }
     Ok(all_ok)
+}
+
+fn print_step(step: &Step) {
+    println!(
+        "  {:<4} {:<13} {}",
+        if step.ok { "OK" } else { "FAIL" },
+        step.name,
+        step.detail
+    );
+    if let Some(fix) = &step.fix {
+        println!("       fix: {fix}");
+    }
 }
 
 #[cfg(test)]
@@ -295,19 +353,26 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn claims_need_exchange_audience_and_an_imap_permission() {
-        assert!(
-            check_claims(
-                &json!({"aud": "https://outlook.office365.com", "roles": ["IMAP.AccessAsApp"]})
-            )
-            .ok
-        );
-        assert!(check_claims(&json!({"aud": "https://outlook.office.com", "scp": "IMAP.AccessAsUser.All offline_access"})).ok);
-        let graph =
-            check_claims(&json!({"aud": "https://graph.microsoft.com", "roles": ["Mail.Read"]}));
-        assert!(!graph.ok && graph.detail.contains("graph.microsoft.com"));
-        let no_role =
-            check_claims(&json!({"aud": "https://outlook.office365.com", "roles": ["Mail.Read"]}));
+    fn claims_need_exchange_audience_and_the_imap_permission_of_the_credential_type() {
+        use CredentialKind::*;
+        let app = json!({"aud": "https://outlook.office365.com", "roles": ["IMAP.AccessAsApp"]});
+        assert!(check_claims(&app, ClientCredentials).ok);
+        assert!(!check_claims(&app, Delegated).ok);
+        let user = json!({"aud": "https://outlook.office.com", "scp": "IMAP.AccessAsUser.All offline_access", "upn": "a@b.c"});
+        assert!(check_claims(&user, Delegated).ok);
+        assert!(check_claims(&user, Password).ok);
+        let no_role = check_claims(&user, ClientCredentials);
         assert!(!no_role.ok && no_role.fix.unwrap().contains("IMAP.AccessAsApp"));
+        let graph = check_claims(
+            &json!({"aud": "https://graph.microsoft.com", "scp": "Mail.Read"}),
+            Delegated,
+        );
+        assert!(!graph.ok && graph.detail.contains("graph.microsoft.com"));
+        assert!(graph.fix.unwrap().contains("IMAP.AccessAsUser.All"));
+        let mail_read = check_claims(
+            &json!({"aud": "https://outlook.office.com", "scp": "Mail.Read"}),
+            Delegated,
+        );
+        assert!(!mail_read.ok && mail_read.fix.unwrap().contains("sign in again"));
     }
 }

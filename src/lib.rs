@@ -17,6 +17,7 @@
 //! stored (once per parser and Message-ID) or quarantined with its raw bytes, never
 //! dropped; secrets never reach logs, errors or Debug output.
 
+pub mod assertion;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -25,8 +26,10 @@ pub mod html;
 pub mod imap;
 pub mod ingest;
 pub mod logging;
+pub mod login;
 pub mod mime;
 pub mod poller;
+pub mod sealed;
 pub mod secret;
 pub mod store;
 pub mod supervisor;
