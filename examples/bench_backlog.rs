@@ -29,6 +29,7 @@ async fn main() {
             secret: "s".into(),
             mailboxes: vec![MAILBOX.into()],
             lifetime: 3599,
+            ..App::default()
         },
     )]);
     let dovecot = Dovecot::start(&entra);
@@ -54,7 +55,7 @@ async fn main() {
             &config_text(&db.url, &entra, &dovecot),
         )
         .unwrap();
-        let tokens = mail2ticket::auth::TokenSources::from_config(&config.credentials).unwrap();
+        let tokens = mail2ticket::auth::TokenSources::from_config(&config, None).unwrap();
         let token = tokens.get("app").unwrap().token().await.unwrap();
         let started = Instant::now();
         let mut session = imap::connect(&config.parsers[0].imap)

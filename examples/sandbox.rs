@@ -26,6 +26,7 @@ async fn main() {
             secret: "sandbox-secret".into(),
             mailboxes: shared.iter().map(|s| s.to_string()).collect(),
             lifetime: 3599,
+            ..App::default()
         },
     )]);
     let dovecot = Dovecot::start(&entra);

@@ -51,12 +51,19 @@ fn summary_line(out: &Output) -> String {
 
 #[test]
 fn check_config_accepts_the_example_file() {
-    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/mail2ticket.example.toml");
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/mail2ticket.example.toml");
+    // Beside it, the certificate and key its certificate credential names.
+    let dir = tempfile::tempdir().unwrap();
+    let example = dir.path().join("mail2ticket.toml");
+    std::fs::copy(&source, &example).unwrap();
+    support::entra::make_certificate(dir.path());
     let out = bin()
         .args(["check-config", "--config"])
         .arg(&example)
         .env("CONTOSO_SECRET", "example-secret")
         .env("SUPPORT_IMAP_PASSWORD", "example-password")
+        .env("HELPDESK_PASSWORD", "example-password")
+        .env("MAIL2TICKET_KEY", "example-key-0123456789abcdef0123456789")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));

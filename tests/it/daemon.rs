@@ -33,6 +33,7 @@ async fn sandbox_with_token_lifetime(lifetime: i64) -> Sandbox {
             secret: "s3cret".into(),
             mailboxes: vec![SHARED_A.into(), SHARED_B.into()],
             lifetime,
+            ..App::default()
         },
     )]);
     let dovecot = Dovecot::start(&entra);
@@ -159,7 +160,7 @@ async fn one_credential_reads_two_shared_mailboxes_with_one_token_request() {
         &s,
         &[s.ssl("support", SHARED_A), s.starttls("sales", SHARED_B)],
     );
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let tokens = TokenSources::from_config(&config, None).unwrap();
     let cancel = CancellationToken::new();
     let reports = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
     for r in &reports {
@@ -320,6 +321,7 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
             secret: "s3cret".into(),
             mailboxes: vec![SHARED_A.into()],
             lifetime: 3599,
+            ..App::default()
         },
     )]);
     // A server that does not offer IDLE.
@@ -425,7 +427,7 @@ async fn a_uidvalidity_change_rescans_without_duplicating() {
         s.dovecot.deliver(SHARED_A, &message(n, SHARED_A));
     }
     let config = config(&s, &[s.ssl("support", SHARED_A)]);
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let tokens = TokenSources::from_config(&config, None).unwrap();
     let cancel = CancellationToken::new();
     let first = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
     assert_eq!(first[0].result.as_ref().unwrap().created, 3);
@@ -466,6 +468,7 @@ async fn oauthbearer_is_used_when_the_server_offers_only_that() {
             secret: "s3cret".into(),
             mailboxes: vec![SHARED_A.into()],
             lifetime: 3599,
+            ..App::default()
         },
     )]);
     let dovecot = Dovecot::start_with(&entra, "auth_mechanisms = oauthbearer plain login");
@@ -819,7 +822,7 @@ async fn count(db: &TestDb, sql: &'static str) -> i64 {
 
 /// `run --once` in this process.
 async fn run_once(config: &Config, db: &TestDb) -> Vec<supervisor::OnceReport> {
-    let tokens = TokenSources::from_config(&config.credentials).unwrap();
+    let tokens = TokenSources::from_config(config, None).unwrap();
     supervisor::run_once(config, &db.pool, &tokens, &CancellationToken::new()).await
 }
 
@@ -831,7 +834,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Config, pool: &sqlx::PgPool) -> Daemon {
-        let tokens = TokenSources::from_config(&config.credentials).unwrap();
+        let tokens = TokenSources::from_config(config, None).unwrap();
         let cancel = CancellationToken::new();
         let (config, pool, stop) = (config.clone(), pool.clone(), cancel.clone());
         let task =

@@ -2,6 +2,7 @@
 //! `support`, one fresh database per test.
 
 mod cli;
+mod credentials;
 mod daemon;
 mod fuzz;
 mod golden;

@@ -2,7 +2,9 @@
 //! way Microsoft 365 enforces app-only access to shared mailboxes: the SASL `user=` picks
 //! the mailbox, and login succeeds only when the token's grant list (claim `mailboxes`,
 //! standing in for Exchange's FullAccess permissions) names it. Tokens are checked locally
-//! (signature, issuer, audience `https://outlook.office365.com`, expiry).
+//! (signature, issuer, expiry). Not the audience: Dovecot 2.3 checks one audience, and
+//! Exchange takes two (app-only `https://outlook.office365.com`, delegated
+//! `https://outlook.office.com`); the test endpoint's scope check stands in for it.
 //!
 //! The recipe is `../shared/testbed` (Debian's Dovecot 2.3.19) ported to Rust: a CA and a
 //! leaf certificate from openssl, random loopback ports, and a shell wrapper that stops
@@ -293,7 +295,7 @@ fn oauth2_conf(root: &str) -> String {
         r#"introspection_mode = local
 local_validation_key_dict = fs:posix:prefix={root}/keys/
 issuers = https://sts.windows.net/{TENANT}/
-audience = https://outlook.office365.com
+audience =
 username_attribute = sub
 username_format = any
 active_attribute =
