@@ -394,10 +394,23 @@ impl TokenSource {
             return Err(store_error(&"no database connection or [secrets] key"));
         };
         let mut tx = pool.begin().await.map_err(|e| store_error(&e))?;
-        let grant = store::lock_grant(&mut tx, &self.name)
+        let Some(grant) = store::lock_grant(&mut tx, &self.name)
             .await
             .map_err(|e| store_error(&e))?
-            .ok_or_else(|| needs_login("nobody has signed in with it yet".to_string()))?;
+        else {
+            let reason = "nobody has signed in with it yet";
+            store::record_missing_sign_in(
+                &mut tx,
+                &self.name,
+                &d.tenant_id,
+                &self.client_id,
+                reason,
+            )
+            .await
+            .map_err(|e| store_error(&e))?;
+            tx.commit().await.map_err(|e| store_error(&e))?;
+            return Err(needs_login(reason.to_string()));
+        };
         if grant.status != "ok" {
             return Err(needs_login(
                 grant

@@ -268,11 +268,12 @@ async fn login_command(config: &Config, name: &str, device_code: bool) -> ExitCo
     match crate::login::login(config, credential, flow, &pool).await {
         Ok(signed_in) => {
             println!(
-                "OK: credential {name:?} signed in as {}; its refresh token is saved, encrypted, in the database. A running daemon picks it up on its next attempt.",
+                "OK: credential {name:?} signed in as {}; its refresh token is saved, encrypted, in the database. A running daemon picks it up on its next attempt. Check every mailbox with: mail2ticket doctor --config {}",
                 signed_in
                     .user
                     .as_deref()
-                    .unwrap_or("(user not named in the token)")
+                    .unwrap_or("(user not named in the token)"),
+                config.path.display()
             );
             ExitCode::SUCCESS
         }

@@ -161,12 +161,9 @@ async fn authorization_code(
     let code = query
         .get("code")
         .ok_or("the redirected address holds no code")?;
-    auth::post_token(
+    redeem(
+        credential,
         http,
-        &credential.name,
-        &credential.token_url(),
-        &credential.client_id,
-        &credential.client_auth,
         vec![
             ("grant_type", "authorization_code".into()),
             ("code", code.clone()),
@@ -177,6 +174,23 @@ async fn authorization_code(
     )
     .await
     .map_err(|e| e.to_string())
+}
+
+/// One request to the credential's token endpoint (code or device-code grant).
+async fn redeem(
+    credential: &CredentialConfig,
+    http: &reqwest::Client,
+    form: Vec<(&str, String)>,
+) -> Result<TokenResponse, AuthError> {
+    auth::post_token(
+        http,
+        &credential.name,
+        &credential.token_url(),
+        &credential.client_id,
+        &credential.client_auth,
+        form,
+    )
+    .await
 }
 
 /// Lines typed or pasted on standard input. A plain thread, because tokio's stdin read
@@ -344,12 +358,9 @@ async fn device_code(
                 "the device code expired before the sign-in finished; run login again".into(),
             );
         }
-        let result = auth::post_token(
+        let result = redeem(
+            credential,
             http,
-            &credential.name,
-            &credential.token_url(),
-            &credential.client_id,
-            &credential.client_auth,
             vec![
                 (
                     "grant_type",

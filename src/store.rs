@@ -667,6 +667,29 @@ pub async fn mark_needs_login(
     Ok(())
 }
 
+/// Records a delegated credential nobody has signed in with yet as needing a login, so
+/// the state is visible in the database (an existing row is left alone).
+pub async fn record_missing_sign_in(
+    conn: &mut PgConnection,
+    credential: &str,
+    tenant_id: &str,
+    client_id: &str,
+    reason: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "insert into credential_grants (credential, tenant_id, client_id, status, status_reason)
+         values ($1, $2, $3, 'needs_login', $4)
+         on conflict (credential) do nothing",
+    )
+    .bind(credential)
+    .bind(tenant_id)
+    .bind(client_id)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Stores a new sign-in (from `mail2ticket login`), replacing any earlier one.
 pub async fn save_sign_in(
     conn: &mut PgConnection,

@@ -28,6 +28,7 @@ struct Bed {
 
 /// Applications: "app-cert" (certificate only), "app-public" (public client, consented),
 /// "app-web" (confidential, secret only), "app-noconsent" (public, not consented),
+/// "app-short" (public, 6-second tokens),
 /// "app-secret" (app-only with a secret). Users: OWNER (own mailbox + two shared),
 /// "mfa@example.test" (MFA enforced).
 async fn bed() -> Bed {
@@ -67,6 +68,14 @@ async fn bed() -> Bed {
                 App {
                     public_client: true,
                     consented: false,
+                    ..App::default()
+                },
+            ),
+            (
+                "app-short",
+                App {
+                    public_client: true,
+                    lifetime: 6,
                     ..App::default()
                 },
             ),
@@ -154,6 +163,15 @@ impl Bed {
         }
     }
 
+    /// One message into each of the three mailboxes, `run --once`, one ticket each.
+    async fn run_once_tickets_one_each(&self, config: &Config, tag: &str) {
+        self.deliver_one_each(tag);
+        assert_all_ok(&run_once(config, &self.db).await);
+        for parser in ["own", "support", "sales"] {
+            assert_eq!(self.tickets(parser).await, 1, "{parser}");
+        }
+    }
+
     async fn tickets(&self, parser: &str) -> i64 {
         sqlx::query_scalar("select count(*) from tickets where parser = $1")
             .bind(parser)
@@ -169,6 +187,14 @@ impl Bed {
             .await
             .unwrap()
     }
+}
+
+fn certificate_keys(cert: &Path, key: &Path) -> String {
+    format!(
+        "certificate = {{ file = \"{}\" }}\nprivate_key = {{ file = \"{}\" }}",
+        cert.display(),
+        key.display()
+    )
 }
 
 fn message(tag: &str, to: &str) -> Vec<u8> {
@@ -266,12 +292,14 @@ impl Login {
 /// The browser side of a sign-in: the authorize page, then (following the redirect)
 /// login's loopback listener.
 async fn browse(url: &str) -> String {
+    mail2ticket::tls::install_crypto_provider();
     let response = reqwest::get(url).await.unwrap();
     response.text().await.unwrap()
 }
 
 /// The address the browser ends on, without visiting it (as on a headless server).
 async fn redirected_address(url: &str) -> String {
+    mail2ticket::tls::install_crypto_provider();
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -304,18 +332,10 @@ async fn a_certificate_credential_reads_three_mailboxes_with_one_token_request()
         "cert",
         "client_credentials",
         "app-cert",
-        &format!(
-            "certificate = {{ file = \"{}\" }}\nprivate_key = {{ file = \"{}\" }}",
-            cert.display(),
-            key.display()
-        ),
+        &certificate_keys(&cert, &key),
     ) + &bed.three_parsers("cert");
     let (_, config) = bed.write_config("cert.toml", &tables);
-    bed.deliver_one_each("cert");
-    assert_all_ok(&run_once(&config, &bed.db).await);
-    for parser in ["own", "support", "sales"] {
-        assert_eq!(bed.tickets(parser).await, 1, "{parser}");
-    }
+    bed.run_once_tickets_one_each(&config, "cert").await;
     assert_eq!(bed.entra.requests_of("client_credentials"), 1);
 
     // Another key pair than the registered one: refused with the certificate fix.
@@ -325,11 +345,7 @@ async fn a_certificate_credential_reads_three_mailboxes_with_one_token_request()
         "cert",
         "client_credentials",
         "app-cert",
-        &format!(
-            "certificate = {{ file = \"{}\" }}\nprivate_key = {{ file = \"{}\" }}",
-            cert.display(),
-            other_key.display()
-        ),
+        &certificate_keys(&cert, &other_key),
     ) + &bed.parser("support", SHARED_A, "cert");
     let (_, config) = bed.write_config("wrongkey.toml", &tables);
     let reports = run_once(&config, &bed.db).await;
@@ -350,11 +366,7 @@ async fn a_password_credential_reads_the_owners_and_two_shared_mailboxes_with_on
         &format!("username = \"{OWNER}\"\npassword = \"Owner-Passw0rd\""),
     ) + &bed.three_parsers("pw");
     let (_, config) = bed.write_config("pw.toml", &tables);
-    bed.deliver_one_each("pw");
-    assert_all_ok(&run_once(&config, &bed.db).await);
-    for parser in ["own", "support", "sales"] {
-        assert_eq!(bed.tickets(parser).await, 1, "{parser}");
-    }
+    bed.run_once_tickets_one_each(&config, "pw").await;
     assert_eq!(bed.entra.requests_of("password"), 1);
 }
 
@@ -388,6 +400,11 @@ async fn a_delegated_sign_in_survives_restarts_and_a_revoked_grant_needs_login_a
             .unwrap()
             .result
             .is_ok()
+    );
+    let (status, reason) = bed.grant_status("user").await.unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("needs_login", Some("nobody has signed in with it yet"))
     );
 
     let out = login_with_browser(&bed, &path, "user").await;
@@ -666,4 +683,46 @@ async fn doctor_names_the_cause_of_each_sign_in_failure() {
     ] {
         assert!(!report.contains(secret), "{secret} in {report}");
     }
+}
+
+#[tokio::test]
+async fn a_running_daemon_refreshes_once_per_renewal_for_three_mailboxes() {
+    let bed = bed().await;
+    let tables = bed.credential("user", "delegated", "app-short", "") + &bed.three_parsers("user");
+    let (path, config) = bed.write_config("renew.toml", &tables);
+    login_with_browser(&bed, &path, "user").await;
+    let tokens = TokenSources::from_config(&config, Some(bed.db.pool.clone())).unwrap();
+    let cancel = CancellationToken::new();
+    let daemon = {
+        let (config, pool, cancel) = (config.clone(), bed.db.pool.clone(), cancel.clone());
+        tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &cancel).await })
+    };
+    // Tokens live 6 s and are renewed 1.2 s early: wait for three renewals after the first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while bed.entra.requests_of("refresh_token") < 4 {
+        assert!(std::time::Instant::now() < deadline, "no renewals");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    bed.deliver_one_each("renewed");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for parser in ["own", "support", "sales"] {
+        while bed.tickets(parser).await < 1 {
+            assert!(std::time::Instant::now() < deadline, "{parser}: no ticket");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    cancel.cancel();
+    daemon.await.unwrap();
+    // Three pollers renewing on their own would ask three times within moments; through
+    // the shared cache, renewals are a token lifetime apart.
+    let times = bed.entra.request_times("refresh_token");
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap > std::time::Duration::from_secs(2),
+            "two refreshes {gap:?} apart: {times:?}"
+        );
+    }
+    assert_eq!(bed.entra.live_refresh_tokens(), 1);
+    assert_eq!(bed.grant_status("user").await.unwrap().0, "ok");
 }

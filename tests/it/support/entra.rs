@@ -128,7 +128,7 @@ struct Shared {
     users: Mutex<HashMap<String, User>>,
     grants: Mutex<Grants>,
     requests: AtomicUsize,
-    by_grant: Mutex<Vec<String>>,
+    by_grant: Mutex<Vec<(String, std::time::Instant)>>,
     expired_next: AtomicUsize,
 }
 
@@ -216,8 +216,16 @@ impl Entra {
 
     /// Token requests of one grant type (`refresh_token`, `password`, ...).
     pub fn requests_of(&self, grant_type: &str) -> usize {
+        self.request_times(grant_type).len()
+    }
+
+    /// When each token request of one grant type arrived.
+    pub fn request_times(&self, grant_type: &str) -> Vec<std::time::Instant> {
         let log = self.shared.by_grant.lock().unwrap();
-        log.iter().filter(|g| g.as_str() == grant_type).count()
+        log.iter()
+            .filter(|(g, _)| g == grant_type)
+            .map(|(_, at)| *at)
+            .collect()
     }
 
     /// The next `n` tokens are issued already expired (as if the clock had jumped).
@@ -246,24 +254,18 @@ impl Entra {
         }
     }
 
-    /// Revokes every refresh token of a user (as "Revoke sessions" does).
+    /// Revokes every refresh token of a user (as "Revoke sessions" does): AADSTS50173.
     pub fn revoke_user(&self, user: &str) {
-        let user = user.to_lowercase();
-        let mut grants = self.shared.grants.lock().unwrap();
-        let tokens: Vec<String> = grants
-            .refresh
-            .iter()
-            .filter(|(_, g)| g.user == user)
-            .map(|(t, _)| t.clone())
-            .collect();
-        for t in tokens {
-            grants.refresh.remove(&t);
-            grants.revoked.insert(t);
-        }
+        self.end_user_grants(user, |g| &mut g.revoked);
     }
 
-    /// Expires every refresh token of a user (90 days of inactivity).
+    /// Expires every refresh token of a user (90 days of inactivity): AADSTS700082.
     pub fn expire_user(&self, user: &str) {
+        self.end_user_grants(user, |g| &mut g.expired);
+    }
+
+    /// Moves a user's live refresh tokens into the set that says why they died.
+    fn end_user_grants(&self, user: &str, why: fn(&mut Grants) -> &mut HashSet<String>) {
         let user = user.to_lowercase();
         let mut grants = self.shared.grants.lock().unwrap();
         let tokens: Vec<String> = grants
@@ -274,7 +276,7 @@ impl Entra {
             .collect();
         for t in tokens {
             grants.refresh.remove(&t);
-            grants.expired.insert(t);
+            why(&mut grants).insert(t);
         }
     }
 
@@ -542,7 +544,11 @@ async fn token(
 ) -> Response {
     state.requests.fetch_add(1, Ordering::SeqCst);
     let grant = form.get("grant_type").cloned().unwrap_or_default();
-    state.by_grant.lock().unwrap().push(grant.clone());
+    state
+        .by_grant
+        .lock()
+        .unwrap()
+        .push((grant.clone(), std::time::Instant::now()));
     if tenant != TENANT {
         return aad_error(
             StatusCode::BAD_REQUEST,
