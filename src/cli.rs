@@ -368,11 +368,13 @@ async fn cancel_on_signal(cancel: tokio_util::sync::CancellationToken) {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    // Cancel first: nothing (not even logging) may stand between a signal and shutdown.
     cancel.cancel();
+    tracing::info!("{name} received");
 }
 
 async fn quarantine_command(action: QuarantineAction) -> ExitCode {

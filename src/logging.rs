@@ -17,7 +17,11 @@ pub fn init(format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A closed stderr (a log pipe that went away) must not take the daemon down: with
+        // internal error logging on, tracing-subscriber reports a failed write with
+        // eprintln!, which panics on that same closed stderr, in whichever task logged.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -41,6 +41,9 @@ pub enum PollError {
     /// The parser names a credential that does not exist (config validation prevents it).
     #[error("parser {0:?} names an unknown credential")]
     UnknownCredential(String),
+    /// A pass panicked (a bug here or in a dependency); the supervisor retries it.
+    #[error("the poller panicked (a bug, please report it): {0}")]
+    Panicked(String),
 }
 
 /// Counters of one run of a poller.

@@ -4,8 +4,9 @@
 
 use crate::auth::TokenSources;
 use crate::config::{Config, ParserAuth, ParserStatus};
-use crate::poller::{PollStats, Poller};
+use crate::poller::{PollError, PollStats, Poller};
 use backon::BackoffBuilder;
+use futures::FutureExt;
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,6 +110,15 @@ pub async fn run(
     tracker.wait().await;
 }
 
+/// The text of a panic payload (`panic!` with a message gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
+}
+
 async fn supervise(poller: Poller, cancel: CancellationToken) {
     let connected = AtomicBool::new(false);
     let new_backoff = || {
@@ -122,9 +132,14 @@ async fn supervise(poller: Poller, cancel: CancellationToken) {
     let mut backoff = new_backoff();
     tracing::info!(parser = %poller.name(), "poller started");
     while !cancel.is_cancelled() {
-        let result = poller
-            .run(&cancel, &|| connected.store(true, Ordering::Relaxed))
-            .await;
+        // A panic in one pass (a bug, or a dependency's) is handled like an error: this
+        // parser backs off and tries again instead of stopping for good.
+        let result = std::panic::AssertUnwindSafe(
+            poller.run(&cancel, &|| connected.store(true, Ordering::Relaxed)),
+        )
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(PollError::Panicked(panic_message(&*panic))));
         if cancel.is_cancelled() {
             break;
         }

@@ -28,7 +28,7 @@ struct Bed {
 
 /// Applications: "app-cert" (certificate only), "app-public" (public client, consented),
 /// "app-web" (confidential, secret only), "app-noconsent" (public, not consented),
-/// "app-short" (public, 6-second tokens),
+/// "app-short" (public, 6-second tokens), "app-noperm" (secret, no IMAP.AccessAsApp),
 /// "app-secret" (app-only with a secret). Users: OWNER (own mailbox + two shared),
 /// "mfa@example.test" (MFA enforced).
 async fn bed() -> Bed {
@@ -84,6 +84,15 @@ async fn bed() -> Bed {
                 App {
                     secret: "app-s3cret".into(),
                     mailboxes: mailboxes.clone(),
+                    ..App::default()
+                },
+            ),
+            (
+                "app-noperm",
+                App {
+                    secret: "app-s3cret".into(),
+                    mailboxes: mailboxes.clone(),
+                    imap_permission: false,
                     ..App::default()
                 },
             ),
@@ -228,9 +237,19 @@ fn binary(args: &[&str]) -> std::process::Command {
     c
 }
 
+/// A child process killed when the test ends, passed or failed.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `mail2ticket login` running, its output read line by line.
 struct Login {
-    child: Child,
+    child: KillOnDrop,
     stdout: BufReader<ChildStdout>,
     seen: String,
 }
@@ -242,8 +261,8 @@ impl Login {
         if device_code {
             cmd.arg("--device-code");
         }
-        let mut child = cmd.spawn().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut child = KillOnDrop(cmd.spawn().unwrap());
+        let stdout = BufReader::new(child.0.stdout.take().unwrap());
         Login {
             child,
             stdout,
@@ -273,7 +292,7 @@ impl Login {
     }
 
     fn paste(&mut self, text: &str) {
-        let stdin = self.child.stdin.as_mut().unwrap();
+        let stdin = self.child.0.stdin.as_mut().unwrap();
         writeln!(stdin, "{text}").unwrap();
         stdin.flush().unwrap();
     }
@@ -283,8 +302,8 @@ impl Login {
         let mut rest = String::new();
         std::io::Read::read_to_string(&mut self.stdout, &mut rest).unwrap();
         let mut stderr = String::new();
-        std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-        let status = self.child.wait().unwrap();
+        std::io::Read::read_to_string(self.child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        let status = self.child.0.wait().unwrap();
         (status.success(), self.seen + &rest, stderr)
     }
 }
@@ -501,7 +520,7 @@ async fn a_delegated_sign_in_survives_restarts_and_a_revoked_grant_needs_login_a
 }
 
 #[tokio::test]
-async fn a_wrong_pkce_verifier_is_refused_and_nothing_is_stored() {
+async fn a_wrong_pkce_verifier_or_missing_consent_is_refused_and_nothing_is_stored() {
     let bed = bed().await;
     let tables =
         bed.credential("user", "delegated", "app-public", "") + &bed.parser("own", OWNER, "user");
@@ -530,6 +549,24 @@ async fn a_wrong_pkce_verifier_is_refused_and_nothing_is_stored() {
     assert!(!ok, "{out}");
     assert!(
         err.contains("AADSTS501481") && err.contains("login again"),
+        "{err}"
+    );
+    assert!(bed.grant_status("user").await.is_none());
+
+    // Consent missing: Entra redirects back with an error, which login explains.
+    let tables = bed.credential("user", "delegated", "app-noconsent", "")
+        + &bed.parser("own", OWNER, "user");
+    let (path, _) = bed.write_config("noconsent.toml", &tables);
+    let mut login = Login::start(&path, "user", false);
+    let url = login.sign_in_url();
+    let page = browse(&url).await;
+    assert!(page.contains("sign-in failed"), "{page}");
+    let (ok, out, err) = tokio::task::spawn_blocking(move || login.finish())
+        .await
+        .unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("AADSTS65001") && err.contains("consent"),
         "{err}"
     );
     assert!(bed.grant_status("user").await.is_none());
@@ -651,6 +688,14 @@ async fn doctor_names_the_cause_of_each_sign_in_failure() {
         tables.push_str(&credential);
         tables.push_str(&bed.parser(name, OWNER, name));
     }
+    // A token without the IMAP permission: the claims step says which one to add.
+    tables.push_str(&bed.credential(
+        "noperm",
+        "client_credentials",
+        "app-noperm",
+        "client_secret = \"app-s3cret\"",
+    ));
+    tables.push_str(&bed.parser("noperm", SHARED_A, "noperm"));
     let (path, _) = bed.write_config("doctor.toml", &tables);
     // The delegated credential signs in, then its refresh token expires.
     login_with_browser(&bed, &path, "expired").await;
@@ -673,6 +718,14 @@ async fn doctor_names_the_cause_of_each_sign_in_failure() {
             "{name}: {s}"
         );
     }
+    let noperm = section("noperm");
+    assert!(
+        noperm.contains("OK   token ")
+            && noperm.contains("FAIL token claims")
+            && noperm.contains("IMAP.AccessAsApp")
+            && noperm.contains("admin consent"),
+        "{noperm}"
+    );
     for secret in [
         "wrong-secret-value",
         "app-s3cret",
@@ -725,4 +778,71 @@ async fn a_running_daemon_refreshes_once_per_renewal_for_three_mailboxes() {
     }
     assert_eq!(bed.entra.live_refresh_tokens(), 1);
     assert_eq!(bed.grant_status("user").await.unwrap().0, "ok");
+}
+
+#[tokio::test]
+async fn the_daemon_logs_needs_login_on_every_retry_while_another_credential_tickets() {
+    let bed = bed().await;
+    let tables = bed.credential("user", "delegated", "app-public", "")
+        + &bed.credential(
+            "app",
+            "client_credentials",
+            "app-secret",
+            "client_secret = \"app-s3cret\"",
+        )
+        + &bed.parser("own", OWNER, "user")
+        + &bed.parser("app-support", SHARED_A, "app");
+    let (path, _) = bed.write_config("daemon.toml", &tables);
+    bed.dovecot.deliver(SHARED_A, &message("daemon", SHARED_A));
+    let mut daemon = KillOnDrop(binary(&["run", "--config"]).arg(&path).spawn().unwrap());
+    let stderr = BufReader::new(daemon.0.stderr.take().unwrap());
+    // Count the "needs login" lines until two retries have been logged. The reader then
+    // closes the pipe: the daemon must carry on (and stop on SIGTERM) with its stderr gone.
+    let reader = std::thread::spawn(move || {
+        let mut needs_login = 0;
+        let mut seen = String::new();
+        for line in stderr.lines() {
+            let line = line.unwrap();
+            if line.contains("needs login") && line.contains("mail2ticket login --config") {
+                needs_login += 1;
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+            if needs_login >= 2 {
+                break;
+            }
+        }
+        (needs_login, seen)
+    });
+    let (needs_login, seen) = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    assert!(needs_login >= 2, "{seen}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while bed.tickets("app-support").await < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "app-support: no ticket; {seen}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not stop on SIGTERM with its stderr closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !seen.contains("app-s3cret") && !seen.contains(SECRETS_KEY),
+        "{seen}"
+    );
 }

@@ -64,6 +64,9 @@ pub struct App {
     pub public_client: bool,
     /// Admin consent for the delegated IMAP permission.
     pub consented: bool,
+    /// The IMAP permission is configured (IMAP.AccessAsApp for app-only tokens); without
+    /// it, tokens are issued without the role, as Entra does for an app that lacks it.
+    pub imap_permission: bool,
 }
 
 impl Default for App {
@@ -75,6 +78,7 @@ impl Default for App {
             lifetime: 3599,
             public_client: false,
             consented: true,
+            imap_permission: true,
         }
     }
 }
@@ -352,7 +356,8 @@ fn app_token(state: &Shared, tenant: &str, client_id: &str, app: &App) -> Respon
         "iat": iat, "nbf": iat, "exp": exp,
         "appid": client_id, "appidacr": "1", "idtyp": "app",
         "oid": format!("sp-{client_id}"), "sub": format!("sp-{client_id}"), "tid": tenant,
-        "roles": ["IMAP.AccessAsApp"], "ver": "1.0",
+        "roles": if app.imap_permission { json!(["IMAP.AccessAsApp"]) } else { json!([]) },
+        "ver": "1.0",
         "mailboxes": grant_list(&app.mailboxes),
     });
     Json(json!({
