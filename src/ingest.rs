@@ -127,12 +127,23 @@ pub fn decide(pipeline: &Pipeline, raw: &[u8]) -> Decision {
             pipeline.max_message_size
         ));
     }
-    match crate::mime::parse(raw) {
+    quarantine_on_panic(|| match crate::mime::parse(raw) {
         Ok(parsed) => {
             Decision::Ticket(Box::new(crate::ticket::new_ticket(&pipeline.rules, parsed)))
         }
         Err(e) => Decision::Quarantine(e.to_string()),
-    }
+    })
+}
+
+/// Runs a pure decision; a panic inside it (a bug in the MIME parser or ours, set off by
+/// one message) quarantines that message instead of failing its batch on every retry.
+fn quarantine_on_panic(decide: impl FnOnce() -> Decision) -> Decision {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decide)).unwrap_or_else(|panic| {
+        Decision::Quarantine(format!(
+            "reading this message crashed the parser (a bug; please report it with this message): {}",
+            crate::panic_message(&*panic)
+        ))
+    })
 }
 
 /// Writes a decision inside the caller's open transaction. If Postgres refuses the
@@ -343,4 +354,23 @@ pub async fn replay(
     store::mark_replayed(&mut tx, id, &description).await?;
     tx.commit().await?;
     Ok(Replay::Stored(outcome))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_while_deciding_quarantines_the_message() {
+        let decision = quarantine_on_panic(|| panic!("index out of bounds"));
+        match decision {
+            Decision::Quarantine(reason) => {
+                assert!(
+                    reason.contains("crashed the parser") && reason.contains("index out of bounds"),
+                    "{reason}"
+                )
+            }
+            Decision::Ticket(_) => panic!("expected quarantine"),
+        }
+    }
 }

@@ -10,6 +10,9 @@
 //! - [`store`]: the only module that speaks SQL; migrations are embedded.
 //! - [`ingest`]: the pipeline every mail source uses: decide (pure), then store in one
 //!   transaction, or quarantine.
+//! - [`auth`], [`assertion`], [`sealed`], [`login`]: Entra ID tokens for every credential
+//!   type, certificate assertions, sealed refresh tokens, interactive sign-in.
+//! - [`imap`], [`poller`], [`supervisor`], [`doctor`]: the daemon and its diagnosis.
 //! - [`cli`]: the command-line interface behind `main.rs`.
 //! - [`logging`]: log format and filter.
 //!
@@ -36,3 +39,13 @@ pub mod supervisor;
 pub mod ticket;
 pub mod tls;
 pub mod tnef;
+
+/// The text of a caught panic (`panic!` with a message carries a `&str` or a `String`):
+/// panics are caught where one message or one pass must not take more down with it.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
+}

@@ -5,12 +5,18 @@
 //! stored the messages it covers, and a message is flagged/moved/deleted on the server only
 //! after that commit. A crash anywhere re-fetches at most the uncommitted batch, and
 //! re-storing a committed message is a no-op (the (parser, Message-ID) key).
+//!
+//! A message the server never manages to return (the connection is cut, or the FETCH
+//! comes back short, each time it is sent) must not block the mailbox: failed fetches are
+//! counted in `mailbox_state`; after [`ISOLATE_AFTER`] failures the batch is fetched one
+//! message at a time, and a message that fails alone until [`GIVE_UP_AFTER`] is
+//! quarantined by its header (or a placeholder) with the reason, and left on the server.
 
 use crate::auth::{AccessToken, TokenSource};
 use crate::config::{AfterIngest, ParserAuth, ParserConfig};
 use crate::imap::{self, IdleEnd, ImapError, ImapSession, Login};
 use crate::ingest::{self, Pipeline};
-use crate::store::{self, Checkpoint, StoreError};
+use crate::store::{self, Checkpoint, FetchTrouble, StoreError};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +29,10 @@ type UidSize = (u32, u32);
 const BATCH_MESSAGES: usize = 50;
 /// Bytes fetched per batch, at most (async-imap buffers a whole response in memory).
 const BATCH_BYTES: u64 = 24 << 20;
+/// After this many failed fetches starting at the same UID, fetch one message at a time.
+const ISOLATE_AFTER: i32 = 2;
+/// A message whose fetch has failed this often (twice of them alone) is given up on.
+const GIVE_UP_AFTER: i32 = 4;
 /// IDLE is re-issued at least this often (RFC 2177 asks for under 29 minutes).
 const IDLE_LIMIT: Duration = Duration::from_secs(25 * 60);
 
@@ -229,6 +239,7 @@ impl Poller {
                 fresh
             }
         };
+        let mut trouble = store::load_fetch_trouble(&mut conn, &parser.name, folder).await?;
         drop(conn);
         let from = u32::try_from(checkpoint.last_uid + 1).unwrap_or(u32::MAX);
         let pending = session.sizes_from(from).await?;
@@ -237,11 +248,112 @@ impl Poller {
         }
         let mut rest = pending.as_slice();
         while !rest.is_empty() && !cancel.is_cancelled() {
+            let failures = trouble
+                .filter(|t| t.uid == i64::from(rest[0].0))
+                .map_or(0, |t| t.failures);
+            if failures >= GIVE_UP_AFTER {
+                checkpoint = self
+                    .give_up_on(session, rest[0], failures, checkpoint, stats)
+                    .await?;
+                rest = &rest[1..];
+                trouble = None;
+                continue;
+            }
             let (batch, tail) = split_batch(rest, parser.max_message_size);
             rest = tail;
-            checkpoint = self.store_batch(session, batch, checkpoint, stats).await?;
+            if failures >= ISOLATE_AFTER {
+                tracing::warn!(parser = %parser.name, folder = %folder, uid = first_uid(batch), failures,
+                    "fetches starting here failed repeatedly: fetching these messages one at a time");
+                for one in batch {
+                    checkpoint = self
+                        .store_batch(
+                            session,
+                            std::slice::from_ref(one),
+                            checkpoint,
+                            stats,
+                            trouble,
+                            true,
+                        )
+                        .await?;
+                }
+            } else {
+                checkpoint = self
+                    .store_batch(session, batch, checkpoint, stats, trouble, false)
+                    .await?;
+            }
         }
         Ok(())
+    }
+
+    /// Counts a failed fetch of `batch` (kept even though the batch's transaction is
+    /// abandoned). A message failing alone while isolating starts just below the limit.
+    async fn record_fetch_failure(
+        &self,
+        batch: &[UidSize],
+        trouble: Option<FetchTrouble>,
+        isolating: bool,
+    ) {
+        let uid = i64::from(batch[0].0);
+        let failures = match trouble {
+            Some(t) if t.uid == uid => t.failures + 1,
+            _ if isolating => ISOLATE_AFTER + 1,
+            _ => 1,
+        };
+        let parser = &self.parser;
+        let saved = async {
+            let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+            let trouble = FetchTrouble { uid, failures };
+            store::save_fetch_trouble(&mut conn, &parser.name, &parser.imap.folder, trouble).await
+        };
+        match saved.await {
+            Ok(()) => {
+                tracing::warn!(parser = %parser.name, uid, failures, "the server failed to return the messages from this UID on")
+            }
+            Err(e) => {
+                tracing::warn!(parser = %parser.name, uid, error = %e, "cannot record a failed fetch")
+            }
+        }
+    }
+
+    /// Quarantines a message the server failed to return [`GIVE_UP_AFTER`] times: its
+    /// header if the server gives that, else a placeholder naming it; the message stays in
+    /// the mailbox, and the checkpoint moves past it.
+    async fn give_up_on(
+        &self,
+        session: &mut ImapSession,
+        (uid, size): UidSize,
+        failures: i32,
+        checkpoint: Checkpoint,
+        stats: &mut PollStats,
+    ) -> Result<Checkpoint, PollError> {
+        let parser = &self.parser;
+        let header = session.fetch_header(uid).await;
+        let (raw, kept) = match &header {
+            Ok(raw) => (raw.clone(), "only its header is kept here"),
+            Err(_) => (
+                format!(
+                    "X-Mail2ticket-Unreadable: folder {}; UID {uid}; UIDVALIDITY {}; RFC822.SIZE {size}\r\n\r\n",
+                    parser.imap.folder, checkpoint.uidvalidity
+                )
+                .into_bytes(),
+                "not even its header could be read",
+            ),
+        };
+        let reason = format!(
+            "the server failed {failures} times to return this message (the connection was cut or the FETCH came back short while sending it; {size} bytes by RFC822.SIZE); {kept}; the message stays in the mailbox (UID {uid}): open it there, and forward it again if it matters"
+        );
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let outcome = hold_header_only(&mut tx, &parser.name, reason, &raw).await?;
+        let next = Checkpoint {
+            uidvalidity: checkpoint.uidvalidity,
+            last_uid: i64::from(uid).max(checkpoint.last_uid),
+        };
+        store::save_checkpoint(&mut tx, &parser.name, &parser.imap.folder, next).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        tracing::error!(parser = %parser.name, uid, failures, ?outcome, "gave up on a message the server does not return; quarantined, left in the mailbox");
+        stats.count(&outcome);
+        // The session may have died with the header fetch: reconnect (progress is saved).
+        header.map(|_| next).map_err(PollError::from)
     }
 
     /// Fetches, stores and post-processes one batch; returns the new checkpoint.
@@ -251,21 +363,18 @@ impl Poller {
         batch: &[UidSize],
         checkpoint: Checkpoint,
         stats: &mut PollStats,
+        trouble: Option<FetchTrouble>,
+        isolating: bool,
     ) -> Result<Checkpoint, PollError> {
         let parser = &self.parser;
         let max = parser.max_message_size;
-        let wanted: Vec<u32> = batch
-            .iter()
-            .filter(|(_, size)| u64::from(*size) <= max)
-            .map(|(uid, _)| *uid)
-            .collect();
-        let mut raws = session.fetch(&wanted).await?;
-        // Oversized messages: keep only their header, with the reason, and leave them on
-        // the server.
-        for &(uid, _) in batch.iter().filter(|(_, size)| u64::from(*size) > max) {
-            raws.push((uid, session.fetch_header(uid).await?));
-        }
-        raws.sort_unstable_by_key(|(uid, _)| *uid);
+        let raws = match fetch_batch(session, batch, max).await {
+            Ok(raws) => raws,
+            Err(e) => {
+                self.record_fetch_failure(batch, trouble, isolating).await;
+                return Err(e.into());
+            }
+        };
 
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let mut done = Vec::with_capacity(raws.len());
@@ -275,21 +384,7 @@ impl Poller {
                 let reason = format!(
                     "message is {size} bytes (IMAP RFC822.SIZE), over max_message_size ({max} bytes); only its header is kept here, the message stays in the mailbox (UID {uid})"
                 );
-                let hold = store::Hold {
-                    kind: store::HoldKind::Error,
-                    reason: &reason,
-                    sender: None,
-                    message_id: None,
-                    header_only: true,
-                };
-                match store::insert_quarantine(&mut tx, &parser.name, hold, raw).await? {
-                    store::QuarantineInsert::Created { id } => {
-                        ingest::Outcome::Quarantined { id, reason }
-                    }
-                    store::QuarantineInsert::Duplicate { id } => {
-                        ingest::Outcome::DuplicateQuarantined { id }
-                    }
-                }
+                hold_header_only(&mut tx, &parser.name, reason, raw).await?
             } else {
                 let decision = ingest::decide(&self.pipeline, raw);
                 ingest::store_decision(&mut tx, &self.pipeline, &decision, raw).await?
@@ -323,6 +418,55 @@ impl Poller {
         }
         Ok(next)
     }
+}
+
+/// The first UID of a batch, for logs.
+fn first_uid(batch: &[UidSize]) -> u32 {
+    batch.first().map_or(0, |(uid, _)| *uid)
+}
+
+/// Fetches a batch: whole messages, and only the header of those over `max` bytes.
+async fn fetch_batch(
+    session: &mut ImapSession,
+    batch: &[UidSize],
+    max: u64,
+) -> Result<Vec<(u32, Vec<u8>)>, ImapError> {
+    let wanted: Vec<u32> = batch
+        .iter()
+        .filter(|(_, size)| u64::from(*size) <= max)
+        .map(|(uid, _)| *uid)
+        .collect();
+    let mut raws = session.fetch(&wanted).await?;
+    for &(uid, _) in batch.iter().filter(|(_, size)| u64::from(*size) > max) {
+        raws.push((uid, session.fetch_header(uid).await?));
+    }
+    raws.sort_unstable_by_key(|(uid, _)| *uid);
+    Ok(raws)
+}
+
+/// Quarantines what could be read of a message that stays on the server (its header, or
+/// a placeholder), marked `header_only` so that replay skips it.
+async fn hold_header_only(
+    tx: &mut sqlx::PgConnection,
+    parser: &str,
+    reason: String,
+    raw: &[u8],
+) -> Result<ingest::Outcome, StoreError> {
+    let hold = store::Hold {
+        kind: store::HoldKind::Error,
+        reason: &reason,
+        sender: None,
+        message_id: None,
+        header_only: true,
+    };
+    Ok(
+        match store::insert_quarantine(tx, parser, hold, raw).await? {
+            store::QuarantineInsert::Created { id } => ingest::Outcome::Quarantined { id, reason },
+            store::QuarantineInsert::Duplicate { id } => {
+                ingest::Outcome::DuplicateQuarantined { id }
+            }
+        },
+    )
 }
 
 /// The next batch: up to [`BATCH_MESSAGES`] messages and [`BATCH_BYTES`] (always at least

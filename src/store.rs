@@ -485,12 +485,65 @@ pub async fn save_checkpoint(
         "insert into mailbox_state (parser, folder, uidvalidity, last_uid, updated_at)
          values ($1, $2, $3, $4, now())
          on conflict (parser, folder) do update
-         set uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, updated_at = now()",
+         set uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, updated_at = now(),
+             fetch_trouble_uid = case
+               when mailbox_state.uidvalidity = excluded.uidvalidity
+                and mailbox_state.fetch_trouble_uid > excluded.last_uid
+               then mailbox_state.fetch_trouble_uid end,
+             fetch_failures = case
+               when mailbox_state.uidvalidity = excluded.uidvalidity
+                and mailbox_state.fetch_trouble_uid > excluded.last_uid
+               then mailbox_state.fetch_failures else 0 end",
     )
     .bind(parser)
     .bind(folder)
     .bind(checkpoint.uidvalidity)
     .bind(checkpoint.last_uid)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Failed fetches counted against one UID (see `migrations/0005_fetch_trouble.sql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchTrouble {
+    /// The first UID of the fetch that failed.
+    pub uid: i64,
+    /// How many fetches starting there failed.
+    pub failures: i32,
+}
+
+/// The failed-fetch counter of (parser, folder), if one is set.
+pub async fn load_fetch_trouble(
+    conn: &mut PgConnection,
+    parser: &str,
+    folder: &str,
+) -> Result<Option<FetchTrouble>, StoreError> {
+    let row: Option<(Option<i64>, i32)> = sqlx::query_as(
+        "select fetch_trouble_uid, fetch_failures from mailbox_state where parser = $1 and folder = $2",
+    )
+    .bind(parser)
+    .bind(folder)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.and_then(|(uid, failures)| uid.map(|uid| FetchTrouble { uid, failures })))
+}
+
+/// Records a failed fetch; call it outside the batch's transaction (which is abandoned).
+pub async fn save_fetch_trouble(
+    conn: &mut PgConnection,
+    parser: &str,
+    folder: &str,
+    trouble: FetchTrouble,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "update mailbox_state set fetch_trouble_uid = $3, fetch_failures = $4, updated_at = now()
+         where parser = $1 and folder = $2",
+    )
+    .bind(parser)
+    .bind(folder)
+    .bind(trouble.uid)
+    .bind(trouble.failures)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -110,15 +110,6 @@ pub async fn run(
     tracker.wait().await;
 }
 
-/// The text of a panic payload (`panic!` with a message gives a `&str` or a `String`).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".to_string())
-}
-
 async fn supervise(poller: Poller, cancel: CancellationToken) {
     let connected = AtomicBool::new(false);
     let new_backoff = || {
@@ -139,7 +130,7 @@ async fn supervise(poller: Poller, cancel: CancellationToken) {
         )
         .catch_unwind()
         .await
-        .unwrap_or_else(|panic| Err(PollError::Panicked(panic_message(&*panic))));
+        .unwrap_or_else(|panic| Err(PollError::Panicked(crate::panic_message(&*panic))));
         if cancel.is_cancelled() {
             break;
         }

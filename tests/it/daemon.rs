@@ -627,6 +627,70 @@ async fn the_server_dropping_the_connection_mid_fetch_is_survived() {
 }
 
 #[tokio::test]
+async fn a_message_the_server_never_returns_is_quarantined_by_its_header_and_the_rest_flow() {
+    let s = sandbox().await;
+    for n in 0..6 {
+        let mut raw = message(n, SHARED_A);
+        if n == 2 {
+            // The proxy cuts every connection that carries this body.
+            raw.extend_from_slice(b"NEVER-DELIVERED-7f3a\r\n");
+        }
+        s.dovecot.deliver(SHARED_A, &raw);
+    }
+    let proxy = CuttingProxy::start_cutting_on(s.dovecot.imap_port, b"NEVER-DELIVERED-7f3a").await;
+    let parser = P {
+        name: "support",
+        email: SHARED_A,
+        encryption: "none",
+        port: proxy.port,
+        extra: "",
+    };
+    let config = config(&s, &[parser]);
+    let daemon = Daemon::start(&config, &s.db.pool);
+    // Twice as a batch, twice alone, then quarantined: backoff 1 + 2 + 4 + 8 s with jitter.
+    wait_for(Duration::from_secs(90), || async {
+        count(&s.db, "select count(*) from quarantine").await == 1
+            && count(&s.db, "select count(*) from tickets").await == 5
+    })
+    .await;
+    daemon.stop().await;
+    assert_eq!(
+        proxy.cuts(),
+        4,
+        "fetched twice in its batch and twice alone"
+    );
+    let (reason, header_only, raw): (String, bool, Vec<u8>) =
+        sqlx::query_as("select reason, header_only, raw from quarantine")
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap();
+    assert!(header_only);
+    assert!(
+        reason.contains("failed 4 times") && reason.contains("stays in the mailbox"),
+        "{reason}"
+    );
+    let header = String::from_utf8_lossy(&raw);
+    assert!(
+        header.contains("Subject: Request 2") && !header.contains("NEVER-DELIVERED"),
+        "{header}"
+    );
+    let subjects = tickets(&s.db, "support").await;
+    assert_eq!(subjects.len(), 5);
+    assert!(!subjects.contains(&"Request 2".to_string()), "{subjects:?}");
+    let (last_uid, trouble): (i64, Option<i64>) = sqlx::query_as(
+        "select last_uid, fetch_trouble_uid from mailbox_state where parser = 'support'",
+    )
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (last_uid, trouble),
+        (6, None),
+        "checkpoint past everything, counter cleared"
+    );
+}
+
+#[tokio::test]
 async fn restarting_after_kill_9_mid_backlog_tickets_every_message_exactly_once() {
     let s = sandbox().await;
     const BACKLOG: i64 = 1500;

@@ -1,5 +1,7 @@
 //! A loopback TCP proxy that can cut the first connection after the server has sent a
 //! given number of bytes ("the server dropped the connection in the middle of a FETCH"),
+//! or every connection whose server data carries a marker ("this message never comes
+//! through"),
 //! records what clients sent (to check which commands a client used), and can play an
 //! outage (every connection cut, new ones refused) until told to recover.
 
@@ -16,10 +18,29 @@ pub struct CuttingProxy {
     down: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
+/// When the proxy cuts a connection.
+#[derive(Clone)]
+enum Cut {
+    /// The first connection, after the server has sent this many bytes.
+    FirstAfter(usize),
+    /// Every connection, as soon as the server's data holds this marker.
+    OnMarker(Vec<u8>),
+}
+
 impl CuttingProxy {
     /// Forwards to `127.0.0.1:target`; the first connection is closed once the server has
     /// sent `cut_after` bytes through it.
     pub async fn start(target: u16, cut_after: usize) -> CuttingProxy {
+        Self::start_with(target, Cut::FirstAfter(cut_after)).await
+    }
+
+    /// Forwards to `127.0.0.1:target`; any connection is closed, before the marker is
+    /// passed on, when the server sends `marker` (plain IMAP only: TLS hides it).
+    pub async fn start_cutting_on(target: u16, marker: &[u8]) -> CuttingProxy {
+        Self::start_with(target, Cut::OnMarker(marker.to_vec())).await
+    }
+
+    async fn start_with(target: u16, rule: Cut) -> CuttingProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cuts = Arc::new(AtomicUsize::new(0));
@@ -35,7 +56,10 @@ impl CuttingProxy {
                 if *outage.borrow() {
                     continue; // refused: dropped at once
                 }
-                let cut = armed.swap(false, Ordering::SeqCst).then_some(cut_after);
+                let (cut, marker) = match &rule {
+                    Cut::FirstAfter(n) => (armed.swap(false, Ordering::SeqCst).then_some(*n), None),
+                    Cut::OnMarker(m) => (None, Some(m.clone())),
+                };
                 let counter = counter.clone();
                 let recorder = recorder.clone();
                 tokio::spawn(async move {
@@ -57,11 +81,22 @@ impl CuttingProxy {
                     let downstream = async {
                         let mut sent = 0usize;
                         let mut buf = vec![0u8; 16 * 1024];
+                        // The end of the previous read, so a marker split across reads is seen.
+                        let mut window: Vec<u8> = Vec::new();
                         loop {
                             let n = match sr.read(&mut buf).await {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
+                            if let Some(marker) = &marker {
+                                window.extend_from_slice(&buf[..n]);
+                                if window.windows(marker.len()).any(|w| w == marker.as_slice()) {
+                                    counter.fetch_add(1, Ordering::SeqCst);
+                                    break;
+                                }
+                                let keep = window.len().saturating_sub(marker.len());
+                                window.drain(..keep);
+                            }
                             if let Some(limit) = cut
                                 && sent + n >= limit
                             {
