@@ -134,6 +134,16 @@ impl Bed {
         )
     }
 
+    /// An app-only credential with a client secret, granted every test mailbox.
+    fn app_credential(&self, name: &str) -> String {
+        self.credential(
+            name,
+            "client_credentials",
+            "app-secret",
+            "client_secret = \"app-s3cret\"",
+        )
+    }
+
     /// A parser reading `email` through `credential`; the owner's own mailbox logs in as
     /// itself, the others as shared mailboxes.
     fn parser(&self, name: &str, email: &str, credential: &str) -> String {
@@ -393,12 +403,7 @@ async fn a_password_credential_reads_the_owners_and_two_shared_mailboxes_with_on
 async fn a_delegated_sign_in_survives_restarts_and_a_revoked_grant_needs_login_alone() {
     let bed = bed().await;
     let tables = bed.credential("user", "delegated", "app-public", "")
-        + &bed.credential(
-            "app",
-            "client_credentials",
-            "app-secret",
-            "client_secret = \"app-s3cret\"",
-        )
+        + &bed.app_credential("app")
         + &bed.three_parsers("user")
         + &bed.parser("app-support", SHARED_A, "app");
     let (path, config) = bed.write_config("delegated.toml", &tables);
@@ -784,12 +789,7 @@ async fn a_running_daemon_refreshes_once_per_renewal_for_three_mailboxes() {
 async fn the_daemon_logs_needs_login_on_every_retry_while_another_credential_tickets() {
     let bed = bed().await;
     let tables = bed.credential("user", "delegated", "app-public", "")
-        + &bed.credential(
-            "app",
-            "client_credentials",
-            "app-secret",
-            "client_secret = \"app-s3cret\"",
-        )
+        + &bed.app_credential("app")
         + &bed.parser("own", OWNER, "user")
         + &bed.parser("app-support", SHARED_A, "app");
     let (path, _) = bed.write_config("daemon.toml", &tables);

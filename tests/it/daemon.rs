@@ -68,6 +68,17 @@ impl Sandbox {
         }
     }
 
+    /// Plain IMAP through a proxy on `port` (a proxy sees the traffic only without TLS).
+    fn plain_via<'a>(&self, name: &'a str, email: &'a str, port: u16) -> P<'a> {
+        P {
+            name,
+            email,
+            encryption: "none",
+            port,
+            extra: "",
+        }
+    }
+
     fn starttls<'a>(&self, name: &'a str, email: &'a str) -> P<'a> {
         P {
             name,
@@ -336,13 +347,9 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
     };
     // Plain IMAP through a proxy that never cuts, to see the commands sent.
     let proxy = CuttingProxy::start(s.dovecot.imap_port, usize::MAX).await;
-    let parser = P {
-        name: "support",
-        email: SHARED_A,
-        encryption: "none",
-        port: proxy.port,
-        extra: "poll_interval = 1",
-    };
+    let parser = s
+        .plain_via("support", SHARED_A, proxy.port)
+        .with("poll_interval = 1");
     let config = config(&s, &[parser]);
     let daemon = Daemon::start(&config, &s.db.pool);
     wait_until_watching(&s.db).await;
@@ -479,14 +486,7 @@ async fn oauthbearer_is_used_when_the_server_offers_only_that() {
     };
     s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
     let proxy = CuttingProxy::start(s.dovecot.imap_port, usize::MAX).await;
-    let parser = P {
-        name: "support",
-        email: SHARED_A,
-        encryption: "none",
-        port: proxy.port,
-        extra: "",
-    };
-    let config = config(&s, &[parser]);
+    let config = config(&s, &[s.plain_via("support", SHARED_A, proxy.port)]);
     let reports = run_once(&config, &s.db).await;
     assert_eq!(
         reports[0].result.as_ref().unwrap().created,
@@ -608,14 +608,7 @@ async fn the_server_dropping_the_connection_mid_fetch_is_survived() {
     }
     // The first connection dies ~60 KB into the server's answers: inside the first FETCH.
     let proxy = CuttingProxy::start(s.dovecot.imap_port, 60_000).await;
-    let parser = P {
-        name: "support",
-        email: SHARED_A,
-        encryption: "none",
-        port: proxy.port,
-        extra: "",
-    };
-    let config = config(&s, &[parser]);
+    let config = config(&s, &[s.plain_via("support", SHARED_A, proxy.port)]);
     let daemon = Daemon::start(&config, &s.db.pool);
     wait_for(Duration::from_secs(30), || async {
         count(&s.db, "select count(*) from ticket_messages").await == 40
@@ -638,14 +631,7 @@ async fn a_message_the_server_never_returns_is_quarantined_by_its_header_and_the
         s.dovecot.deliver(SHARED_A, &raw);
     }
     let proxy = CuttingProxy::start_cutting_on(s.dovecot.imap_port, b"NEVER-DELIVERED-7f3a").await;
-    let parser = P {
-        name: "support",
-        email: SHARED_A,
-        encryption: "none",
-        port: proxy.port,
-        extra: "",
-    };
-    let config = config(&s, &[parser]);
+    let config = config(&s, &[s.plain_via("support", SHARED_A, proxy.port)]);
     let daemon = Daemon::start(&config, &s.db.pool);
     // Twice as a batch, twice alone, then quarantined: backoff 1 + 2 + 4 + 8 s with jitter.
     wait_for(Duration::from_secs(90), || async {
