@@ -785,9 +785,20 @@ async fn run_once_exits_1_when_a_parser_fails_and_still_ingests_the_others() {
 #[tokio::test]
 async fn doctor_names_the_failing_step_and_its_fix() {
     let s = sandbox().await;
+    // Exchange's answer when the login worked but the mailbox cannot be opened.
+    let exchange = CuttingProxy::start_rewriting(
+        s.dovecot.imap_port,
+        b"OK [READ-WRITE] Select completed",
+        b"NO User is authenticated but not connected.",
+    )
+    .await;
     let mut text = config_toml(
         &s,
-        &[s.ssl("good", SHARED_A), s.ssl("ungranted", NOT_GRANTED)],
+        &[
+            s.ssl("good", SHARED_A),
+            s.ssl("ungranted", NOT_GRANTED),
+            s.plain_via("notconnected", SHARED_A, exchange.port),
+        ],
     );
     // A parser whose server certificate is not trusted (no ca_file).
     text.push_str(&format!(
@@ -806,7 +817,11 @@ async fn doctor_names_the_failing_step_and_its_fix() {
     let path = dir.path().join("m2t.toml");
     std::fs::write(&path, text).unwrap();
 
-    let out = binary(&["doctor", "--config"], &path).output().unwrap();
+    // Off the test's runtime thread: the proxy runs on it.
+    let mut doctor = binary(&["doctor", "--config"], &path);
+    let out = tokio::task::spawn_blocking(move || doctor.output().unwrap())
+        .await
+        .unwrap();
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{report}");
     let section = |name: &str| -> String {
@@ -825,6 +840,14 @@ async fn doctor_names_the_failing_step_and_its_fix() {
     assert!(
         ungranted.contains("FAIL AUTHENTICATE") && ungranted.contains("New-ServicePrincipal"),
         "{ungranted}"
+    );
+    let not_connected = section("notconnected");
+    assert!(
+        not_connected.contains("OK   AUTHENTICATE")
+            && not_connected.contains("FAIL SELECT")
+            && not_connected.contains("FullAccess")
+            && not_connected.contains("ImapEnabled"),
+        "{not_connected}"
     );
     let untrusted = section("untrusted");
     assert!(

@@ -1,7 +1,7 @@
 //! A loopback TCP proxy that can cut the first connection after the server has sent a
 //! given number of bytes ("the server dropped the connection in the middle of a FETCH"),
 //! or every connection whose server data carries a marker ("this message never comes
-//! through"),
+//! through"), can rewrite the server's answers (to play Exchange's error texts),
 //! records what clients sent (to check which commands a client used), and can play an
 //! outage (every connection cut, new ones refused) until told to recover.
 
@@ -25,6 +25,8 @@ enum Cut {
     FirstAfter(usize),
     /// Every connection, as soon as the server's data holds this marker.
     OnMarker(Vec<u8>),
+    /// Never; the server's `from` bytes are replaced by `to` (within one read).
+    Rewrite(Vec<u8>, Vec<u8>),
 }
 
 impl CuttingProxy {
@@ -38,6 +40,12 @@ impl CuttingProxy {
     /// passed on, when the server sends `marker` (plain IMAP only: TLS hides it).
     pub async fn start_cutting_on(target: u16, marker: &[u8]) -> CuttingProxy {
         Self::start_with(target, Cut::OnMarker(marker.to_vec())).await
+    }
+
+    /// Forwards to `127.0.0.1:target`, replacing `from` with `to` in what the server sends
+    /// (plain IMAP only; a short `from` arrives within one read).
+    pub async fn start_rewriting(target: u16, from: &[u8], to: &[u8]) -> CuttingProxy {
+        Self::start_with(target, Cut::Rewrite(from.to_vec(), to.to_vec())).await
     }
 
     async fn start_with(target: u16, rule: Cut) -> CuttingProxy {
@@ -56,9 +64,14 @@ impl CuttingProxy {
                 if *outage.borrow() {
                     continue; // refused: dropped at once
                 }
-                let (cut, marker) = match &rule {
-                    Cut::FirstAfter(n) => (armed.swap(false, Ordering::SeqCst).then_some(*n), None),
-                    Cut::OnMarker(m) => (None, Some(m.clone())),
+                let (cut, marker, rewrite) = match &rule {
+                    Cut::FirstAfter(n) => (
+                        armed.swap(false, Ordering::SeqCst).then_some(*n),
+                        None,
+                        None,
+                    ),
+                    Cut::OnMarker(m) => (None, Some(m.clone()), None),
+                    Cut::Rewrite(from, to) => (None, None, Some((from.clone(), to.clone()))),
                 };
                 let counter = counter.clone();
                 let recorder = recorder.clone();
@@ -105,7 +118,11 @@ impl CuttingProxy {
                                 break;
                             }
                             sent += n;
-                            if cw.write_all(&buf[..n]).await.is_err() {
+                            let chunk = match &rewrite {
+                                Some((from, to)) => replace_all(&buf[..n], from, to),
+                                None => buf[..n].to_vec(),
+                            };
+                            if cw.write_all(&chunk).await.is_err() {
                                 break;
                             }
                         }
@@ -142,4 +159,19 @@ impl CuttingProxy {
     pub fn cuts(&self) -> usize {
         self.cuts.load(Ordering::SeqCst)
     }
+}
+
+fn replace_all(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut i = 0;
+    while i < data.len() {
+        if data[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(data[i]);
+            i += 1;
+        }
+    }
+    out
 }
