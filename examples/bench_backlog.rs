@@ -97,6 +97,11 @@ async fn main() {
             .output()
             .unwrap();
         let run_s = started.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "{bin} run --once failed (build it with cargo build --release --locked): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let rss_kb = String::from_utf8_lossy(&out.stderr)
             .lines()
             .last()
