@@ -57,7 +57,11 @@ pub async fn run_once(
         .into_iter()
         .map(|poller| {
             let cancel = cancel.clone();
-            tokio::spawn(async move {
+            let name = match &poller {
+                Ok(p) => p.name().to_string(),
+                Err((parser, _)) => parser.clone(),
+            };
+            let task = tokio::spawn(async move {
                 match poller {
                     Err((parser, e)) => OnceReport {
                         parser,
@@ -71,16 +75,19 @@ pub async fn run_once(
                         }
                     }
                 }
-            })
+            });
+            (name, task)
         })
         .collect();
     let mut reports = Vec::new();
-    for task in tasks {
+    for (parser, task) in tasks {
         match task.await {
             Ok(report) => reports.push(report),
             Err(e) => reports.push(OnceReport {
-                parser: "?".into(),
-                result: Err(format!("the poller task panicked: {e}")),
+                parser,
+                result: Err(format!(
+                    "the poller task panicked (a bug, please report it): {e}"
+                )),
             }),
         }
     }
