@@ -316,7 +316,7 @@ impl TokenSource {
             return Ok(token.clone());
         }
         if let Some((at, error)) = cache.failure.as_ref()
-            && at.elapsed() < FAILURE_HOLD
+            && (at.elapsed() < FAILURE_HOLD || self.guards_the_account(error))
         {
             return Err(error.clone());
         }
@@ -342,10 +342,28 @@ impl TokenSource {
                 Ok(token)
             }
             Err(error) => {
+                if self.guards_the_account(&error) {
+                    tracing::error!(credential = %self.name, "{error}; not asking again until mail2ticket restarts, so that retries cannot lock the account");
+                }
                 cache.failure = Some((Instant::now(), error.clone()));
                 Err(error)
             }
         }
+    }
+
+    /// True for a password credential refused for the user's own sake (wrong password,
+    /// MFA required, account locked, disabled or its password expired): retrying the
+    /// same password only counts towards Entra's smart lockout, and only a config change
+    /// (a restart) can help, so such a refusal is kept until the process ends.
+    fn guards_the_account(&self, error: &AuthError) -> bool {
+        matches!(self.flow, Flow::Password(_))
+            && matches!(
+                error,
+                AuthError::Entra {
+                    aadsts: Some(50126 | 50053 | 50055 | 50057 | 50076 | 50079),
+                    ..
+                }
+            )
     }
 
     /// Forgets `rejected` (a token the server refused) so the next [`token`](Self::token)

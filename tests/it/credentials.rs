@@ -846,3 +846,27 @@ async fn the_daemon_logs_needs_login_on_every_retry_while_another_credential_tic
         "{seen}"
     );
 }
+
+#[tokio::test]
+async fn a_wrong_password_is_tried_once_per_process_so_retries_cannot_lock_the_account() {
+    let bed = bed().await;
+    let tables = bed.credential(
+        "pw",
+        "password",
+        "app-public",
+        &format!("username = \"{OWNER}\"\npassword = \"wrong-password-value\""),
+    ) + &bed.three_parsers("pw");
+    let (_, config) = bed.write_config("lockout.toml", &tables);
+    let tokens = TokenSources::from_config(&config, Some(bed.db.pool.clone())).unwrap();
+    let cancel = CancellationToken::new();
+    let daemon = {
+        let (config, pool, cancel) = (config.clone(), bed.db.pool.clone(), cancel.clone());
+        tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &cancel).await })
+    };
+    // Three pollers retrying with backoff (1, 2, 4, 8, 16 s) for longer than the 20-second
+    // hold of other failures: without the guard, Entra would be asked again.
+    tokio::time::sleep(mail2ticket::auth::FAILURE_HOLD + std::time::Duration::from_secs(5)).await;
+    cancel.cancel();
+    daemon.await.unwrap();
+    assert_eq!(bed.entra.requests_of("password"), 1);
+}
