@@ -460,6 +460,22 @@ async fn a_delegated_sign_in_survives_restarts_and_a_revoked_grant_needs_login_a
     assert_eq!(bed.entra.live_refresh_tokens(), 1);
     assert_eq!(bed.tickets("own").await, 3);
 
+    // Another [secrets] key cannot open the stored sign-in: "needs login" naming the key,
+    // nothing sent to Entra, and the stored sign-in left as it is for the right key.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(SECRETS_KEY, &"z".repeat(40));
+    let other_key = Config::from_toml(&path, &text).unwrap();
+    let reports = run_once(&other_key, &bed.db).await;
+    let own = reports.iter().find(|r| r.parser == "own").unwrap();
+    let error = own.result.as_ref().unwrap_err().to_string();
+    assert!(
+        error.contains("needs login") && error.contains("[secrets] key"),
+        "{error}"
+    );
+    assert_eq!(bed.entra.requests_of("refresh_token"), 3);
+    assert_eq!(bed.grant_status("user").await.unwrap().0, "ok");
+
     // The user's sessions are revoked: this credential needs login, visibly in the
     // database; the app-only credential keeps working in the same run.
     bed.entra.revoke_user(OWNER);
