@@ -173,19 +173,29 @@ pub async fn store_decision(
             }
         }
     };
+    quarantine(tx, parser, error_hold, raw, false).await
+}
+
+/// Quarantines a message that could not be ticketed, with the reason, inside the caller's
+/// transaction. `header_only`: `raw` is only what could be read of a message that stays on
+/// the server (too large, or never returned), so replay skips it.
+pub async fn quarantine(
+    tx: &mut PgConnection,
+    parser: &str,
+    reason: String,
+    raw: &[u8],
+    header_only: bool,
+) -> Result<Outcome, StoreError> {
     let hold = Hold {
         kind: HoldKind::Error,
-        reason: &error_hold,
+        reason: &reason,
         sender: None,
         message_id: None,
-        header_only: false,
+        header_only,
     };
     Ok(
         match store::insert_quarantine(tx, parser, hold, raw).await? {
-            QuarantineInsert::Created { id } => Outcome::Quarantined {
-                id,
-                reason: error_hold,
-            },
+            QuarantineInsert::Created { id } => Outcome::Quarantined { id, reason },
             QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
         },
     )
@@ -329,7 +339,7 @@ pub async fn replay(
     }
     if row.header_only {
         return Ok(Replay::Skipped(
-            "only the header was kept (too large to download); the message is still in the mailbox"
+            "only the header was kept (too large, or the server never returned it); the message is still in the mailbox"
                 .into(),
         ));
     }

@@ -8,7 +8,7 @@
 //! instead. `--device-code` uses the device-code flow.
 
 use crate::auth::{self, AuthError, TokenResponse};
-use crate::config::{Config, CredentialConfig, CredentialKind};
+use crate::config::{Config, CredentialConfig};
 use crate::sealed::SealingKey;
 use crate::store;
 use base64::Engine;
@@ -40,20 +40,14 @@ pub struct SignedIn {
     pub user: Option<String>,
 }
 
-/// Signs the user in for `credential` and stores the sealed refresh token.
+/// Signs the user in for `credential` (the caller has checked that it is a delegated one)
+/// and stores the sealed refresh token.
 pub async fn login(
     config: &Config,
     credential: &CredentialConfig,
     flow: Flow,
     pool: &sqlx::PgPool,
 ) -> Result<SignedIn, String> {
-    if credential.kind != CredentialKind::Delegated {
-        return Err(format!(
-            "credential {:?} is of type {:?}; only a \"delegated\" credential signs in with login",
-            credential.name,
-            credential.kind.as_str()
-        ));
-    }
     let key = SealingKey::new(
         config
             .secrets_key

@@ -223,10 +223,10 @@ impl Poller {
         let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
         let saved = store::load_checkpoint(&mut conn, &parser.name, folder).await?;
         let uidvalidity = i64::from(status.uid_validity);
-        let mut checkpoint = match saved {
-            Some(c) if c.uidvalidity == uidvalidity => c,
+        let (mut checkpoint, mut trouble) = match saved {
+            Some((c, trouble)) if c.uidvalidity == uidvalidity => (c, trouble),
             other => {
-                if let Some(old) = other {
+                if let Some((old, _)) = other {
                     tracing::warn!(parser = %parser.name, folder = %folder, old = old.uidvalidity, new = uidvalidity,
                         "UIDVALIDITY changed: rescanning the folder (already stored messages are recognised by Message-ID)");
                 }
@@ -235,11 +235,11 @@ impl Poller {
                     uidvalidity,
                     last_uid: 0,
                 };
+                // (Saving it clears a failed-fetch counter of the old UIDVALIDITY.)
                 store::save_checkpoint(&mut conn, &parser.name, folder, fresh).await?;
-                fresh
+                (fresh, None)
             }
         };
-        let mut trouble = store::load_fetch_trouble(&mut conn, &parser.name, folder).await?;
         drop(conn);
         let from = u32::try_from(checkpoint.last_uid + 1).unwrap_or(u32::MAX);
         let pending = session.sizes_from(from).await?;
@@ -262,7 +262,7 @@ impl Poller {
             let (batch, tail) = split_batch(rest, parser.max_message_size);
             rest = tail;
             if failures >= ISOLATE_AFTER {
-                tracing::warn!(parser = %parser.name, folder = %folder, uid = first_uid(batch), failures,
+                tracing::warn!(parser = %parser.name, folder = %folder, uid = batch[0].0, failures,
                     "fetches starting here failed repeatedly: fetching these messages one at a time");
                 for one in batch {
                     checkpoint = self
@@ -343,7 +343,7 @@ impl Poller {
             "the server failed {failures} times to return this message (the connection was cut or the FETCH came back short while sending it; {size} bytes by RFC822.SIZE); {kept}; the message stays in the mailbox (UID {uid}): open it there, and forward it again if it matters"
         );
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let outcome = hold_header_only(&mut tx, &parser.name, reason, &raw).await?;
+        let outcome = ingest::quarantine(&mut tx, &parser.name, reason, &raw, true).await?;
         let next = Checkpoint {
             uidvalidity: checkpoint.uidvalidity,
             last_uid: i64::from(uid).max(checkpoint.last_uid),
@@ -384,7 +384,7 @@ impl Poller {
                 let reason = format!(
                     "message is {size} bytes (IMAP RFC822.SIZE), over max_message_size ({max} bytes); only its header is kept here, the message stays in the mailbox (UID {uid})"
                 );
-                hold_header_only(&mut tx, &parser.name, reason, raw).await?
+                ingest::quarantine(&mut tx, &parser.name, reason, raw, true).await?
             } else {
                 let decision = ingest::decide(&self.pipeline, raw);
                 ingest::store_decision(&mut tx, &self.pipeline, &decision, raw).await?
@@ -420,11 +420,6 @@ impl Poller {
     }
 }
 
-/// The first UID of a batch, for logs.
-fn first_uid(batch: &[UidSize]) -> u32 {
-    batch.first().map_or(0, |(uid, _)| *uid)
-}
-
 /// Fetches a batch: whole messages, and only the header of those over `max` bytes.
 async fn fetch_batch(
     session: &mut ImapSession,
@@ -442,31 +437,6 @@ async fn fetch_batch(
     }
     raws.sort_unstable_by_key(|(uid, _)| *uid);
     Ok(raws)
-}
-
-/// Quarantines what could be read of a message that stays on the server (its header, or
-/// a placeholder), marked `header_only` so that replay skips it.
-async fn hold_header_only(
-    tx: &mut sqlx::PgConnection,
-    parser: &str,
-    reason: String,
-    raw: &[u8],
-) -> Result<ingest::Outcome, StoreError> {
-    let hold = store::Hold {
-        kind: store::HoldKind::Error,
-        reason: &reason,
-        sender: None,
-        message_id: None,
-        header_only: true,
-    };
-    Ok(
-        match store::insert_quarantine(tx, parser, hold, raw).await? {
-            store::QuarantineInsert::Created { id } => ingest::Outcome::Quarantined { id, reason },
-            store::QuarantineInsert::Duplicate { id } => {
-                ingest::Outcome::DuplicateQuarantined { id }
-            }
-        },
-    )
 }
 
 /// The next batch: up to [`BATCH_MESSAGES`] messages and [`BATCH_BYTES`] (always at least

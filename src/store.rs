@@ -405,7 +405,8 @@ pub struct Hold<'a> {
     pub sender: Option<&'a str>,
     /// Its Message-ID, when known.
     pub message_id: Option<&'a str>,
-    /// Only the header is kept (the message was too large to download).
+    /// Only the header is kept (the message was too large to download, or the server
+    /// never returned it); the message stays on the server.
     pub header_only: bool,
 }
 
@@ -455,22 +456,30 @@ pub struct Checkpoint {
     pub last_uid: i64,
 }
 
-/// The checkpoint of (parser, folder), if one was ever recorded.
+/// The checkpoint of (parser, folder), if one was ever recorded, with its failed-fetch
+/// counter (one read of the row per pass).
 pub async fn load_checkpoint(
     conn: &mut PgConnection,
     parser: &str,
     folder: &str,
-) -> Result<Option<Checkpoint>, StoreError> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "select uidvalidity, last_uid from mailbox_state where parser = $1 and folder = $2",
+) -> Result<Option<(Checkpoint, Option<FetchTrouble>)>, StoreError> {
+    let row: Option<(i64, i64, Option<i64>, i32)> = sqlx::query_as(
+        "select uidvalidity, last_uid, fetch_trouble_uid, fetch_failures
+         from mailbox_state where parser = $1 and folder = $2",
     )
     .bind(parser)
     .bind(folder)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|(uidvalidity, last_uid)| Checkpoint {
-        uidvalidity,
-        last_uid,
+    Ok(row.map(|(uidvalidity, last_uid, trouble_uid, failures)| {
+        let checkpoint = Checkpoint {
+            uidvalidity,
+            last_uid,
+        };
+        (
+            checkpoint,
+            trouble_uid.map(|uid| FetchTrouble { uid, failures }),
+        )
     }))
 }
 
@@ -511,22 +520,6 @@ pub struct FetchTrouble {
     pub uid: i64,
     /// How many fetches starting there failed.
     pub failures: i32,
-}
-
-/// The failed-fetch counter of (parser, folder), if one is set.
-pub async fn load_fetch_trouble(
-    conn: &mut PgConnection,
-    parser: &str,
-    folder: &str,
-) -> Result<Option<FetchTrouble>, StoreError> {
-    let row: Option<(Option<i64>, i32)> = sqlx::query_as(
-        "select fetch_trouble_uid, fetch_failures from mailbox_state where parser = $1 and folder = $2",
-    )
-    .bind(parser)
-    .bind(folder)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.and_then(|(uid, failures)| uid.map(|uid| FetchTrouble { uid, failures })))
 }
 
 /// Records a failed fetch; call it outside the batch's transaction (which is abandoned).
