@@ -725,13 +725,7 @@ async fn doctor_names_the_cause_of_each_sign_in_failure() {
     let out = binary(&["doctor", "--config"]).arg(&path).output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{report}");
-    let section = |name: &str| -> String {
-        let start = report
-            .find(&format!("parser {name}\n"))
-            .unwrap_or_else(|| panic!("no {name} in {report}"));
-        let rest = &report[start + 1..];
-        rest[..rest.find("\nparser ").map_or(rest.len(), |e| e + 1)].to_string()
-    };
+    let section = |name: &str| crate::support::doctor_section(&report, name);
     for ((name, _, _, _, code), (_, fix)) in cases.iter().zip(fixes) {
         let s = section(name);
         assert!(

@@ -824,13 +824,7 @@ async fn doctor_names_the_failing_step_and_its_fix() {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{report}");
-    let section = |name: &str| -> String {
-        let start = report
-            .find(&format!("parser {name}\n"))
-            .unwrap_or_else(|| panic!("no {name} in {report}"));
-        let rest = &report[start + 1..];
-        rest[..rest.find("\nparser ").map_or(rest.len(), |e| e + 1)].to_string()
-    };
+    let section = |name: &str| crate::support::doctor_section(&report, name);
     let good = section("good");
     assert!(
         !good.contains("FAIL") && good.contains("OK   SELECT") && good.contains("IMAP.AccessAsApp"),

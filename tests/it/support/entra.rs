@@ -301,6 +301,18 @@ fn aad_error(status: StatusCode, error: &str, code: u32, text: &str) -> Response
         .into_response()
 }
 
+/// Entra's answer to a tenant that does not exist (AADSTS90002).
+fn unknown_tenant(tenant: &str) -> Option<Response> {
+    (tenant != TENANT).then(|| {
+        aad_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            90002,
+            &format!("Tenant '{tenant}' not found."),
+        )
+    })
+}
+
 fn random_token(prefix: &str) -> String {
     format!(
         "{prefix}{}",
@@ -554,13 +566,8 @@ async fn token(
         .lock()
         .unwrap()
         .push((grant.clone(), std::time::Instant::now()));
-    if tenant != TENANT {
-        return aad_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            90002,
-            &format!("Tenant '{tenant}' not found."),
-        );
+    if let Some(reply) = unknown_tenant(&tenant) {
+        return reply;
     }
     let client_id = form.get("client_id").cloned().unwrap_or_default();
     let Some(app) = state.apps.lock().unwrap().get(&client_id).cloned() else {
@@ -804,13 +811,8 @@ async fn devicecode(
     Path(tenant): Path<String>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if tenant != TENANT {
-        return aad_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            90002,
-            &format!("Tenant '{tenant}' not found."),
-        );
+    if let Some(reply) = unknown_tenant(&tenant) {
+        return reply;
     }
     let client_id = form.get("client_id").cloned().unwrap_or_default();
     if !state.apps.lock().unwrap().contains_key(&client_id) {

@@ -42,3 +42,12 @@ encryption = "none"
 "#
     )
 }
+
+/// One parser's lines of a `doctor` report (from "parser NAME" to the next parser).
+pub fn doctor_section(report: &str, name: &str) -> String {
+    let start = report
+        .find(&format!("parser {name}\n"))
+        .unwrap_or_else(|| panic!("no {name} in {report}"));
+    let rest = &report[start + 1..];
+    rest[..rest.find("\nparser ").map_or(rest.len(), |e| e + 1)].to_string()
+}
