@@ -68,8 +68,8 @@ async fn main() {
             .await
             .unwrap();
         session.select("INBOX").await.unwrap();
-        let sizes = session.sizes_from(1).await.unwrap();
-        let uids: Vec<u32> = sizes.iter().map(|(u, _)| *u).collect();
+        let listed = session.pending_from(1).await.unwrap();
+        let uids: Vec<u32> = listed.iter().map(|p| p.uid).collect();
         let mut fetched = 0usize;
         for chunk in uids.chunks(50) {
             fetched += session.fetch(chunk).await.unwrap().len();

@@ -3,8 +3,8 @@
 //! Every parser naming a credential shares its [`TokenSource`]: the cache sits behind an
 //! async mutex held across the HTTP request, so N pollers asking at once cause one token
 //! request, not N (single flight). A token is renewed ahead of its expiry; a token the
-//! server rejected is dropped with [`TokenSource::invalidate`] so the next call fetches a
-//! new one. Errors carry Entra's AADSTS code and description, never the secret.
+//! server rejected is dropped only when the evidence points at the token rather than at
+//! the mailbox ([`TokenSource::login_refused`]), so the next call fetches a new one. Errors carry Entra's AADSTS code and description, never the secret.
 //!
 //! Three flows fill the cache: client credentials (secret or certificate assertion), the
 //! resource-owner password grant, and delegated sign-ins refreshed with a refresh token
@@ -19,10 +19,10 @@ use crate::sealed::SealingKey;
 use crate::store;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 /// Renew a token when less than this is left of its life (or a fifth of its lifetime,
 /// whichever is smaller, for very short-lived tokens).
@@ -72,6 +72,18 @@ pub enum AuthError {
         aadsts: Option<u32>,
         /// The description, without trace and correlation ids.
         description: String,
+    },
+    /// The endpoint asked us to slow down (HTTP 429, or 503 while unavailable).
+    #[error("the token endpoint {url} is throttling credential {credential:?} (HTTP {status}){}", retry_hint(.retry_after))]
+    Throttled {
+        /// The credential's name.
+        credential: String,
+        /// Token URL.
+        url: String,
+        /// 429 or 503.
+        status: u16,
+        /// The endpoint's `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
     },
     /// The endpoint could not be reached or did not answer.
     #[error("cannot reach the token endpoint {url} for credential {credential:?}: {reason}")]
@@ -123,6 +135,42 @@ pub enum AuthError {
         /// What was wrong with it.
         reason: String,
     },
+}
+
+fn retry_hint(retry_after: &Option<Duration>) -> String {
+    match retry_after {
+        Some(after) => format!("; it asks to retry after {} s", after.as_secs()),
+        None => String::new(),
+    }
+}
+
+impl AuthError {
+    /// How long the server asked us to wait before asking again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AuthError::Throttled { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The longest `Retry-After` obeyed as given; a larger one (or a date far ahead) is capped
+/// so that a mistaken header cannot silence a mailbox for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// Reads a `Retry-After` value: delay-seconds or an HTTP date (RFC 9110 section 10.2.3).
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    let after = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (at.with_timezone(&chrono::Utc) - now)
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(after.min(MAX_RETRY_AFTER))
 }
 
 fn describe_entra(error: &str, aadsts: &Option<u32>, description: &str) -> String {
@@ -224,8 +272,37 @@ struct Delegated {
 #[derive(Default)]
 struct Cache {
     token: Option<AccessToken>,
+    /// What logins with `token` have shown about it.
+    evidence: Evidence,
+    /// The next token replaces one blamed for a refused login.
+    replacing: bool,
     failure: Option<(Instant, AuthError)>,
 }
+
+/// What the IMAP logins made with the cached token have shown: a refusal is blamed on the
+/// token only when the evidence points at the token, not at the mailbox (one ungranted
+/// mailbox among many must not cost the others their token, nor Entra a request on each
+/// of its retries).
+#[derive(Default)]
+struct Evidence {
+    /// Mailboxes that accepted the token.
+    accepted_by: HashSet<String>,
+    /// Logins with the token under way.
+    in_flight: usize,
+    /// When the token was obtained.
+    obtained_at: Option<Instant>,
+    /// The token replaced one that was blamed for a refusal.
+    replacement: bool,
+}
+
+/// A token closer than this to its expiry is blamed for a refusal.
+const NEAR_EXPIRY: Duration = Duration::from_secs(60);
+/// How long a refused login waits for the other logins under way with the same token, to
+/// learn whether any mailbox accepts it.
+const VERDICT_WAIT: Duration = Duration::from_secs(60);
+/// A replacement token refused by every mailbox tried is blamed again only after this long
+/// (it may predate a permission change; asking sooner would only repeat the answer).
+const REPLACEMENT_TRUST: Duration = Duration::from_secs(300);
 
 /// The token cache of one credential.
 pub struct TokenSource {
@@ -238,6 +315,8 @@ pub struct TokenSource {
     flow: Flow,
     http: reqwest::Client,
     cache: Mutex<Cache>,
+    /// Woken whenever a login with the cached token ends.
+    login_ended: Notify,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -299,6 +378,7 @@ impl TokenSource {
             flow,
             http,
             cache: Mutex::new(Cache::default()),
+            login_ended: Notify::new(),
         })
     }
 
@@ -315,8 +395,11 @@ impl TokenSource {
         {
             return Ok(token.clone());
         }
+        // A throttled endpoint is asked again when it said (all pollers share the wait);
+        // any other failure is held for FAILURE_HOLD.
         if let Some((at, error)) = cache.failure.as_ref()
-            && (at.elapsed() < FAILURE_HOLD || self.guards_the_account(error))
+            && (at.elapsed() < error.retry_after().unwrap_or(FAILURE_HOLD)
+                || self.guards_the_account(error))
         {
             return Err(error.clone());
         }
@@ -338,6 +421,11 @@ impl TokenSource {
                 tracing::info!(credential = %self.name, expires_in_s = response.expires_in, "got an access token");
                 let token = access_token(&response, started);
                 cache.token = Some(token.clone());
+                cache.evidence = Evidence {
+                    obtained_at: Some(started),
+                    replacement: std::mem::take(&mut cache.replacing),
+                    ..Evidence::default()
+                };
                 cache.failure = None;
                 Ok(token)
             }
@@ -366,16 +454,88 @@ impl TokenSource {
             )
     }
 
-    /// Forgets `rejected` (a token the server refused) so the next [`token`](Self::token)
-    /// call fetches a new one. A newer token fetched meanwhile is kept.
-    pub async fn invalidate(&self, rejected: &AccessToken) {
+    /// Records that a login with `token` begins (see [`login_refused`](Self::login_refused)).
+    pub async fn login_started(&self, token: &AccessToken) {
         let mut cache = self.cache.lock().await;
-        if cache
-            .token
-            .as_ref()
-            .is_some_and(|t| t.secret.expose_secret() == rejected.secret.expose_secret())
-        {
-            cache.token = None;
+        if is_current(&cache, token) {
+            cache.evidence.in_flight += 1;
+        }
+    }
+
+    /// Records that `mailbox` accepted `token`.
+    pub async fn login_accepted(&self, token: &AccessToken, mailbox: &str) {
+        let mut cache = self.cache.lock().await;
+        if is_current(&cache, token) {
+            let evidence = &mut cache.evidence;
+            evidence.in_flight = evidence.in_flight.saturating_sub(1);
+            evidence.accepted_by.insert(mailbox.to_ascii_lowercase());
+        }
+        drop(cache);
+        self.login_ended.notify_waiters();
+    }
+
+    /// Records that a login with `token` ended without a verdict on it (a network error).
+    pub async fn login_failed(&self, token: &AccessToken) {
+        let mut cache = self.cache.lock().await;
+        if is_current(&cache, token) {
+            cache.evidence.in_flight = cache.evidence.in_flight.saturating_sub(1);
+        }
+        drop(cache);
+        self.login_ended.notify_waiters();
+    }
+
+    /// Records that `mailbox` refused `token`, and says whether the token is to blame: then
+    /// it is dropped (the next [`token`](Self::token) call fetches a new one) and the login
+    /// is worth one more try. The token is blamed when this mailbox accepted it before,
+    /// when it is about to expire, or when no mailbox accepts it (after waiting for the
+    /// logins with it under way) unless it already replaced a blamed token less than
+    /// [`REPLACEMENT_TRUST`] ago. A mailbox refusing a token that others accept is the
+    /// mailbox's problem (a missing permission): the token stays.
+    pub async fn login_refused(&self, token: &AccessToken, mailbox: &str) -> bool {
+        let mailbox = mailbox.to_ascii_lowercase();
+        let deadline = Instant::now() + VERDICT_WAIT;
+        let mut first = true;
+        loop {
+            let ended = self.login_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let mut cache = self.cache.lock().await;
+            if !is_current(&cache, token) {
+                // A newer token is cached already: try that one.
+                return true;
+            }
+            let evidence = &mut cache.evidence;
+            if std::mem::take(&mut first) {
+                evidence.in_flight = evidence.in_flight.saturating_sub(1);
+            }
+            let blame = if evidence.accepted_by.contains(&mailbox)
+                || token.expires_at.saturating_duration_since(Instant::now()) < NEAR_EXPIRY
+            {
+                Some(true)
+            } else if !evidence.accepted_by.is_empty() {
+                Some(false)
+            } else if evidence.in_flight > 0 && Instant::now() < deadline {
+                None // another mailbox may yet accept it
+            } else {
+                let trusted = evidence.replacement
+                    && evidence
+                        .obtained_at
+                        .is_some_and(|at| at.elapsed() < REPLACEMENT_TRUST);
+                Some(!trusted)
+            };
+            match blame {
+                Some(true) => {
+                    cache.token = None;
+                    cache.evidence = Evidence::default();
+                    cache.replacing = true;
+                    return true;
+                }
+                Some(false) => return false,
+                None => {
+                    drop(cache);
+                    let _ = tokio::time::timeout_at(deadline.into(), ended).await;
+                }
+            }
         }
     }
 
@@ -498,6 +658,14 @@ pub fn is_dead_grant(error: &AuthError) -> bool {
     matches!(error, AuthError::Entra { error, .. } if error == "invalid_grant" || error == "interaction_required")
 }
 
+/// True when `token` is the one in the cache.
+fn is_current(cache: &Cache, token: &AccessToken) -> bool {
+    cache
+        .token
+        .as_ref()
+        .is_some_and(|t| t.secret.expose_secret() == token.secret.expose_secret())
+}
+
 fn access_token(response: &TokenResponse, started: Instant) -> AccessToken {
     let lifetime = Duration::from_secs(response.expires_in);
     let margin = RENEW_MARGIN.min(lifetime / 5);
@@ -568,6 +736,21 @@ pub async fn post_form(
         .await
         .map_err(|e| unreachable(e.without_url().to_string()))?;
     let status = response.status();
+    if status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+    {
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+        return Err(AuthError::Throttled {
+            credential: credential.to_string(),
+            url: url.to_string(),
+            status: status.as_u16(),
+            retry_after,
+        });
+    }
     let body = response
         .bytes()
         .await
@@ -661,6 +844,24 @@ impl TokenSources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-03T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(parse_retry_after("1", now), Some(Duration::from_secs(1)));
+        assert_eq!(
+            parse_retry_after("Thu, 03 Dec 2026 10:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Thu, 03 Dec 2026 09:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("86400", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
 
     #[test]
     fn entra_descriptions_are_parsed() {

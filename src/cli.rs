@@ -318,10 +318,16 @@ async fn run_command(config: &Config, once: bool) -> ExitCode {
         let mut failed = false;
         for report in &reports {
             match &report.result {
-                Ok(s) => println!(
-                    "{}: {} created, {} appended, {} held, {} duplicate, {} quarantined",
-                    report.parser, s.created, s.appended, s.held, s.duplicate, s.quarantined
-                ),
+                Ok(once) => {
+                    let s = &once.outcomes;
+                    println!(
+                        "{}: {} created, {} appended, {} held, {} duplicate, {} quarantined",
+                        report.parser, s.created, s.appended, s.held, s.duplicate, s.quarantined
+                    );
+                    if let Some(first) = &once.first_contact {
+                        println!("{}: first contact: {first}", report.parser);
+                    }
+                }
                 Err(e) => {
                     failed = true;
                     println!("{}: failed: {e}", report.parser);

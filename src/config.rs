@@ -204,6 +204,8 @@ pub struct ParserConfig {
     pub keep_raw: bool,
     /// What to do on the server with a message once its rows are committed.
     pub after: AfterIngest,
+    /// Which of the messages already in the folder at first contact become tickets.
+    pub start_at: StartAt,
     /// How often to look for new mail when the server has no IDLE.
     pub poll_interval: std::time::Duration,
     /// Subject tag that threads a message onto a ticket; `{id}` stands for the ticket id.
@@ -243,6 +245,46 @@ impl AfterIngest {
                     "{other:?} is not one of \"mark_seen\", \"none\", \"move:<folder>\", \"delete\""
                 )),
             },
+        }
+    }
+}
+
+/// `start_at`: which messages already in the folder when mail2ticket first meets it (no
+/// checkpoint yet) are taken; everything that arrives later is always taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The messages without `\Seen` (`"unseen"`, the default).
+    Unseen,
+    /// Every message in the folder (`"all"`).
+    All,
+    /// None of them: only mail that arrives from now on (`"now"`).
+    Now,
+    /// Those that arrived (INTERNALDATE) on or after this day (`"2026-11-01"`).
+    Since(chrono::NaiveDate),
+}
+
+impl StartAt {
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "unseen" => Ok(StartAt::Unseen),
+            "all" => Ok(StartAt::All),
+            "now" => Ok(StartAt::Now),
+            other => chrono::NaiveDate::parse_from_str(other, "%Y-%m-%d")
+                .map(StartAt::Since)
+                .map_err(|_| {
+                    format!("{other:?} is not one of \"unseen\", \"all\", \"now\" or a date like \"2026-11-01\"")
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for StartAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartAt::Unseen => f.write_str("unseen"),
+            StartAt::All => f.write_str("all"),
+            StartAt::Now => f.write_str("now"),
+            StartAt::Since(day) => write!(f, "{}", day.format("%Y-%m-%d")),
         }
     }
 }
@@ -358,6 +400,7 @@ struct RawParser {
     #[serde(default = "yes")]
     keep_raw: bool,
     after: Option<String>,
+    start_at: Option<String>,
     poll_interval: Option<u64>,
     ticket_tag: Option<String>,
     max_tickets_per_sender: Option<u32>,
@@ -906,11 +949,20 @@ fn validate_parsers(
             );
         }
         let username = p.username.clone().unwrap_or_else(|| p.email.clone());
-        if !looks_like_address(&username) {
+        // Only an XOAUTH2 `user=` names a Microsoft 365 mailbox and must be an address;
+        // IMAP LOGIN on other servers takes names like `jdoe` or `DOMAIN\jdoe`.
+        let username_is_xoauth2_user = p.credential.is_some() && !p.shared_mailbox;
+        if username.trim().is_empty() || username.chars().any(char::is_control) {
             problems.add(
                 key("username"),
                 at,
-                format!("{username:?} is not an email address"),
+                "must not be empty or contain control characters",
+            );
+        } else if username_is_xoauth2_user && !looks_like_address(&username) {
+            problems.add(
+                key("username"),
+                at,
+                format!("{username:?} is not an email address; with a credential and shared_mailbox = false it is the XOAUTH2 user= (the mailbox's address). Plain usernames work with password = ... (IMAP LOGIN)"),
             );
         }
         let auth = match (&p.credential, &p.password) {
@@ -971,6 +1023,13 @@ fn validate_parsers(
             Some(text) => AfterIngest::parse(text).unwrap_or_else(|e| {
                 problems.add(key("after"), at, e);
                 AfterIngest::MarkSeen
+            }),
+        };
+        let start_at = match &p.start_at {
+            None => StartAt::Unseen,
+            Some(text) => StartAt::parse(text).unwrap_or_else(|e| {
+                problems.add(key("start_at"), at, e);
+                StartAt::Unseen
             }),
         };
         let poll_interval = std::time::Duration::from_secs(p.poll_interval.unwrap_or(60));
@@ -1042,6 +1101,7 @@ fn validate_parsers(
             max_attachment_size,
             keep_raw: p.keep_raw,
             after,
+            start_at,
             poll_interval,
             ticket_tag,
             max_tickets_per_sender,

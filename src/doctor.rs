@@ -4,6 +4,7 @@
 
 use crate::auth::{AuthError, TokenSources, entra_hint};
 use crate::config::{Config, CredentialKind, ParserAuth, ParserConfig};
+use crate::first_contact;
 use crate::imap::{self, ImapError, Login};
 use secrecy::ExposeSecret;
 use std::time::Instant;
@@ -209,7 +210,13 @@ pub async fn check_parser(parser: &ParserConfig, tokens: &TokenSources) -> Vec<S
 
     let mut session = session;
     match session.select(&imap.folder).await {
-        Ok(status) => steps.push(Step::ok("SELECT", format!("{}: {} messages (UIDVALIDITY {})", imap.folder, status.exists, status.uid_validity))),
+        Ok(status) => {
+            steps.push(Step::ok("SELECT", format!("{}: {} messages (UIDVALIDITY {})", imap.folder, status.exists, status.uid_validity)));
+            steps.push(match first_contact::choose(&mut session, &imap.folder, &status, parser.start_at).await {
+                Ok(start) => Step::ok("start_at", format!("at first contact, {} (once mail2ticket has read the folder, its checkpoint decides)", start.report)),
+                Err(e) => Step::fail("start_at", e.to_string(), "the server refused UID SEARCH; check the folder"),
+            });
+        }
         Err(e @ ImapError::NotConnected { .. }) => steps.push(Step::fail(
             "SELECT",
             e.to_string(),

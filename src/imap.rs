@@ -382,6 +382,17 @@ pub enum IdleEnd {
     Cancelled,
 }
 
+/// A message waiting on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    /// Its UID.
+    pub uid: u32,
+    /// RFC822.SIZE in bytes (what a download costs).
+    pub size: u32,
+    /// INTERNALDATE: when the server received it (loop protection counts by it).
+    pub arrived: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// A logged-in IMAP session.
 pub struct ImapSession {
     session: Session<Stream>,
@@ -430,27 +441,50 @@ impl ImapSession {
         })
     }
 
-    /// UIDs and sizes of the messages with UID >= `from`, in UID order.
-    pub async fn sizes_from(&mut self, from: u32) -> Result<Vec<(u32, u32)>, ImapError> {
-        let query = format!("{}:*", from.max(1));
-        let fetches: Vec<Fetch> = timed("UID FETCH (RFC822.SIZE)", async {
+    /// The messages with UID >= `from`, in UID order.
+    pub async fn pending_from(&mut self, from: u32) -> Result<Vec<Pending>, ImapError> {
+        let from = from.max(1);
+        let mut listed = self.pending_in(&format!("{from}:*")).await?;
+        // `n:*` always includes the last message, even when its UID is below n.
+        listed.retain(|p| p.uid >= from);
+        Ok(listed)
+    }
+
+    /// The messages in a UID set (`"3,7,10:*"`), in UID order: UID, RFC822.SIZE and
+    /// INTERNALDATE. A `n:*` range also returns the last message when n is past it: the
+    /// caller filters.
+    pub async fn pending_in(&mut self, set: &str) -> Result<Vec<Pending>, ImapError> {
+        let fetches: Vec<Fetch> = timed("UID FETCH (RFC822.SIZE INTERNALDATE)", async {
             self.session
-                .uid_fetch(&query, "(UID RFC822.SIZE)")
+                .uid_fetch(set, "(UID RFC822.SIZE INTERNALDATE)")
                 .await?
                 .try_collect()
                 .await
         })
         .await?;
         self.drain_unsolicited()?;
-        let mut sizes: Vec<(u32, u32)> = fetches
+        let mut listed: Vec<Pending> = fetches
             .iter()
-            .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
-            // `n:*` always includes the last message, even when its UID is below n.
-            .filter(|(uid, _)| *uid >= from)
+            .filter_map(|f| {
+                Some(Pending {
+                    uid: f.uid?,
+                    size: f.size.unwrap_or(0),
+                    arrived: f.internal_date().map(|d| d.with_timezone(&chrono::Utc)),
+                })
+            })
             .collect();
-        sizes.sort_unstable();
-        sizes.dedup_by_key(|(uid, _)| *uid);
-        Ok(sizes)
+        listed.sort_unstable_by_key(|p| p.uid);
+        listed.dedup_by_key(|p| p.uid);
+        Ok(listed)
+    }
+
+    /// `UID SEARCH` with `criteria` (`"UNSEEN"`, `"SINCE 1-Nov-2026"`): the UIDs, sorted.
+    pub async fn search(&mut self, criteria: &str) -> Result<Vec<u32>, ImapError> {
+        let found = timed("UID SEARCH", self.session.uid_search(criteria)).await?;
+        self.drain_unsolicited()?;
+        let mut uids: Vec<u32> = found.into_iter().collect();
+        uids.sort_unstable();
+        Ok(uids)
     }
 
     /// The raw bytes of these messages (BODY.PEEK[], so \Seen is not set), in UID order.

@@ -18,7 +18,39 @@
 use crate::config::ParserConfig;
 use crate::store::{self, Hold, HoldKind, QuarantineInsert, StoreError, TicketInsert};
 use crate::ticket::{NewTicket, TicketRules};
+use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, PgPool};
+
+/// A Date header up to this far in the future still counts as the arrival time (clocks
+/// of senders drift); further is not plausible and the ingest time is used.
+const DATE_HEADER_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// When a message arrived, for loop protection: a backlog ingested in one go must be
+/// judged by when its messages arrived, not by when they were processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Known from the source (IMAP INTERNALDATE, a quarantine row's stored arrival).
+    At(DateTime<Utc>),
+    /// Unknown (`ingest` of files or a pipe): the Date header when it is plausible (read
+    /// and not in the future), else now.
+    FromDateHeader,
+}
+
+impl Arrival {
+    /// The arrival time for `decision`; never later than now.
+    pub fn resolve(self, decision: &Decision) -> DateTime<Utc> {
+        let now = Utc::now();
+        match (self, decision) {
+            (Arrival::At(at), _) => at.min(now),
+            (Arrival::FromDateHeader, Decision::Ticket(ticket)) => ticket
+                .message
+                .sent_at
+                .filter(|sent| *sent <= now + DATE_HEADER_SKEW)
+                .map_or(now, |sent| sent.min(now)),
+            (Arrival::FromDateHeader, Decision::Quarantine(_)) => now,
+        }
+    }
+}
 
 /// What one parser does with a message: its ticket rules and its size limit.
 #[derive(Debug, Clone)]
@@ -154,13 +186,15 @@ pub async fn store_decision(
     pipeline: &Pipeline,
     decision: &Decision,
     raw: &[u8],
+    arrival: Arrival,
 ) -> Result<Outcome, StoreError> {
     let parser = &pipeline.rules.parser;
+    let arrived_at = arrival.resolve(decision);
     let error_hold = match decision {
         Decision::Quarantine(reason) => reason.clone(),
         Decision::Ticket(ticket) => {
             let mut savepoint = tx.begin().await?;
-            match store_ticket(&mut savepoint, pipeline, ticket, raw).await {
+            match store_ticket(&mut savepoint, pipeline, ticket, raw, arrived_at).await {
                 Ok(outcome) => {
                     savepoint.commit().await?;
                     return Ok(outcome);
@@ -173,7 +207,7 @@ pub async fn store_decision(
             }
         }
     };
-    quarantine(tx, parser, error_hold, raw, false).await
+    quarantine(tx, parser, error_hold, raw, false, arrived_at).await
 }
 
 /// Quarantines a message that could not be ticketed, with the reason, inside the caller's
@@ -185,6 +219,7 @@ pub async fn quarantine(
     reason: String,
     raw: &[u8],
     header_only: bool,
+    arrived_at: DateTime<Utc>,
 ) -> Result<Outcome, StoreError> {
     let hold = Hold {
         kind: HoldKind::Error,
@@ -192,6 +227,7 @@ pub async fn quarantine(
         sender: None,
         message_id: None,
         header_only,
+        arrived_at,
     };
     Ok(
         match store::insert_quarantine(tx, parser, hold, raw).await? {
@@ -207,6 +243,7 @@ async fn store_ticket(
     pipeline: &Pipeline,
     ticket: &NewTicket,
     raw: &[u8],
+    arrived_at: DateTime<Utc>,
 ) -> Result<Outcome, StoreError> {
     let rules = &pipeline.rules;
     // A message already stored is a duplicate whatever the rules would say now: one lookup
@@ -226,31 +263,34 @@ async fn store_ticket(
     .await?;
     if let Some(ticket_id) = thread {
         return Ok(
-            match store::append_message(conn, ticket_id, ticket, keep_raw).await? {
+            match store::append_message(conn, ticket_id, ticket, keep_raw, arrived_at).await? {
                 TicketInsert::Appended { ticket_id, .. } => Outcome::Appended { ticket_id },
                 TicketInsert::Created { ticket_id, .. } => Outcome::Created { ticket_id },
                 TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
             },
         );
     }
+    // Loop protection counts the sender's tickets that arrived within the window before
+    // this message arrived (not before now: a backlog is not a loop).
     let sender = ticket.requester_email.as_str();
+    let window = rules.sender_window;
     let held = if let Some(reason) = &ticket.message.automatic_reason {
         Some((
             HoldKind::Automatic,
             format!("automatic message that answers no ticket: {reason}"),
         ))
     } else if !sender.is_empty()
-        && store::recent_tickets_from(conn, &rules.parser, sender, rules.sender_window).await?
+        && store::recent_tickets_from(conn, &rules.parser, sender, arrived_at, window).await?
             >= i64::from(rules.max_tickets_per_sender)
     {
-        if !store::loop_recorded_since(conn, &rules.parser, sender, rules.sender_window).await? {
+        if !store::loop_recorded_since(conn, &rules.parser, sender, arrived_at, window).await? {
             tracing::warn!(parser = %rules.parser, sender, window_s = rules.sender_window.as_secs(),
                 max = rules.max_tickets_per_sender, "loop protection: holding back new tickets from this sender");
         }
         Some((
             HoldKind::Loop,
             format!(
-                "loop protection: {sender} opened {} tickets within {} s",
+                "loop protection: {sender} opened {} tickets that arrived within {} s",
                 rules.max_tickets_per_sender,
                 rules.sender_window.as_secs()
             ),
@@ -265,6 +305,7 @@ async fn store_ticket(
             sender: (!sender.is_empty()).then_some(sender),
             message_id: Some(&ticket.message.message_id),
             header_only: false,
+            arrived_at,
         };
         return Ok(
             match store::insert_quarantine(conn, &rules.parser, hold, raw).await? {
@@ -273,12 +314,14 @@ async fn store_ticket(
             },
         );
     }
-    Ok(match store::insert_ticket(conn, ticket, keep_raw).await? {
-        TicketInsert::Created { ticket_id, .. } | TicketInsert::Appended { ticket_id, .. } => {
-            Outcome::Created { ticket_id }
-        }
-        TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
-    })
+    Ok(
+        match store::insert_ticket(conn, ticket, keep_raw, arrived_at).await? {
+            TicketInsert::Created { ticket_id, .. } | TicketInsert::Appended { ticket_id, .. } => {
+                Outcome::Created { ticket_id }
+            }
+            TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
+        },
+    )
 }
 
 /// Decides and stores several messages in one transaction: one commit (one fsync) for the
@@ -293,7 +336,8 @@ pub async fn ingest_batch(
     let mut tx = pool.begin().await?;
     let mut outcomes = Vec::with_capacity(raws.len());
     for (decision, raw) in decisions.iter().zip(raws) {
-        outcomes.push(store_decision(&mut tx, pipeline, decision, raw).await?);
+        outcomes
+            .push(store_decision(&mut tx, pipeline, decision, raw, Arrival::FromDateHeader).await?);
     }
     tx.commit().await?;
     Ok(outcomes)
@@ -307,7 +351,8 @@ pub async fn ingest_one(
 ) -> Result<Outcome, StoreError> {
     let decision = decide(pipeline, raw);
     let mut tx = pool.begin().await?;
-    let outcome = store_decision(&mut tx, pipeline, &decision, raw).await?;
+    let outcome =
+        store_decision(&mut tx, pipeline, &decision, raw, Arrival::FromDateHeader).await?;
     tx.commit().await?;
     Ok(outcome)
 }
@@ -350,7 +395,8 @@ pub async fn replay(
         )));
     };
     let decision = decide(pipeline, &row.raw);
-    let outcome = store_decision(&mut tx, pipeline, &decision, &row.raw).await?;
+    let arrival = Arrival::At(row.arrived_at);
+    let outcome = store_decision(&mut tx, pipeline, &decision, &row.raw, arrival).await?;
     let description = match &outcome {
         Outcome::Created { ticket_id } => format!("created ticket {ticket_id}"),
         Outcome::Appended { ticket_id } => format!("appended to ticket {ticket_id}"),

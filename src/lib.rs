@@ -22,9 +22,11 @@
 
 pub mod assertion;
 pub mod auth;
+pub mod boundary;
 pub mod cli;
 pub mod config;
 pub mod doctor;
+pub mod first_contact;
 pub mod html;
 pub mod imap;
 pub mod ingest;

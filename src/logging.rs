@@ -1,5 +1,6 @@
 //! Log setup: human-readable or JSON lines on stderr, filtered by `RUST_LOG`.
 
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 /// The two log formats: `text` for terminals and journald, `json` for containers.
@@ -18,6 +19,8 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: journald, files and log collectors get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         // A closed stderr (a log pipe that went away) must not take the daemon down: with
         // internal error logging on, tracing-subscriber reports a failed write with
         // eprintln!, which panics on that same closed stderr, in whichever task logged.

@@ -7,8 +7,9 @@
 //! - inline-ness of an attachment is decided here from Content-ID and the HTML, since
 //!   mail-parser reports `cid:` images among the attachments;
 //! - a `--boundary` that is not a real delimiter line makes mail-parser 0.11 cut the part
-//!   (and, followed by `--`, drop every later part) silently: such messages carry a
-//!   warning so the raw bytes are kept with the ticket (see [`BOUNDARY_WARNING`]).
+//!   (and, followed by `--`, drop every later part) silently: such messages are read again
+//!   with fresh boundaries ([`crate::boundary`]); one that still cannot be read whole
+//!   carries a warning so the raw bytes are kept with the ticket (see [`BOUNDARY_WARNING`]).
 
 use chrono::{DateTime, Utc};
 use mail_parser::{Address, HeaderName, HeaderValue, MessageParser, MimeHeaders, PartType};
@@ -116,7 +117,9 @@ pub struct ParsedMessage {
     pub raw_size: usize,
 }
 
-/// Parses one raw message.
+/// Parses one raw message. A message in which a boundary string appears off a delimiter
+/// line is read through [`crate::boundary::rewrite`] (fresh boundaries), so that no text
+/// or attachment is lost; only when that cannot help does it carry [`BOUNDARY_WARNING`].
 pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
     if raw.is_empty() {
         return Err(ParseError::Empty);
@@ -124,6 +127,24 @@ pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
     let message = MessageParser::default()
         .parse(raw)
         .ok_or(ParseError::NoHeaders)?;
+    if has_misplaced_boundary(&message, raw)
+        && let Some(repaired) = crate::boundary::rewrite(raw)
+        && let Some(message) = MessageParser::default().parse(&repaired[..])
+    {
+        return read(message, &repaired, raw);
+    }
+    read(message, raw, raw)
+}
+
+/// Builds the [`ParsedMessage`] from a parsed message; `bytes` are the bytes it was parsed
+/// from (offsets point into them), `original` the message as received (for the derived
+/// Message-ID and the size).
+fn read(
+    message: mail_parser::Message,
+    bytes: &[u8],
+    original: &[u8],
+) -> Result<ParsedMessage, ParseError> {
+    let raw = bytes;
     // mail-parser turns any first line into a "header"; require one real field name
     // (RFC 5322 ftext: printable ASCII without space or colon).
     let has_real_header = message.root_part().headers().iter().any(|h| {
@@ -147,7 +168,7 @@ pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
                 true,
             )
         }
-        None => (derived_message_id(raw), true),
+        None => (derived_message_id(original), true),
     };
     let in_reply_to =
         first_id(message.header(HeaderName::InReplyTo)).filter(|id| id.len() <= MAX_MESSAGE_ID_LEN);
@@ -204,7 +225,7 @@ pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
         attachments,
         auto: auto_signals(&message),
         warnings,
-        raw_size: raw.len(),
+        raw_size: original.len(),
     })
 }
 
@@ -661,5 +682,34 @@ mod tests {
         assert!(is_delimiter_line(raw, 7, 3));
         assert!(!is_delimiter_line(raw, 15, 3));
         assert!(!is_delimiter_line(raw, 6, 3));
+    }
+}
+
+#[cfg(test)]
+mod boundary_tests {
+    use super::*;
+
+    #[test]
+    fn a_boundary_inside_a_part_no_longer_hides_text_or_attachments() {
+        let raw = b"Subject: t\nContent-Type: multipart/mixed; boundary=\"XY\"\n\n--XY\nContent-Type: text/plain\n\nbefore --XY-- after\nmore\n--XY\nContent-Type: text/plain; name=a.txt\nContent-Disposition: attachment; filename=a.txt\n\nfile\n--XY--\n";
+        let parsed = parse(raw).unwrap();
+        assert_eq!(parsed.body_text, "before --XY-- after\nmore");
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        assert_eq!(parsed.attachments.len(), 1);
+        assert_eq!(parsed.attachments[0].filename, "a.txt");
+        assert_eq!(parsed.raw_size, raw.len());
+    }
+
+    #[test]
+    fn a_message_that_cannot_be_repaired_keeps_the_warning_and_the_note() {
+        // An RFC 2231 boundary parameter is not rewritten: the guard's warning stays.
+        let raw = b"Subject: t\nContent-Type: multipart/mixed; boundary*0=\"XY\"\n\n--XY\nContent-Type: text/plain\n\nbefore --XY-- after\n--XY--\n";
+        let parsed = parse(raw).unwrap();
+        assert_eq!(parsed.warnings, vec![BOUNDARY_WARNING.to_string()]);
+        assert!(
+            parsed.body_text.contains("may be hidden"),
+            "{}",
+            parsed.body_text
+        );
     }
 }

@@ -14,16 +14,14 @@
 
 use crate::auth::{AccessToken, TokenSource};
 use crate::config::{AfterIngest, ParserAuth, ParserConfig};
-use crate::imap::{self, IdleEnd, ImapError, ImapSession, Login};
-use crate::ingest::{self, Pipeline};
-use crate::store::{self, Checkpoint, FetchTrouble, StoreError};
+use crate::first_contact::{self, FirstContact};
+use crate::imap::{self, IdleEnd, ImapError, ImapSession, Login, Pending};
+use crate::ingest::{self, Arrival, Pipeline};
+use crate::store::{self, Backlog, Checkpoint, FetchTrouble, StoreError};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-/// (UID, RFC822.SIZE) of a message waiting on the server.
-type UidSize = (u32, u32);
 
 /// Messages fetched per batch (and per transaction).
 const BATCH_MESSAGES: usize = 50;
@@ -56,8 +54,29 @@ pub enum PollError {
     Panicked(String),
 }
 
+impl PollError {
+    /// How long the other side asked us to wait before trying again, if it did (a
+    /// throttled token endpoint's `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            PollError::Auth(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+}
+
 /// Counters of one run of a poller.
 pub type PollStats = crate::ingest::OutcomeCounts;
+
+/// What `run --once` reports for one parser: the counters, and what `start_at` decided
+/// when this run was the first contact with the folder.
+#[derive(Debug, Clone, Default)]
+pub struct OnceStats {
+    /// What became of the messages.
+    pub outcomes: PollStats,
+    /// Set when this run met the folder for the first time.
+    pub first_contact: Option<FirstContact>,
+}
 
 /// Everything one parser's loop needs.
 pub struct Poller {
@@ -98,21 +117,28 @@ impl Poller {
     }
 
     /// Connects, ingests everything new, logs out.
-    pub async fn run_once(&self, cancel: &CancellationToken) -> Result<PollStats, PollError> {
+    pub async fn run_once(&self, cancel: &CancellationToken) -> Result<OnceStats, PollError> {
         let mut connected = self.connect().await?;
         let mut stats = PollStats::default();
-        let result = self.sync(&mut connected.session, &mut stats, cancel).await;
+        let result = self
+            .sync(&mut connected.session, &mut stats, cancel, &|| {})
+            .await;
         connected.session.logout().await;
-        result.map(|_| stats)
+        result.map(|first_contact| OnceStats {
+            outcomes: stats,
+            first_contact,
+        })
     }
 
     /// Runs until cancelled or until something fails (the supervisor retries with backoff).
-    /// `on_connected` is called after each session's first successful pass (login, SELECT,
-    /// fetch), so that the supervisor's backoff starts over only when the mailbox works.
+    /// `on_progress` is called after each session's first successful pass (login, SELECT,
+    /// fetch) and whenever a batch commits, so that the supervisor's backoff starts over
+    /// whenever the mailbox makes progress (a link that drops every few seconds during a
+    /// long backlog still commits, and must not wait longer and longer).
     pub async fn run(
         &self,
         cancel: &CancellationToken,
-        on_connected: &(dyn Fn() + Sync),
+        on_progress: &(dyn Fn() + Sync),
     ) -> Result<(), PollError> {
         while !cancel.is_cancelled() {
             let Connected { mut session, token } = self.connect().await?;
@@ -120,9 +146,10 @@ impl Poller {
             let supports_idle = session.supports_idle().await?;
             let mut first_pass = true;
             loop {
-                self.sync(&mut session, &mut stats, cancel).await?;
+                self.sync(&mut session, &mut stats, cancel, on_progress)
+                    .await?;
                 if std::mem::take(&mut first_pass) {
-                    on_connected();
+                    on_progress();
                 }
                 if cancel.is_cancelled() {
                     break;
@@ -179,29 +206,40 @@ impl Poller {
                 })
             }
             (ParserAuth::Credential(_), Some(tokens)) => {
-                // A rejected token may have been revoked or expired early: drop it and try
-                // once more with a fresh one before giving up.
+                // A refused token may have been revoked or expired early: when the evidence
+                // points at the token (not at this mailbox), it is dropped and the login
+                // tried once more with a fresh one.
                 for attempt in 0..2 {
                     let token = tokens.token().await?;
-                    let connection = imap::connect(&parser.imap).await?;
-                    match connection
-                        .login(Login::OAuth {
-                            user,
-                            token: &token.secret,
-                        })
-                        .await
-                    {
+                    tokens.login_started(&token).await;
+                    let logged_in = async {
+                        let connection = imap::connect(&parser.imap).await?;
+                        connection
+                            .login(Login::OAuth {
+                                user,
+                                token: &token.secret,
+                            })
+                            .await
+                    };
+                    match logged_in.await {
                         Ok(session) => {
+                            tokens.login_accepted(&token, user).await;
                             return Ok(Connected {
                                 session,
                                 token: Some(token),
                             });
                         }
-                        Err(e) if e.is_auth_rejected() && attempt == 0 => {
-                            tracing::warn!(parser = %parser.name, error = %e, "login refused; retrying once with a new token");
-                            tokens.invalidate(&token).await;
+                        Err(e) if e.is_auth_rejected() => {
+                            let blamed = tokens.login_refused(&token, user).await;
+                            if !blamed || attempt > 0 {
+                                return Err(e.into());
+                            }
+                            tracing::warn!(parser = %parser.name, error = %e, "login refused with a token no mailbox has accepted; retrying once with a new token");
                         }
-                        Err(e) => return Err(e.into()),
+                        Err(e) => {
+                            tokens.login_failed(&token).await;
+                            return Err(e.into());
+                        }
                     }
                 }
                 unreachable!("the loop returns on its second attempt")
@@ -210,46 +248,68 @@ impl Poller {
         }
     }
 
-    /// SELECTs the folder and stores every message past the checkpoint.
+    /// SELECTs the folder and stores every message past the checkpoint. Returns what
+    /// `start_at` decided when this pass was the first contact with the folder.
     async fn sync(
         &self,
         session: &mut ImapSession,
         stats: &mut PollStats,
         cancel: &CancellationToken,
-    ) -> Result<(), PollError> {
+        on_progress: &(dyn Fn() + Sync),
+    ) -> Result<Option<FirstContact>, PollError> {
         let parser = &self.parser;
         let folder = &parser.imap.folder;
         let status = session.select(folder).await?;
-        let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
-        let saved = store::load_checkpoint(&mut conn, &parser.name, folder).await?;
         let uidvalidity = i64::from(status.uid_validity);
-        let (mut checkpoint, mut trouble) = match saved {
-            Some((c, trouble)) if c.uidvalidity == uidvalidity => (c, trouble),
-            other => {
-                if let Some((old, _)) = other {
-                    tracing::warn!(parser = %parser.name, folder = %folder, old = old.uidvalidity, new = uidvalidity,
-                        "UIDVALIDITY changed: rescanning the folder (already stored messages are recognised by Message-ID)");
-                }
-                // Record the folder's identity at once, so the state is visible before mail arrives.
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+        let saved = store::load_mailbox_state(&mut conn, &parser.name, folder).await?;
+        let mut first_contact = None;
+        let (mut checkpoint, mut trouble, backlog) = match saved {
+            Some(state) if state.checkpoint.uidvalidity == uidvalidity => {
+                (state.checkpoint, state.trouble, state.backlog)
+            }
+            Some(old) => {
+                tracing::warn!(parser = %parser.name, folder = %folder, old = old.checkpoint.uidvalidity, new = uidvalidity,
+                    "UIDVALIDITY changed: rescanning the folder (already stored messages are recognised by Message-ID)");
                 let fresh = Checkpoint {
                     uidvalidity,
                     last_uid: 0,
                 };
-                // (Saving it clears a failed-fetch counter of the old UIDVALIDITY.)
+                // (Saving it clears the failed-fetch counter and the first-contact choice.)
                 store::save_checkpoint(&mut conn, &parser.name, folder, fresh).await?;
-                (fresh, None)
+                (fresh, None, None)
+            }
+            None => {
+                let start =
+                    first_contact::choose(session, folder, &status, parser.start_at).await?;
+                tracing::info!(parser = %parser.name, folder = %folder, start_at = %parser.start_at,
+                    existing = start.report.existing, taken = start.report.taken, "first contact: {}", start.report);
+                let fresh = Checkpoint {
+                    uidvalidity,
+                    last_uid: start.last_uid,
+                };
+                // Recorded at once: the choice holds from now on, whatever happens next.
+                store::save_first_contact(
+                    &mut conn,
+                    &parser.name,
+                    folder,
+                    fresh,
+                    start.backlog.as_ref(),
+                )
+                .await?;
+                first_contact = Some(start.report);
+                (fresh, None, start.backlog)
             }
         };
         drop(conn);
-        let from = u32::try_from(checkpoint.last_uid + 1).unwrap_or(u32::MAX);
-        let pending = session.sizes_from(from).await?;
+        let pending = list_pending(session, checkpoint.last_uid, backlog.as_ref()).await?;
         if !pending.is_empty() {
             tracing::info!(parser = %parser.name, folder = %folder, messages = pending.len(), "new mail");
         }
         let mut rest = pending.as_slice();
         while !rest.is_empty() && !cancel.is_cancelled() {
             let failures = trouble
-                .filter(|t| t.uid == i64::from(rest[0].0))
+                .filter(|t| t.uid == i64::from(rest[0].uid))
                 .map_or(0, |t| t.failures);
             if failures >= GIVE_UP_AFTER {
                 checkpoint = self
@@ -257,43 +317,40 @@ impl Poller {
                     .await?;
                 rest = &rest[1..];
                 trouble = None;
+                on_progress();
                 continue;
             }
             let (batch, tail) = split_batch(rest, parser.max_message_size);
             rest = tail;
             if failures >= ISOLATE_AFTER {
-                tracing::warn!(parser = %parser.name, folder = %folder, uid = batch[0].0, failures,
+                tracing::warn!(parser = %parser.name, folder = %folder, uid = batch[0].uid, failures,
                     "fetches starting here failed repeatedly: fetching these messages one at a time");
                 for one in batch {
+                    let one = std::slice::from_ref(one);
                     checkpoint = self
-                        .store_batch(
-                            session,
-                            std::slice::from_ref(one),
-                            checkpoint,
-                            stats,
-                            trouble,
-                            true,
-                        )
+                        .store_batch(session, one, checkpoint, stats, trouble, true)
                         .await?;
+                    on_progress();
                 }
             } else {
                 checkpoint = self
                     .store_batch(session, batch, checkpoint, stats, trouble, false)
                     .await?;
+                on_progress();
             }
         }
-        Ok(())
+        Ok(first_contact)
     }
 
     /// Counts a failed fetch of `batch` (kept even though the batch's transaction is
     /// abandoned). A message failing alone while isolating starts just below the limit.
     async fn record_fetch_failure(
         &self,
-        batch: &[UidSize],
+        batch: &[Pending],
         trouble: Option<FetchTrouble>,
         isolating: bool,
     ) {
-        let uid = i64::from(batch[0].0);
+        let uid = i64::from(batch[0].uid);
         let failures = match trouble {
             Some(t) if t.uid == uid => t.failures + 1,
             _ if isolating => ISOLATE_AFTER + 1,
@@ -321,7 +378,7 @@ impl Poller {
     async fn give_up_on(
         &self,
         session: &mut ImapSession,
-        (uid, size): UidSize,
+        Pending { uid, size, arrived }: Pending,
         failures: i32,
         checkpoint: Checkpoint,
         stats: &mut PollStats,
@@ -343,7 +400,9 @@ impl Poller {
             "the server failed {failures} times to return this message (the connection was cut or the FETCH came back short while sending it; {size} bytes by RFC822.SIZE); {kept}; the message stays in the mailbox (UID {uid}): open it there, and forward it again if it matters"
         );
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let outcome = ingest::quarantine(&mut tx, &parser.name, reason, &raw, true).await?;
+        let arrived_at = arrived.unwrap_or_else(chrono::Utc::now);
+        let outcome =
+            ingest::quarantine(&mut tx, &parser.name, reason, &raw, true, arrived_at).await?;
         let next = Checkpoint {
             uidvalidity: checkpoint.uidvalidity,
             last_uid: i64::from(uid).max(checkpoint.last_uid),
@@ -360,7 +419,7 @@ impl Poller {
     async fn store_batch(
         &self,
         session: &mut ImapSession,
-        batch: &[UidSize],
+        batch: &[Pending],
         checkpoint: Checkpoint,
         stats: &mut PollStats,
         trouble: Option<FetchTrouble>,
@@ -379,15 +438,22 @@ impl Poller {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let mut done = Vec::with_capacity(raws.len());
         for (uid, raw) in &raws {
-            let size = batch.iter().find(|(u, _)| u == uid).map_or(0, |(_, s)| *s);
+            let listed = batch.iter().find(|p| p.uid == *uid);
+            let size = listed.map_or(0, |p| p.size);
+            // Loop protection counts by INTERNALDATE (a server that omits it: the Date header).
+            let arrival = listed
+                .and_then(|p| p.arrived)
+                .map_or(Arrival::FromDateHeader, Arrival::At);
             let outcome = if u64::from(size) > max {
                 let reason = format!(
                     "message is {size} bytes (IMAP RFC822.SIZE), over max_message_size ({max} bytes); only its header is kept here, the message stays in the mailbox (UID {uid})"
                 );
-                ingest::quarantine(&mut tx, &parser.name, reason, raw, true).await?
+                let decision = ingest::Decision::Quarantine(String::new());
+                let arrived_at = arrival.resolve(&decision);
+                ingest::quarantine(&mut tx, &parser.name, reason, raw, true, arrived_at).await?
             } else {
                 let decision = ingest::decide(&self.pipeline, raw);
-                ingest::store_decision(&mut tx, &self.pipeline, &decision, raw).await?
+                ingest::store_decision(&mut tx, &self.pipeline, &decision, raw, arrival).await?
             };
             tracing::debug!(parser = %parser.name, uid, ?outcome, "stored");
             stats.count(&outcome);
@@ -398,7 +464,7 @@ impl Poller {
         }
         let last_uid = batch
             .iter()
-            .map(|(uid, _)| i64::from(*uid))
+            .map(|p| i64::from(p.uid))
             .max()
             .unwrap_or(checkpoint.last_uid);
         let next = Checkpoint {
@@ -420,20 +486,33 @@ impl Poller {
     }
 }
 
+/// The messages to read in this pass: past the checkpoint, and below the first-contact
+/// horizon only those `start_at` chose.
+async fn list_pending(
+    session: &mut ImapSession,
+    last_uid: i64,
+    backlog: Option<&Backlog>,
+) -> Result<Vec<Pending>, ImapError> {
+    let (set, wanted) = first_contact::pending_set(last_uid, backlog);
+    let mut listed = session.pending_in(&set).await?;
+    listed.retain(|p| wanted(p.uid));
+    Ok(listed)
+}
+
 /// Fetches a batch: whole messages, and only the header of those over `max` bytes.
 async fn fetch_batch(
     session: &mut ImapSession,
-    batch: &[UidSize],
+    batch: &[Pending],
     max: u64,
 ) -> Result<Vec<(u32, Vec<u8>)>, ImapError> {
     let wanted: Vec<u32> = batch
         .iter()
-        .filter(|(_, size)| u64::from(*size) <= max)
-        .map(|(uid, _)| *uid)
+        .filter(|p| u64::from(p.size) <= max)
+        .map(|p| p.uid)
         .collect();
     let mut raws = session.fetch(&wanted).await?;
-    for &(uid, _) in batch.iter().filter(|(_, size)| u64::from(*size) > max) {
-        raws.push((uid, session.fetch_header(uid).await?));
+    for p in batch.iter().filter(|p| u64::from(p.size) > max) {
+        raws.push((p.uid, session.fetch_header(p.uid).await?));
     }
     raws.sort_unstable_by_key(|(uid, _)| *uid);
     Ok(raws)
@@ -441,14 +520,14 @@ async fn fetch_batch(
 
 /// The next batch: up to [`BATCH_MESSAGES`] messages and [`BATCH_BYTES`] (always at least
 /// one message; oversized ones count as nothing, since only their header is fetched).
-fn split_batch(pending: &[UidSize], max_message_size: u64) -> (&[UidSize], &[UidSize]) {
+fn split_batch(pending: &[Pending], max_message_size: u64) -> (&[Pending], &[Pending]) {
     let mut bytes = 0u64;
     let mut end = 0;
-    for (i, (_, size)) in pending.iter().enumerate() {
-        let size = if u64::from(*size) > max_message_size {
+    for (i, p) in pending.iter().enumerate() {
+        let size = if u64::from(p.size) > max_message_size {
             0
         } else {
-            u64::from(*size)
+            u64::from(p.size)
         };
         if i >= BATCH_MESSAGES || (i > 0 && bytes + size > BATCH_BYTES) {
             break;
@@ -463,13 +542,25 @@ fn split_batch(pending: &[UidSize], max_message_size: u64) -> (&[UidSize], &[Uid
 mod tests {
     use super::*;
 
+    fn listed(sizes: &[(u32, u32)]) -> Vec<Pending> {
+        sizes
+            .iter()
+            .map(|&(uid, size)| Pending {
+                uid,
+                size,
+                arrived: None,
+            })
+            .collect()
+    }
+
     #[test]
     fn batches_are_bounded_by_count_and_bytes() {
         let small: Vec<(u32, u32)> = (1..=120).map(|uid| (uid, 1000)).collect();
+        let small = listed(&small);
         assert_eq!(split_batch(&small, 1 << 30).0.len(), BATCH_MESSAGES);
-        let big = vec![(1, 20 << 20), (2, 20 << 20), (3, 1)];
+        let big = listed(&[(1, 20 << 20), (2, 20 << 20), (3, 1)]);
         assert_eq!(split_batch(&big, 1 << 30).0.len(), 1);
-        let huge = vec![(1, 100 << 20), (2, 100 << 20)];
+        let huge = listed(&[(1, 100 << 20), (2, 100 << 20)]);
         assert_eq!(
             split_batch(&huge, 1 << 30).0.len(),
             1,

@@ -6,6 +6,7 @@
 
 use crate::config::DatabaseConfig;
 use crate::ticket::NewTicket;
+use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -105,18 +106,22 @@ pub async fn insert_ticket(
     conn: &mut PgConnection,
     ticket: &NewTicket,
     raw: Option<&[u8]>,
+    arrived_at: DateTime<Utc>,
 ) -> Result<TicketInsert, StoreError> {
     let ticket_id: i64 = sqlx::query_scalar(
-        "insert into tickets (parser, subject, requester_email, requester_name)
-         values ($1, $2, $3, $4) returning id",
+        "insert into tickets (parser, subject, requester_email, requester_name, arrived_at)
+         values ($1, $2, $3, $4, $5) returning id",
     )
     .bind(&ticket.parser)
     .bind(&ticket.subject)
     .bind(&ticket.requester_email)
     .bind(&ticket.requester_name)
+    .bind(arrived_at)
     .fetch_one(&mut *conn)
     .await?;
-    let Some(message_row_id) = insert_message_rows(conn, ticket_id, ticket, raw).await? else {
+    let Some(message_row_id) =
+        insert_message_rows(conn, ticket_id, ticket, raw, arrived_at).await?
+    else {
         // Another writer stored the same message between our check and our insert.
         sqlx::query("delete from tickets where id = $1")
             .bind(ticket_id)
@@ -169,8 +174,11 @@ pub async fn append_message(
     ticket_id: i64,
     ticket: &NewTicket,
     raw: Option<&[u8]>,
+    arrived_at: DateTime<Utc>,
 ) -> Result<TicketInsert, StoreError> {
-    let Some(message_row_id) = insert_message_rows(conn, ticket_id, ticket, raw).await? else {
+    let Some(message_row_id) =
+        insert_message_rows(conn, ticket_id, ticket, raw, arrived_at).await?
+    else {
         let ticket_id = message_ticket(conn, &ticket.parser, &ticket.message.message_id)
             .await?
             .unwrap_or(ticket_id);
@@ -214,13 +222,14 @@ async fn insert_message_rows(
     ticket_id: i64,
     ticket: &NewTicket,
     raw: Option<&[u8]>,
+    arrived_at: DateTime<Utc>,
 ) -> Result<Option<i64>, StoreError> {
     let m = &ticket.message;
     let message_row_id: Option<i64> = sqlx::query_scalar(
         "insert into ticket_messages (ticket_id, parser, message_id, message_id_derived,
              in_reply_to, references_ids, subject, from_email, from_name, to_emails, cc_emails,
-             sent_at, body_text, body_html, raw_size, warnings, automatic_reason)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+             sent_at, body_text, body_html, raw_size, warnings, automatic_reason, arrived_at)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
          on conflict (parser, message_id) do nothing
          returning id",
     )
@@ -241,6 +250,7 @@ async fn insert_message_rows(
     .bind(m.raw_size)
     .bind(&m.warnings)
     .bind(&m.automatic_reason)
+    .bind(arrived_at)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(message_row_id) = message_row_id else {
@@ -310,14 +320,17 @@ pub async fn recent_tickets_from(
     conn: &mut PgConnection,
     parser: &str,
     requester: &str,
+    arrived_at: DateTime<Utc>,
     window: Duration,
 ) -> Result<i64, StoreError> {
     Ok(sqlx::query_scalar(
         "select count(*) from tickets
-         where parser = $1 and requester_email = $2 and created_at > now() - make_interval(secs => $3)",
+         where parser = $1 and requester_email = $2
+           and arrived_at > $3 - make_interval(secs => $4) and arrived_at <= $3",
     )
     .bind(parser)
     .bind(requester)
+    .bind(arrived_at)
     .bind(window.as_secs_f64())
     .fetch_one(&mut *conn)
     .await?)
@@ -329,14 +342,17 @@ pub async fn loop_recorded_since(
     conn: &mut PgConnection,
     parser: &str,
     sender: &str,
+    arrived_at: DateTime<Utc>,
     window: Duration,
 ) -> Result<bool, StoreError> {
     Ok(sqlx::query_scalar(
         "select exists (select 1 from quarantine
-         where parser = $1 and kind = 'loop' and sender = $2 and created_at > now() - make_interval(secs => $3))",
+         where parser = $1 and kind = 'loop' and sender = $2
+           and arrived_at > $3 - make_interval(secs => $4) and arrived_at <= $3)",
     )
     .bind(parser)
     .bind(sender)
+    .bind(arrived_at)
     .bind(window.as_secs_f64())
     .fetch_one(&mut *conn)
     .await?)
@@ -408,6 +424,8 @@ pub struct Hold<'a> {
     /// Only the header is kept (the message was too large to download, or the server
     /// never returned it); the message stays on the server.
     pub header_only: bool,
+    /// When the message arrived (loop protection counts held loops by it).
+    pub arrived_at: DateTime<Utc>,
 }
 
 /// Keeps a message that did not become a ticket, with its raw bytes and the reason.
@@ -420,8 +438,8 @@ pub async fn insert_quarantine(
 ) -> Result<QuarantineInsert, StoreError> {
     let sha256 = crate::mime::hex_sha256(raw);
     let inserted: Option<i64> = sqlx::query_scalar(
-        "insert into quarantine (parser, reason, raw, raw_sha256, raw_size, kind, sender, message_id, header_only)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        "insert into quarantine (parser, reason, raw, raw_sha256, raw_size, kind, sender, message_id, header_only, arrived_at)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          on conflict (parser, raw_sha256) do nothing
          returning id",
     )
@@ -434,6 +452,7 @@ pub async fn insert_quarantine(
     .bind(hold.sender)
     .bind(hold.message_id)
     .bind(hold.header_only)
+    .bind(hold.arrived_at)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(id) = inserted {
@@ -456,34 +475,89 @@ pub struct Checkpoint {
     pub last_uid: i64,
 }
 
-/// The checkpoint of (parser, folder), if one was ever recorded, with its failed-fetch
-/// counter (one read of the row per pass).
-pub async fn load_checkpoint(
+/// The messages at or below `until` that `start_at` chose at first contact: only those
+/// listed in `uids` are taken (see `migrations/0006_arrival_and_first_contact.sql`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backlog {
+    /// The highest UID that existed at first contact.
+    pub until: i64,
+    /// The UIDs up to `until` to take, sorted.
+    pub uids: Vec<i64>,
+}
+
+/// What `mailbox_state` holds for (parser, folder).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxState {
+    /// The committed position.
+    pub checkpoint: Checkpoint,
+    /// Failed fetches counted against one UID, if any.
+    pub trouble: Option<FetchTrouble>,
+    /// The first-contact choice, while the checkpoint is below its end.
+    pub backlog: Option<Backlog>,
+}
+
+/// The state of (parser, folder), if a checkpoint was ever recorded (one read per pass).
+pub async fn load_mailbox_state(
     conn: &mut PgConnection,
     parser: &str,
     folder: &str,
-) -> Result<Option<(Checkpoint, Option<FetchTrouble>)>, StoreError> {
-    let row: Option<(i64, i64, Option<i64>, i32)> = sqlx::query_as(
-        "select uidvalidity, last_uid, fetch_trouble_uid, fetch_failures
+) -> Result<Option<MailboxState>, StoreError> {
+    type Row = (i64, i64, Option<i64>, i32, Option<i64>, Option<Vec<i64>>);
+    let row: Option<Row> = sqlx::query_as(
+        "select uidvalidity, last_uid, fetch_trouble_uid, fetch_failures, backlog_until, backlog_uids
          from mailbox_state where parser = $1 and folder = $2",
     )
     .bind(parser)
     .bind(folder)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|(uidvalidity, last_uid, trouble_uid, failures)| {
-        let checkpoint = Checkpoint {
-            uidvalidity,
-            last_uid,
-        };
-        (
-            checkpoint,
-            trouble_uid.map(|uid| FetchTrouble { uid, failures }),
-        )
-    }))
+    Ok(row.map(
+        |(uidvalidity, last_uid, trouble_uid, failures, until, uids)| MailboxState {
+            checkpoint: Checkpoint {
+                uidvalidity,
+                last_uid,
+            },
+            trouble: trouble_uid.map(|uid| FetchTrouble { uid, failures }),
+            backlog: until
+                .filter(|until| *until > last_uid)
+                .map(|until| Backlog {
+                    until,
+                    uids: uids.unwrap_or_default(),
+                }),
+        },
+    ))
+}
+
+/// Records the first contact with a folder: the checkpoint and what `start_at` chose.
+pub async fn save_first_contact(
+    conn: &mut PgConnection,
+    parser: &str,
+    folder: &str,
+    checkpoint: Checkpoint,
+    backlog: Option<&Backlog>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "insert into mailbox_state (parser, folder, uidvalidity, last_uid, updated_at, backlog_until, backlog_uids)
+         values ($1, $2, $3, $4, now(), $5, $6)
+         on conflict (parser, folder) do update
+         set uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, updated_at = now(),
+             fetch_trouble_uid = null, fetch_failures = 0,
+             backlog_until = excluded.backlog_until, backlog_uids = excluded.backlog_uids",
+    )
+    .bind(parser)
+    .bind(folder)
+    .bind(checkpoint.uidvalidity)
+    .bind(checkpoint.last_uid)
+    .bind(backlog.map(|b| b.until))
+    .bind(backlog.map(|b| b.uids.as_slice()))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Records the checkpoint; call it in the transaction that stored the messages it covers.
+/// A new UIDVALIDITY clears the failed-fetch counter and the first-contact choice (a
+/// rescan takes everything; the Message-ID key prevents duplicates).
 pub async fn save_checkpoint(
     conn: &mut PgConnection,
     parser: &str,
@@ -502,7 +576,15 @@ pub async fn save_checkpoint(
              fetch_failures = case
                when mailbox_state.uidvalidity = excluded.uidvalidity
                 and mailbox_state.fetch_trouble_uid > excluded.last_uid
-               then mailbox_state.fetch_failures else 0 end",
+               then mailbox_state.fetch_failures else 0 end,
+             backlog_until = case
+               when mailbox_state.uidvalidity = excluded.uidvalidity
+                and mailbox_state.backlog_until > excluded.last_uid
+               then mailbox_state.backlog_until end,
+             backlog_uids = case
+               when mailbox_state.uidvalidity = excluded.uidvalidity
+                and mailbox_state.backlog_until > excluded.last_uid
+               then mailbox_state.backlog_uids end",
     )
     .bind(parser)
     .bind(folder)
@@ -597,6 +679,8 @@ pub struct QuarantinedMessage {
     pub header_only: bool,
     /// Already replayed.
     pub replayed: bool,
+    /// When the message arrived.
+    pub arrived_at: DateTime<Utc>,
 }
 
 /// Loads and locks one quarantine row.
@@ -605,7 +689,7 @@ pub async fn lock_quarantined(
     id: i64,
 ) -> Result<Option<QuarantinedMessage>, StoreError> {
     Ok(sqlx::query_as(
-        "select id, parser, raw, header_only, replayed_at is not null as replayed
+        "select id, parser, raw, header_only, replayed_at is not null as replayed, arrived_at
          from quarantine where id = $1 for update",
     )
     .bind(id)

@@ -4,7 +4,7 @@
 
 use crate::auth::TokenSources;
 use crate::config::{Config, ParserAuth, ParserStatus};
-use crate::poller::{PollError, PollStats, Poller};
+use crate::poller::{OnceStats, PollError, Poller};
 use backon::BackoffBuilder;
 use futures::FutureExt;
 use sqlx::PgPool;
@@ -22,8 +22,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 pub struct OnceReport {
     /// Parser name.
     pub parser: String,
-    /// Counters, or the error that stopped it.
-    pub result: Result<PollStats, String>,
+    /// Counters (and the first-contact decision), or the error that stopped it.
+    pub result: Result<OnceStats, String>,
 }
 
 fn pollers(
@@ -118,7 +118,7 @@ pub async fn run(
 }
 
 async fn supervise(poller: Poller, cancel: CancellationToken) {
-    let connected = AtomicBool::new(false);
+    let progressed = AtomicBool::new(false);
     let new_backoff = || {
         backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_secs(1))
@@ -133,7 +133,7 @@ async fn supervise(poller: Poller, cancel: CancellationToken) {
         // A panic in one pass (a bug, or a dependency's) is handled like an error: this
         // parser backs off and tries again instead of stopping for good.
         let result = std::panic::AssertUnwindSafe(
-            poller.run(&cancel, &|| connected.store(true, Ordering::Relaxed)),
+            poller.run(&cancel, &|| progressed.store(true, Ordering::Relaxed)),
         )
         .catch_unwind()
         .await
@@ -141,16 +141,20 @@ async fn supervise(poller: Poller, cancel: CancellationToken) {
         if cancel.is_cancelled() {
             break;
         }
-        if connected.swap(false, Ordering::Relaxed) {
-            // It worked for a while: start the backoff over.
+        if progressed.swap(false, Ordering::Relaxed) {
+            // It made progress (a pass, or a committed batch): start the backoff over.
             backoff = new_backoff();
         }
-        let delay = backoff.next().unwrap_or(MAX_BACKOFF);
-        match result {
+        let delay = match &result {
             Ok(()) => continue,
-            Err(e) => {
-                tracing::error!(parser = %poller.name(), error = %e, retry_in_s = delay.as_secs_f32(), "poller failed")
-            }
+            // The other side said when to come back (a throttled token endpoint).
+            Err(e) => match e.retry_after() {
+                Some(after) => after,
+                None => backoff.next().unwrap_or(MAX_BACKOFF),
+            },
+        };
+        if let Err(e) = &result {
+            tracing::error!(parser = %poller.name(), error = %e, retry_in_s = delay.as_secs_f32(), "poller failed");
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

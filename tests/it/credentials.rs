@@ -3,6 +3,7 @@
 //! redirect, pasted address, device code), rotating refresh tokens kept encrypted in the
 //! database, "needs login" isolated per credential, and doctor's explanations.
 
+use crate::support::KillOnDrop;
 use crate::support::dovecot::Dovecot;
 use crate::support::entra::{App, Entra, TENANT, User, make_certificate};
 use crate::support::postgres::{TestDb, test_db};
@@ -11,7 +12,7 @@ use mail2ticket::config::Config;
 use mail2ticket::supervisor::{self, OnceReport};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Stdio};
+use std::process::{ChildStdout, Stdio};
 use tokio_util::sync::CancellationToken;
 
 const OWNER: &str = "agent@example.test";
@@ -145,11 +146,12 @@ impl Bed {
     }
 
     /// A parser reading `email` through `credential`; the owner's own mailbox logs in as
-    /// itself, the others as shared mailboxes.
+    /// itself, the others as shared mailboxes. `start_at = "all"`: two parsers of these
+    /// tests may read one mailbox, and the second must not skip what the first marked read.
     fn parser(&self, name: &str, email: &str, credential: &str) -> String {
         let shared = email != OWNER;
         format!(
-            "\n[[parser]]\nname = \"{name}\"\nemail = \"{email}\"\nusername = \"{OWNER}\"\nshared_mailbox = {shared}\ncredential = \"{credential}\"\n[parser.imap]\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\n",
+            "\n[[parser]]\nname = \"{name}\"\nemail = \"{email}\"\nusername = \"{OWNER}\"\nshared_mailbox = {shared}\ncredential = \"{credential}\"\nstart_at = \"all\"\n[parser.imap]\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\n",
             self.dovecot.imaps_port,
             self.dovecot.ca_file.display()
         )
@@ -245,16 +247,6 @@ fn binary(args: &[&str]) -> std::process::Command {
     c.args(args).env_remove("MAIL2TICKET_DATABASE_URL");
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     c
-}
-
-/// A child process killed when the test ends, passed or failed.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// `mail2ticket login` running, its output read line by line.

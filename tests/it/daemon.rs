@@ -12,26 +12,32 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-const SHARED_A: &str = "support@example.test";
-const SHARED_B: &str = "sales@example.test";
-const NOT_GRANTED: &str = "finance@example.test";
+pub(crate) const SHARED_A: &str = "support@example.test";
+pub(crate) const SHARED_B: &str = "sales@example.test";
+pub(crate) const NOT_GRANTED: &str = "finance@example.test";
 
-struct Sandbox {
-    entra: Entra,
-    dovecot: Dovecot,
-    db: TestDb,
+/// The token endpoint (app "app-1", secret "s3cret"), a Dovecot trusting it, a database.
+pub(crate) struct Sandbox {
+    pub(crate) entra: Entra,
+    pub(crate) dovecot: Dovecot,
+    pub(crate) db: TestDb,
 }
 
-async fn sandbox() -> Sandbox {
+pub(crate) async fn sandbox() -> Sandbox {
     sandbox_with_token_lifetime(3599).await
 }
 
 async fn sandbox_with_token_lifetime(lifetime: i64) -> Sandbox {
+    sandbox_granting(&[SHARED_A, SHARED_B], lifetime).await
+}
+
+/// A sandbox whose app has FullAccess to exactly `mailboxes`.
+pub(crate) async fn sandbox_granting(mailboxes: &[&str], lifetime: i64) -> Sandbox {
     let entra = Entra::start(&[(
         "app-1",
         App {
             secret: "s3cret".into(),
-            mailboxes: vec![SHARED_A.into(), SHARED_B.into()],
+            mailboxes: mailboxes.iter().map(|m| m.to_string()).collect(),
             lifetime,
             ..App::default()
         },
@@ -42,7 +48,7 @@ async fn sandbox_with_token_lifetime(lifetime: i64) -> Sandbox {
 }
 
 /// One parser of a test configuration, always through the credential "app".
-struct P<'a> {
+pub(crate) struct P<'a> {
     name: &'a str,
     email: &'a str,
     encryption: &'a str,
@@ -52,13 +58,13 @@ struct P<'a> {
 }
 
 impl<'a> P<'a> {
-    fn with(self, extra: &'a str) -> Self {
+    pub(crate) fn with(self, extra: &'a str) -> Self {
         P { extra, ..self }
     }
 }
 
 impl Sandbox {
-    fn ssl<'a>(&self, name: &'a str, email: &'a str) -> P<'a> {
+    pub(crate) fn ssl<'a>(&self, name: &'a str, email: &'a str) -> P<'a> {
         P {
             name,
             email,
@@ -69,7 +75,7 @@ impl Sandbox {
     }
 
     /// Plain IMAP through a proxy on `port` (a proxy sees the traffic only without TLS).
-    fn plain_via<'a>(&self, name: &'a str, email: &'a str, port: u16) -> P<'a> {
+    pub(crate) fn plain_via<'a>(&self, name: &'a str, email: &'a str, port: u16) -> P<'a> {
         P {
             name,
             email,
@@ -90,7 +96,7 @@ impl Sandbox {
     }
 }
 
-fn config_toml(s: &Sandbox, parsers: &[P]) -> String {
+pub(crate) fn config_toml(s: &Sandbox, parsers: &[P]) -> String {
     let mut text = format!(
         r#"
 [database]
@@ -139,18 +145,18 @@ ca_file = "{}"
     text
 }
 
-fn config(s: &Sandbox, parsers: &[P]) -> Config {
+pub(crate) fn config(s: &Sandbox, parsers: &[P]) -> Config {
     Config::from_toml(Path::new("daemon-test.toml"), &config_toml(s, parsers)).unwrap()
 }
 
-fn message(n: usize, to: &str) -> Vec<u8> {
+pub(crate) fn message(n: usize, to: &str) -> Vec<u8> {
     format!(
         "From: Customer {n} <customer{n}@example.com>\r\nTo: {to}\r\nSubject: Request {n}\r\nMessage-ID: <req-{n}-{to}>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nPlease help with request {n}.\r\n"
     )
     .into_bytes()
 }
 
-async fn tickets(db: &TestDb, parser: &str) -> Vec<String> {
+pub(crate) async fn tickets(db: &TestDb, parser: &str) -> Vec<String> {
     sqlx::query_scalar("select subject from tickets where parser = $1 order by subject")
         .bind(parser)
         .fetch_all(&db.pool)
@@ -196,7 +202,7 @@ async fn one_credential_reads_two_shared_mailboxes_with_one_token_request() {
     // A second pass finds nothing new (checkpoint), and the messages are \Seen.
     let reports = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
     for r in &reports {
-        let stats = r.result.as_ref().unwrap();
+        let stats = &r.result.as_ref().unwrap().outcomes;
         assert_eq!((stats.created, stats.duplicate), (0, 0), "{}", r.parser);
     }
     let cur = s
@@ -239,7 +245,7 @@ async fn a_mailbox_the_app_was_not_granted_fails_clearly_while_the_others_are_in
         "{error}"
     );
     let support = reports.iter().find(|r| r.parser == "support").unwrap();
-    assert_eq!(support.result.as_ref().unwrap().created, 1);
+    assert_eq!(support.result.as_ref().unwrap().outcomes.created, 1);
     assert!(tickets(&s.db, "finance").await.is_empty());
 }
 
@@ -251,7 +257,7 @@ async fn a_rejected_token_is_renewed_and_the_login_retried() {
     let config = config(&s, &[s.ssl("support", SHARED_A)]);
     let reports = run_once(&config, &s.db).await;
     assert_eq!(
-        reports[0].result.as_ref().unwrap().created,
+        reports[0].result.as_ref().unwrap().outcomes.created,
         1,
         "{:?}",
         reports[0].result
@@ -308,7 +314,7 @@ async fn a_password_parser_logs_in_with_login_on_plain_loopback() {
     let good = Config::from_toml(Path::new("p.toml"), &text("secret")).unwrap();
     let reports = run_once(&good, &s.db).await;
     assert_eq!(
-        reports[0].result.as_ref().unwrap().created,
+        reports[0].result.as_ref().unwrap().outcomes.created,
         1,
         "{:?}",
         reports[0].result
@@ -398,7 +404,7 @@ async fn an_oversized_message_is_quarantined_by_its_header_and_left_on_the_serve
             .with("max_message_size = \"100 KB\"")],
     );
     let reports = run_once(&config, &s.db).await;
-    let stats = reports[0].result.as_ref().unwrap();
+    let stats = &reports[0].result.as_ref().unwrap().outcomes;
     assert_eq!((stats.created, stats.quarantined), (1, 1));
     let (reason, raw): (String, Vec<u8>) = sqlx::query_as("select reason, raw from quarantine")
         .fetch_one(&s.db.pool)
@@ -437,7 +443,7 @@ async fn a_uidvalidity_change_rescans_without_duplicating() {
     let tokens = TokenSources::from_config(&config, None).unwrap();
     let cancel = CancellationToken::new();
     let first = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
-    assert_eq!(first[0].result.as_ref().unwrap().created, 3);
+    assert_eq!(first[0].result.as_ref().unwrap().outcomes.created, 3);
     let before = count(&s.db, "select uidvalidity from mailbox_state").await;
     // Dovecot gives the folder a new UIDVALIDITY when its UID list is lost.
     std::thread::sleep(Duration::from_millis(1100)); // UIDVALIDITY is a timestamp
@@ -454,7 +460,7 @@ async fn a_uidvalidity_change_rescans_without_duplicating() {
         }
     }
     let second = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
-    let stats = second[0].result.as_ref().unwrap();
+    let stats = &second[0].result.as_ref().unwrap().outcomes;
     assert_eq!(
         (stats.created, stats.duplicate),
         (0, 3),
@@ -489,7 +495,7 @@ async fn oauthbearer_is_used_when_the_server_offers_only_that() {
     let config = config(&s, &[s.plain_via("support", SHARED_A, proxy.port)]);
     let reports = run_once(&config, &s.db).await;
     assert_eq!(
-        reports[0].result.as_ref().unwrap().created,
+        reports[0].result.as_ref().unwrap().outcomes.created,
         1,
         "{:?}",
         reports[0].result
@@ -568,7 +574,7 @@ async fn after_ingest_moves_or_deletes_only_committed_messages() {
     let reports = run_once(&config, &s.db).await;
     for r in &reports {
         assert_eq!(
-            r.result.as_ref().unwrap().created,
+            r.result.as_ref().unwrap().outcomes.created,
             1,
             "{}: {:?}",
             r.parser,
@@ -870,7 +876,7 @@ async fn doctor_names_the_failing_step_and_its_fix() {
     );
 }
 
-fn binary(args: &[&str], config: &Path) -> std::process::Command {
+pub(crate) fn binary(args: &[&str], config: &Path) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mail2ticket"));
     c.args(args)
         .arg(config)
@@ -880,7 +886,7 @@ fn binary(args: &[&str], config: &Path) -> std::process::Command {
     c
 }
 
-async fn count(db: &TestDb, sql: &'static str) -> i64 {
+pub(crate) async fn count(db: &TestDb, sql: &'static str) -> i64 {
     sqlx::query_scalar::<_, i64>(sql)
         .fetch_one(&db.pool)
         .await
@@ -888,19 +894,19 @@ async fn count(db: &TestDb, sql: &'static str) -> i64 {
 }
 
 /// `run --once` in this process.
-async fn run_once(config: &Config, db: &TestDb) -> Vec<supervisor::OnceReport> {
+pub(crate) async fn run_once(config: &Config, db: &TestDb) -> Vec<supervisor::OnceReport> {
     let tokens = TokenSources::from_config(config, None).unwrap();
     supervisor::run_once(config, &db.pool, &tokens, &CancellationToken::new()).await
 }
 
 /// The supervisor running in this process, as `mail2ticket run` runs it.
-struct Daemon {
+pub(crate) struct Daemon {
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Daemon {
-    fn start(config: &Config, pool: &sqlx::PgPool) -> Daemon {
+    pub(crate) fn start(config: &Config, pool: &sqlx::PgPool) -> Daemon {
         let tokens = TokenSources::from_config(config, None).unwrap();
         let cancel = CancellationToken::new();
         let (config, pool, stop) = (config.clone(), pool.clone(), cancel.clone());
@@ -910,7 +916,7 @@ impl Daemon {
     }
 
     /// Cancels and waits: every poller must stop within 10 s.
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.cancel.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
@@ -928,7 +934,7 @@ async fn wait_until_watching(db: &TestDb) {
     .await;
 }
 
-async fn wait_for<F, Fut>(limit: Duration, mut check: F)
+pub(crate) async fn wait_for<F, Fut>(limit: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,

@@ -138,8 +138,9 @@ async fn parser_switches_control_attachments_and_ccs() {
 #[tokio::test]
 async fn a_suspicious_message_keeps_its_raw_bytes_with_the_ticket() {
     let db = test_db().await;
-    let p = pipeline(&db.url, "support", "");
-    let raw = corpus("24-boundary-trap-midline.eml");
+    // keep_raw = false: the raw bytes are kept for the warning alone.
+    let p = pipeline(&db.url, "support", "keep_raw = false");
+    let raw = corpus("38-boundary-trap-unrepairable.eml");
     let Outcome::Created { ticket_id } = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap()
     else {
         panic!("expected a ticket")

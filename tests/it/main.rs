@@ -4,6 +4,7 @@
 mod cli;
 mod credentials;
 mod daemon;
+mod first_day;
 mod fuzz;
 mod golden;
 mod ingest;

@@ -57,7 +57,7 @@ impl Dovecot {
         .unwrap();
         std::fs::write(
             root.join("users.passwd"),
-            "plainuser@example.test:{PLAIN}secret\n",
+            "plainuser@example.test:{PLAIN}secret\njdoe:{PLAIN}secret\n",
         )
         .unwrap();
         let imap_port = super::postgres::free_port();
@@ -122,6 +122,18 @@ rm -rf "$ROOT"
 
     /// Delivers a message into `mailbox`'s INBOX (a file in Maildir/new, as an MTA would).
     pub fn deliver(&self, mailbox: &str, raw: &[u8]) {
+        self.deliver_as(mailbox, raw, false, std::time::SystemTime::now());
+    }
+
+    /// Delivers a message already read (`\Seen`, in Maildir/cur) or not, received at
+    /// `received` (Dovecot's INTERNALDATE of a Maildir message is its file's mtime).
+    pub fn deliver_as(
+        &self,
+        mailbox: &str,
+        raw: &[u8],
+        seen: bool,
+        received: std::time::SystemTime,
+    ) {
         let (uid, gid) = dovecot_ids();
         let home = self.root.join("mail").join(mailbox.to_lowercase());
         let maildir = home.join("Maildir");
@@ -146,9 +158,17 @@ rm -rf "$ROOT"
             std::process::id()
         );
         let tmp = maildir.join("tmp").join(&name);
-        std::fs::File::create(&tmp).unwrap().write_all(raw).unwrap();
+        let mut file = std::fs::File::create(&tmp).unwrap();
+        file.write_all(raw).unwrap();
+        file.set_modified(received).unwrap();
+        drop(file);
         std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).unwrap();
-        std::fs::rename(&tmp, maildir.join("new").join(&name)).unwrap();
+        let target = if seen {
+            maildir.join("cur").join(format!("{name}:2,S"))
+        } else {
+            maildir.join("new").join(&name)
+        };
+        std::fs::rename(&tmp, target).unwrap();
     }
 
     /// Dovecot's log (for failure messages).

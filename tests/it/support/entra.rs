@@ -134,6 +134,8 @@ struct Shared {
     requests: AtomicUsize,
     by_grant: Mutex<Vec<(String, std::time::Instant)>>,
     expired_next: AtomicUsize,
+    /// The next requests answered 429 with this `Retry-After` value.
+    throttled_next: Mutex<(usize, String)>,
 }
 
 /// A running token endpoint; stops when dropped.
@@ -177,6 +179,7 @@ impl Entra {
             requests: AtomicUsize::new(0),
             by_grant: Mutex::new(Vec::new()),
             expired_next: AtomicUsize::new(0),
+            throttled_next: Mutex::new((0, String::new())),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let state = shared.clone();
@@ -235,6 +238,12 @@ impl Entra {
     /// The next `n` tokens are issued already expired (as if the clock had jumped).
     pub fn issue_expired_tokens(&self, n: usize) {
         self.shared.expired_next.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` token requests are throttled: HTTP 429 with `Retry-After: retry_after`
+    /// (seconds or an HTTP date) and Entra's throttling error (AADSTS90055).
+    pub fn throttle_next(&self, n: usize, retry_after: &str) {
+        *self.shared.throttled_next.lock().unwrap() = (n, retry_after.to_string());
     }
 
     /// The user the "browser" is signed in as at the authorize endpoint.
@@ -568,6 +577,22 @@ async fn token(
         .push((grant.clone(), std::time::Instant::now()));
     if let Some(reply) = unknown_tenant(&tenant) {
         return reply;
+    }
+    {
+        let mut throttled = state.throttled_next.lock().unwrap();
+        if throttled.0 > 0 {
+            throttled.0 -= 1;
+            let mut reply = aad_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "temporarily_unavailable",
+                90055,
+                "Too many requests from this client; retry after the interval in Retry-After.",
+            );
+            reply
+                .headers_mut()
+                .insert(header::RETRY_AFTER, throttled.1.parse().unwrap());
+            return reply;
+        }
     }
     let client_id = form.get("client_id").cloned().unwrap_or_default();
     let Some(app) = state.apps.lock().unwrap().get(&client_id).cloned() else {

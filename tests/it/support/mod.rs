@@ -51,3 +51,13 @@ pub fn doctor_section(report: &str, name: &str) -> String {
     let rest = &report[start + 1..];
     rest[..rest.find("\nparser ").map_or(rest.len(), |e| e + 1)].to_string()
 }
+
+/// A child process killed when the test ends, passed or failed.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

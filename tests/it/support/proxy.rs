@@ -1,5 +1,6 @@
-//! A loopback TCP proxy that can cut the first connection after the server has sent a
-//! given number of bytes ("the server dropped the connection in the middle of a FETCH"),
+//! A loopback TCP proxy that can cut the first connection (or every one) after the server
+//! has sent a given number of bytes ("the server dropped the connection in the middle of
+//! a FETCH", "the link drops every few seconds"),
 //! or every connection whose server data carries a marker ("this message never comes
 //! through"), can rewrite the server's answers (to play Exchange's error texts),
 //! records what clients sent (to check which commands a client used), and can play an
@@ -23,6 +24,8 @@ pub struct CuttingProxy {
 enum Cut {
     /// The first connection, after the server has sent this many bytes.
     FirstAfter(usize),
+    /// Every connection, after the server has sent this many bytes through it.
+    EveryAfter(usize),
     /// Every connection, as soon as the server's data holds this marker.
     OnMarker(Vec<u8>),
     /// Never; the server's `from` bytes are replaced by `to` (within one read).
@@ -34,6 +37,12 @@ impl CuttingProxy {
     /// sent `cut_after` bytes through it.
     pub async fn start(target: u16, cut_after: usize) -> CuttingProxy {
         Self::start_with(target, Cut::FirstAfter(cut_after)).await
+    }
+
+    /// Forwards to `127.0.0.1:target`; every connection is closed once the server has sent
+    /// `cut_after` bytes through it (a link that keeps dropping).
+    pub async fn start_cutting_every(target: u16, cut_after: usize) -> CuttingProxy {
+        Self::start_with(target, Cut::EveryAfter(cut_after)).await
     }
 
     /// Forwards to `127.0.0.1:target`; any connection is closed, before the marker is
@@ -70,6 +79,7 @@ impl CuttingProxy {
                         None,
                         None,
                     ),
+                    Cut::EveryAfter(n) => (Some(*n), None, None),
                     Cut::OnMarker(m) => (None, Some(m.clone()), None),
                     Cut::Rewrite(from, to) => (None, None, Some((from.clone(), to.clone()))),
                 };
