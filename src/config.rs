@@ -1365,6 +1365,62 @@ host = "outlook.office365.com"
     }
 
     #[test]
+    fn usernames_must_be_addresses_only_where_they_are_the_xoauth2_user() {
+        let password = GOOD
+            .replace(
+                "username = \"helpdesk@contoso.com\"",
+                "username = 'CONTOSO\\jdoe'",
+            )
+            .replace("credential = \"app\"", "password = \"pw\"");
+        let c = load(&password).unwrap();
+        assert_eq!(c.parsers[0].username, "CONTOSO\\jdoe");
+        // With a credential and shared_mailbox = true, user= is `email`: username is free.
+        load(&GOOD.replace("username = \"helpdesk@contoso.com\"", "username = \"jdoe\"")).unwrap();
+        // With shared_mailbox = false, username is the XOAUTH2 user= and must be an address.
+        let own = GOOD
+            .replace("username = \"helpdesk@contoso.com\"", "username = \"jdoe\"")
+            .replace("shared_mailbox = true", "shared_mailbox = false");
+        let err = load(&own).unwrap_err().to_string();
+        assert!(
+            err.contains("parser[0].username") && err.contains("XOAUTH2"),
+            "{err}"
+        );
+        let empty = password.replace("username = 'CONTOSO\\jdoe'", "username = \" \"");
+        assert!(
+            load(&empty)
+                .unwrap_err()
+                .to_string()
+                .contains("parser[0].username")
+        );
+    }
+
+    #[test]
+    fn start_at_values() {
+        assert_eq!(load(GOOD).unwrap().parsers[0].start_at, StartAt::Unseen);
+        for (text, value) in [
+            ("all", StartAt::All),
+            ("now", StartAt::Now),
+            ("unseen", StartAt::Unseen),
+            (
+                "2026-11-01",
+                StartAt::Since(chrono::NaiveDate::from_ymd_opt(2026, 11, 1).unwrap()),
+            ),
+        ] {
+            assert_eq!(StartAt::parse(text).unwrap(), value);
+            assert_eq!(value.to_string(), text);
+        }
+        let bad = GOOD.replace(
+            "shared_mailbox = true",
+            "shared_mailbox = true\nstart_at = \"yesterday\"",
+        );
+        let err = load(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("parser[0].start_at") && err.contains("2026-11-01"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn byte_sizes() {
         assert_eq!(parse_byte_size("35 MB").unwrap(), 35 << 20);
         assert_eq!(parse_byte_size("512KiB").unwrap(), 512 << 10);

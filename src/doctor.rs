@@ -162,6 +162,9 @@ pub async fn check_parser(parser: &ParserConfig, tokens: &TokenSources) -> Vec<S
                         AuthError::Store { .. } => {
                             "check [database] url and that Postgres runs".to_string()
                         }
+                        AuthError::Throttled { .. } => {
+                            "Entra is throttling this application: wait (the daemon retries when Entra says) and run doctor again later".to_string()
+                        }
                         _ => String::new(),
                     };
                     steps.push(Step::fail("token", e.to_string(), fix));

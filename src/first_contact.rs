@@ -11,6 +11,9 @@ use crate::config::StartAt;
 use crate::imap::{FolderStatus, ImapError, ImapSession};
 use crate::store::Backlog;
 
+/// The longest UID set sent in one command (see [`pending_set`]).
+const MAX_SET_LEN: usize = 4000;
+
 /// What the policy decided at first contact (for logs, `run --once` and `doctor`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirstContact {
@@ -121,10 +124,18 @@ pub fn pending_set(last_uid: i64, backlog: Option<&Backlog>) -> (String, impl Fn
     };
     let after = until.saturating_add(1).max(from);
     let mut set = crate::imap::uid_set(&chosen);
-    if !set.is_empty() {
-        set.push(',');
+    if set.len() > MAX_SET_LEN {
+        // A long, scattered choice would make a command line servers refuse (RFC 7162
+        // section 4 asks clients to stay under 8192 octets): list the whole range and
+        // keep the chosen ones here.
+        set.clear();
+        set.push_str(&format!("{from}:*"));
+    } else {
+        if !set.is_empty() {
+            set.push(',');
+        }
+        set.push_str(&format!("{after}:*"));
     }
-    set.push_str(&format!("{after}:*"));
     let wanted = move |uid: u32| uid >= after || chosen.binary_search(&uid).is_ok();
     (set, wanted)
 }
@@ -150,6 +161,14 @@ mod tests {
         assert_eq!(set, "5,50,90,101:*");
         assert!(wanted(5) && wanted(90) && wanted(101) && wanted(5000));
         assert!(!wanted(4) && !wanted(6) && !wanted(100));
+        // A scattered choice too long for one command line: the range, filtered here.
+        let scattered = Backlog {
+            until: 100_000,
+            uids: (1..50_000).map(|uid| uid * 2).collect(),
+        };
+        let (set, wanted) = pending_set(0, Some(&scattered));
+        assert_eq!(set, "1:*");
+        assert!(wanted(2) && !wanted(3) && wanted(100_001));
         // Once the checkpoint passes the backlog's end, it no longer matters.
         let (set, _) = pending_set(100, Some(&backlog));
         assert_eq!(set, "101:*");
