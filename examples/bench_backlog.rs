@@ -12,7 +12,7 @@
 mod support;
 
 use mail2ticket::config::Config;
-use mail2ticket::imap::{self, Login};
+use mail2ticket::source::imap::{self, Login};
 use std::process::Command;
 use std::time::Instant;
 use support::dovecot::Dovecot;

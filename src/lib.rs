@@ -20,27 +20,15 @@
 //! stored (once per parser and Message-ID) or quarantined with its raw bytes, never
 //! dropped; secrets never reach logs, errors or Debug output.
 
-pub mod assertion;
 pub mod auth;
-pub mod boundary;
 pub mod cli;
 pub mod config;
-pub mod doctor;
-pub mod first_contact;
-pub mod html;
-pub mod imap;
-pub mod ingest;
-pub mod logging;
-pub mod login;
-pub mod mime;
-pub mod poller;
-pub mod sealed;
-pub mod secret;
+pub mod ops;
+pub mod pipeline;
+pub mod runtime;
+pub mod source;
 pub mod store;
-pub mod supervisor;
-pub mod ticket;
 pub mod tls;
-pub mod tnef;
 
 /// The text of a caught panic (`panic!` with a message carries a `&str` or a `String`):
 /// panics are caught where one message or one pass must not take more down with it.

@@ -9,7 +9,7 @@ use crate::support::entra::{App, Entra, TENANT, User, make_certificate};
 use crate::support::postgres::{TestDb, test_db};
 use mail2ticket::auth::TokenSources;
 use mail2ticket::config::Config;
-use mail2ticket::supervisor::{self, OnceReport};
+use mail2ticket::runtime::supervisor::{self, OnceReport};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdout, Stdio};

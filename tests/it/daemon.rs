@@ -7,7 +7,7 @@ use crate::support::postgres::{TestDb, test_db};
 use crate::support::proxy::CuttingProxy;
 use mail2ticket::auth::TokenSources;
 use mail2ticket::config::Config;
-use mail2ticket::supervisor;
+use mail2ticket::runtime::supervisor;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;

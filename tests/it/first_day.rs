@@ -11,7 +11,7 @@ use crate::support::postgres::test_db;
 use crate::support::proxy::CuttingProxy;
 use chrono::{DateTime, TimeZone, Utc};
 use mail2ticket::config::Config;
-use mail2ticket::ingest::{self, Outcome, Pipeline};
+use mail2ticket::pipeline::{self, Outcome, Pipeline};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -227,7 +227,7 @@ async fn loop_protection_over_ingest_counts_by_a_plausible_date_header() {
         .collect();
     let mut created = 0;
     for batch in backlog.chunks(100) {
-        for outcome in ingest::ingest_batch(&db.pool, &pipeline, batch)
+        for outcome in pipeline::ingest_batch(&db.pool, &pipeline, batch)
             .await
             .unwrap()
         {
@@ -244,7 +244,7 @@ async fn loop_protection_over_ingest_counts_by_a_plausible_date_header() {
             mail("robot@example.com", &format!("alert {n}"), Some(sent))
         })
         .collect();
-    let outcomes = ingest::ingest_batch(&db.pool, &pipeline, &burst)
+    let outcomes = pipeline::ingest_batch(&db.pool, &pipeline, &burst)
         .await
         .unwrap();
     let held = outcomes
@@ -259,7 +259,7 @@ async fn loop_protection_over_ingest_counts_by_a_plausible_date_header() {
         "from the future",
         Some(at(2099, 1, 1, 0, 0, 0)),
     );
-    ingest::ingest_one(&db.pool, &pipeline, &future)
+    pipeline::ingest_one(&db.pool, &pipeline, &future)
         .await
         .unwrap();
     let arrived: DateTime<Utc> = sqlx::query_scalar(

@@ -2,8 +2,8 @@
 //! they produce is always storable (no NUL in text, safe file names).
 
 use crate::support;
-use mail2ticket::ingest::{Decision, Pipeline, decide};
-use mail2ticket::ticket::TicketRules;
+use mail2ticket::pipeline::ticket::TicketRules;
+use mail2ticket::pipeline::{Decision, Pipeline, decide};
 use proptest::prelude::*;
 
 fn pipeline() -> Pipeline {
@@ -135,7 +135,7 @@ proptest! {
             data.push(level);
             data.extend_from_slice(chunk);
         }
-        for file in mail2ticket::tnef::files(&data) {
+        for file in mail2ticket::pipeline::tnef::files(&data) {
             prop_assert!(!file.data.is_empty());
         }
     }

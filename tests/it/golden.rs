@@ -6,7 +6,7 @@
 
 use crate::support::{self, postgres::test_db};
 use mail2ticket::config::Config;
-use mail2ticket::ingest::{self, Outcome, Pipeline};
+use mail2ticket::pipeline::{self, Outcome, Pipeline};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
 use std::path::Path;
@@ -25,7 +25,9 @@ async fn golden_corpus_matches_expected_rows() {
     let mut mismatches = Vec::new();
     for file in &files {
         let raw = std::fs::read(file).unwrap();
-        let outcome = ingest::ingest_one(&db.pool, &pipeline, &raw).await.unwrap();
+        let outcome = pipeline::ingest_one(&db.pool, &pipeline, &raw)
+            .await
+            .unwrap();
         let got = describe(&db.pool, &outcome).await;
         let expected_path = file.with_extension("json");
         if update {

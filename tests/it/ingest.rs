@@ -2,7 +2,7 @@
 
 use crate::support::{self, postgres::test_db};
 use mail2ticket::config::Config;
-use mail2ticket::ingest::{self, Outcome, Pipeline};
+use mail2ticket::pipeline::{self, Outcome, Pipeline};
 use std::path::Path;
 
 fn pipeline(url: &str, name: &str, extra: &str) -> Pipeline {
@@ -32,11 +32,11 @@ async fn the_same_message_twice_is_one_ticket() {
     let db = test_db().await;
     let p = pipeline(&db.url, "support", "add_ccs = true");
     let raw = corpus("13-outlook-nested.eml");
-    let first = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+    let first = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
     let Outcome::Created { ticket_id } = first else {
         panic!("{first:?}")
     };
-    let second = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+    let second = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
     assert_eq!(second, Outcome::Duplicate { ticket_id });
     assert_eq!(count(&db.pool, "tickets").await, 1);
     assert_eq!(count(&db.pool, "ticket_messages").await, 1);
@@ -52,7 +52,7 @@ async fn concurrent_copies_of_one_message_make_one_ticket() {
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let (pool, p, raw) = (db.pool.clone(), p.clone(), raw.clone());
-            tokio::spawn(async move { ingest::ingest_one(&pool, &p, &raw).await.unwrap() })
+            tokio::spawn(async move { pipeline::ingest_one(&pool, &p, &raw).await.unwrap() })
         })
         .collect();
     let mut created = 0;
@@ -72,7 +72,7 @@ async fn deduplication_is_per_parser() {
     let raw = corpus("01-plain-ascii.eml");
     for name in ["sales", "support"] {
         let p = pipeline(&db.url, name, "");
-        let outcome = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+        let outcome = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
         assert!(
             matches!(outcome, Outcome::Created { .. }),
             "{name}: {outcome:?}"
@@ -88,11 +88,11 @@ async fn a_message_without_message_id_is_the_same_with_crlf_or_lf() {
     let lf = b"From: a@example.com\nSubject: no id\n\nbody line\n".to_vec();
     let crlf = b"From: a@example.com\r\nSubject: no id\r\n\r\nbody line\r\n".to_vec();
     assert!(matches!(
-        ingest::ingest_one(&db.pool, &p, &lf).await.unwrap(),
+        pipeline::ingest_one(&db.pool, &p, &lf).await.unwrap(),
         Outcome::Created { .. }
     ));
     assert!(matches!(
-        ingest::ingest_one(&db.pool, &p, &crlf).await.unwrap(),
+        pipeline::ingest_one(&db.pool, &p, &crlf).await.unwrap(),
         Outcome::Duplicate { .. }
     ));
 }
@@ -102,7 +102,7 @@ async fn an_oversized_message_is_quarantined_with_its_exact_bytes_once() {
     let db = test_db().await;
     let p = pipeline(&db.url, "support", "max_message_size = 1000");
     let raw = corpus("21-huge-headers.eml");
-    let outcome = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+    let outcome = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
     let Outcome::Quarantined { id, reason } = outcome else {
         panic!("{outcome:?}")
     };
@@ -115,7 +115,7 @@ async fn an_oversized_message_is_quarantined_with_its_exact_bytes_once() {
             .unwrap();
     assert_eq!(stored, raw);
     assert_eq!(parser, "support");
-    let again = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+    let again = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
     assert_eq!(again, Outcome::DuplicateQuarantined { id });
     assert_eq!(count(&db.pool, "quarantine").await, 1);
     assert_eq!(count(&db.pool, "tickets").await, 0);
@@ -126,7 +126,7 @@ async fn parser_switches_control_attachments_and_ccs() {
     let db = test_db().await;
     let raw = corpus("13-outlook-nested.eml");
     let p = pipeline(&db.url, "plain", "add_attachments = false");
-    ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+    pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
     assert_eq!(count(&db.pool, "attachments").await, 0);
     let roles: Vec<String> = sqlx::query_scalar("select role from participants")
         .fetch_all(&db.pool)
@@ -141,7 +141,7 @@ async fn a_suspicious_message_keeps_its_raw_bytes_with_the_ticket() {
     // keep_raw = false: the raw bytes are kept for the warning alone.
     let p = pipeline(&db.url, "support", "keep_raw = false");
     let raw = corpus("38-boundary-trap-unrepairable.eml");
-    let Outcome::Created { ticket_id } = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap()
+    let Outcome::Created { ticket_id } = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap()
     else {
         panic!("expected a ticket")
     };
@@ -176,7 +176,7 @@ async fn an_attachment_over_the_limit_is_a_stub_with_a_note() {
     let db = test_db().await;
     let p = pipeline(&db.url, "support", "max_attachment_size = 20");
     let raw = corpus("10-rfc2231-filename.eml");
-    let Outcome::Created { ticket_id } = ingest::ingest_one(&db.pool, &p, &raw).await.unwrap()
+    let Outcome::Created { ticket_id } = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap()
     else {
         panic!("expected a ticket")
     };
@@ -219,7 +219,7 @@ async fn keep_raw_keeps_every_message_unless_turned_off() {
     let raw = corpus("01-plain-ascii.eml");
     for (name, extra, kept) in [("keeps", "", true), ("drops", "keep_raw = false", false)] {
         let p = pipeline(&db.url, name, extra);
-        ingest::ingest_one(&db.pool, &p, &raw).await.unwrap();
+        pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
         let stored: Option<Vec<u8>> = sqlx::query_scalar(
             "select r.raw from ticket_messages m left join raw_messages r on r.ticket_message_id = m.id
              where m.parser = $1",

@@ -5,7 +5,7 @@
 
 use crate::support::{self, postgres::test_db};
 use mail2ticket::config::Config;
-use mail2ticket::ingest::{self, Outcome, Pipeline};
+use mail2ticket::pipeline::{self, Outcome, Pipeline};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -205,7 +205,7 @@ Quote please.
         for (label, id) in &tickets {
             raw = raw.replace(&format!("{{{label}}}"), &id.to_string());
         }
-        let outcome = ingest::ingest_one(&db.pool, &pipelines[s.parser], raw.as_bytes())
+        let outcome = pipeline::ingest_one(&db.pool, &pipelines[s.parser], raw.as_bytes())
             .await
             .unwrap();
         match (&s.expect, &outcome) {
@@ -225,7 +225,7 @@ Quote please.
             (expect, got) => panic!("{}: expected {expect:?}, got {got:?}", s.what),
         }
         // Replaying any message changes nothing.
-        let again = ingest::ingest_one(&db.pool, &pipelines[s.parser], raw.as_bytes())
+        let again = pipeline::ingest_one(&db.pool, &pipelines[s.parser], raw.as_bytes())
             .await
             .unwrap();
         assert!(
@@ -297,7 +297,7 @@ async fn loop_protection_holds_back_a_flood_from_one_sender() {
             "From: robot@monitoring.example\r\nTo: support@contoso.com\r\nSubject: Alert {n}\r\nMessage-ID: <alert-{n}@monitoring.example>\r\n\r\nDisk full.\r\n"
         );
         outcomes.push(
-            ingest::ingest_one(&db.pool, &p, raw.as_bytes())
+            pipeline::ingest_one(&db.pool, &p, raw.as_bytes())
                 .await
                 .unwrap(),
         );
@@ -320,7 +320,7 @@ async fn loop_protection_holds_back_a_flood_from_one_sender() {
     let other =
         "From: human@example.com\r\nSubject: hi\r\nMessage-ID: <h-1@example.com>\r\n\r\nhello\r\n";
     assert!(matches!(
-        ingest::ingest_one(&db.pool, &p, other.as_bytes())
+        pipeline::ingest_one(&db.pool, &p, other.as_bytes())
             .await
             .unwrap(),
         Outcome::Created { .. }

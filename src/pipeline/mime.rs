@@ -8,7 +8,7 @@
 //!   mail-parser reports `cid:` images among the attachments;
 //! - a `--boundary` that is not a real delimiter line makes mail-parser 0.11 cut the part
 //!   (and, followed by `--`, drop every later part) silently: such messages are read again
-//!   with fresh boundaries ([`crate::boundary`]); one that still cannot be read whole
+//!   with fresh boundaries ([`crate::pipeline::boundary`]); one that still cannot be read whole
 //!   carries a warning so the raw bytes are kept with the ticket (see [`BOUNDARY_WARNING`]).
 
 use chrono::{DateTime, Utc};
@@ -118,7 +118,7 @@ pub struct ParsedMessage {
 }
 
 /// Parses one raw message. A message in which a boundary string appears off a delimiter
-/// line is read through [`crate::boundary::rewrite`] (fresh boundaries), so that no text
+/// line is read through [`crate::pipeline::boundary::rewrite`] (fresh boundaries), so that no text
 /// or attachment is lost; only when that cannot help does it carry [`BOUNDARY_WARNING`].
 pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
     if raw.is_empty() {
@@ -128,7 +128,7 @@ pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
         .parse(raw)
         .ok_or(ParseError::NoHeaders)?;
     if has_misplaced_boundary(&message, raw)
-        && let Some(repaired) = crate::boundary::rewrite(raw)
+        && let Some(repaired) = crate::pipeline::boundary::rewrite(raw)
         && let Some(message) = MessageParser::default().parse(&repaired[..])
     {
         return read(message, &repaired, raw);
@@ -429,7 +429,7 @@ pub fn html_to_text(html: &str, warnings: &mut Vec<String>) -> String {
     // Converting the sanitized HTML keeps `javascript:` links out of the text's footnotes.
     let converted = std::panic::catch_unwind(|| {
         html2text::config::plain()
-            .string_from_read(crate::html::sanitize(html).as_bytes(), 10_000)
+            .string_from_read(crate::pipeline::html::sanitize(html).as_bytes(), 10_000)
             .ok()
     });
     match converted {
@@ -498,7 +498,7 @@ fn unpack_tnef(attachment: Attachment) -> Vec<Attachment> {
         || attachment.content_type == "application/vnd.ms-tnef"
         || attachment.filename.eq_ignore_ascii_case("winmail.dat");
     let files = match &attachment.content {
-        Some(content) if looks_tnef => crate::tnef::files(content),
+        Some(content) if looks_tnef => crate::pipeline::tnef::files(content),
         _ => Vec::new(),
     };
     if files.is_empty() {

@@ -15,9 +15,15 @@
 //! raw bytes and the reason. Only a database failure returns an error, so the caller can
 //! retry the message later.
 
+pub mod boundary;
+pub mod html;
+pub mod mime;
+pub mod ticket;
+pub mod tnef;
+
 use crate::config::ParserConfig;
+use crate::pipeline::ticket::{NewTicket, TicketRules};
 use crate::store::{self, Hold, HoldKind, QuarantineInsert, StoreError, TicketInsert};
-use crate::ticket::{NewTicket, TicketRules};
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -159,10 +165,11 @@ pub fn decide(pipeline: &Pipeline, raw: &[u8]) -> Decision {
             pipeline.max_message_size
         ));
     }
-    quarantine_on_panic(|| match crate::mime::parse(raw) {
-        Ok(parsed) => {
-            Decision::Ticket(Box::new(crate::ticket::new_ticket(&pipeline.rules, parsed)))
-        }
+    quarantine_on_panic(|| match crate::pipeline::mime::parse(raw) {
+        Ok(parsed) => Decision::Ticket(Box::new(crate::pipeline::ticket::new_ticket(
+            &pipeline.rules,
+            parsed,
+        ))),
         Err(e) => Decision::Quarantine(e.to_string()),
     })
 }

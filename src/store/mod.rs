@@ -5,7 +5,7 @@
 //! wraps one message in one transaction, the IMAP poller adds its UID checkpoint to it.
 
 use crate::config::DatabaseConfig;
-use crate::ticket::NewTicket;
+use crate::pipeline::ticket::NewTicket;
 use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -436,7 +436,7 @@ pub async fn insert_quarantine(
     hold: Hold<'_>,
     raw: &[u8],
 ) -> Result<QuarantineInsert, StoreError> {
-    let sha256 = crate::mime::hex_sha256(raw);
+    let sha256 = crate::pipeline::mime::hex_sha256(raw);
     let inserted: Option<i64> = sqlx::query_scalar(
         "insert into quarantine (parser, reason, raw, raw_sha256, raw_size, kind, sender, message_id, header_only, arrived_at)
          values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
@@ -444,7 +444,7 @@ pub async fn insert_quarantine(
          returning id",
     )
     .bind(parser)
-    .bind(crate::mime::clean(hold.reason))
+    .bind(crate::pipeline::mime::clean(hold.reason))
     .bind(raw)
     .bind(&sha256)
     .bind(raw.len() as i64)

@@ -134,7 +134,7 @@ struct FreshBoundaries {
 
 impl FreshBoundaries {
     fn new(raw: &[u8]) -> Self {
-        let hash = crate::mime::hex_sha256(raw);
+        let hash = crate::pipeline::mime::hex_sha256(raw);
         FreshBoundaries {
             base: format!("m2t.{}", &hash[..24]),
             next: 1,
@@ -344,7 +344,7 @@ mod tests {
 
     #[test]
     fn a_fresh_boundary_never_occurs_in_the_message() {
-        let base = format!("m2t.{}", &crate::mime::hex_sha256(b"x")[..24]);
+        let base = format!("m2t.{}", &crate::pipeline::mime::hex_sha256(b"x")[..24]);
         let mut fresh = FreshBoundaries::new(b"x");
         fresh.raw_lowercase = format!("{base}.1.x {base}.2.x").into_bytes();
         assert_eq!(fresh.next(), format!("{base}.3.x"));

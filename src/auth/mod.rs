@@ -14,8 +14,12 @@
 //! credential only. A failed request is remembered for [`FAILURE_HOLD`], so many pollers
 //! sharing a broken credential ask Entra once, not once each.
 
+pub mod assertion;
+pub mod login;
+pub mod sealed;
+
+use crate::auth::sealed::SealingKey;
 use crate::config::{ClientAuth, Config, CredentialConfig, CredentialKind, PasswordUser};
-use crate::sealed::SealingKey;
 use crate::store;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -693,11 +697,12 @@ pub async fn post_token(
             form.push(("client_secret", secret.expose_secret().to_string()))
         }
         ClientAuth::Certificate(certificate) => {
-            let assertion = crate::assertion::client_assertion(certificate, client_id, token_url)
-                .map_err(|reason| AuthError::Certificate {
-                credential: credential.to_string(),
-                reason,
-            })?;
+            let assertion =
+                crate::auth::assertion::client_assertion(certificate, client_id, token_url)
+                    .map_err(|reason| AuthError::Certificate {
+                        credential: credential.to_string(),
+                        reason,
+                    })?;
             form.push((
                 "client_assertion_type",
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_string(),

@@ -5,7 +5,7 @@
 //! sent by a machine. Whether those tickets exist is the store's question.
 
 use crate::config::ParserConfig;
-use crate::mime::{Attachment, Mailbox, ParsedMessage};
+use crate::pipeline::mime::{Attachment, Mailbox, ParsedMessage};
 use chrono::{DateTime, Utc};
 
 /// The per-parser settings that shape a ticket (a narrow view of [`ParserConfig`]).
@@ -220,7 +220,10 @@ pub fn new_ticket(rules: &TicketRules, mut parsed: ParsedMessage) -> NewTicket {
                 .collect(),
             sent_at: parsed.date,
             body_text: parsed.body_text,
-            body_html: parsed.body_html.as_deref().map(crate::html::sanitize),
+            body_html: parsed
+                .body_html
+                .as_deref()
+                .map(crate::pipeline::html::sanitize),
             raw_size: parsed.raw_size as i64,
             warnings,
             automatic_reason,
@@ -347,7 +350,10 @@ mod tests {
 
     #[test]
     fn ccs_exclude_the_mailbox_and_the_requester() {
-        let t = new_ticket(&rules(true, true), crate::mime::parse(MAIL).unwrap());
+        let t = new_ticket(
+            &rules(true, true),
+            crate::pipeline::mime::parse(MAIL).unwrap(),
+        );
         let got: Vec<(&str, Role)> = t
             .participants
             .iter()
@@ -365,10 +371,16 @@ mod tests {
 
     #[test]
     fn without_add_ccs_only_the_requester_and_no_attachments_when_off() {
-        let t = new_ticket(&rules(false, false), crate::mime::parse(MAIL).unwrap());
+        let t = new_ticket(
+            &rules(false, false),
+            crate::pipeline::mime::parse(MAIL).unwrap(),
+        );
         assert_eq!(t.participants.len(), 1);
         assert!(t.attachments.is_empty());
-        let t = new_ticket(&rules(false, true), crate::mime::parse(MAIL).unwrap());
+        let t = new_ticket(
+            &rules(false, true),
+            crate::pipeline::mime::parse(MAIL).unwrap(),
+        );
         assert_eq!(t.attachments.len(), 1);
     }
 
@@ -387,7 +399,10 @@ mod tests {
             (b"Subject: a\r\n\r\nb", ""),
         ];
         for (raw, want) in cases {
-            let t = new_ticket(&rules(false, true), crate::mime::parse(raw).unwrap());
+            let t = new_ticket(
+                &rules(false, true),
+                crate::pipeline::mime::parse(raw).unwrap(),
+            );
             assert_eq!(t.requester_email, want);
             assert!(!t.message.warnings.is_empty());
         }

@@ -4,8 +4,8 @@
 
 use crate::auth::{AuthError, TokenSources, entra_hint};
 use crate::config::{Config, CredentialKind, ParserAuth, ParserConfig};
-use crate::first_contact;
-use crate::imap::{self, ImapError, Login};
+use crate::source::imap::first_contact;
+use crate::source::imap::{self, ImapError, Login};
 use secrecy::ExposeSecret;
 use std::time::Instant;
 

@@ -4,8 +4,8 @@
 //! stored, the database is down); 2 bad usage or bad configuration.
 
 use crate::config::Config;
-use crate::ingest::{self, Outcome, Pipeline};
-use crate::logging::{self, LogFormat};
+use crate::ops::logging::{self, LogFormat};
+use crate::pipeline::{self, Outcome, Pipeline};
 use crate::store;
 use clap::{Parser, Subcommand};
 use std::io::Read;
@@ -216,7 +216,7 @@ async fn run(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match crate::doctor::run(&config, parser.as_deref()).await {
+            match crate::ops::doctor::run(&config, parser.as_deref()).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(EXIT_FAILED),
                 Err(e) => {
@@ -261,11 +261,11 @@ async fn login_command(config: &Config, name: &str, device_code: bool) -> ExitCo
         Err(code) => return code,
     };
     let flow = if device_code {
-        crate::login::Flow::DeviceCode
+        crate::auth::login::Flow::DeviceCode
     } else {
-        crate::login::Flow::AuthorizationCode
+        crate::auth::login::Flow::AuthorizationCode
     };
-    match crate::login::login(config, credential, flow, &pool).await {
+    match crate::auth::login::login(config, credential, flow, &pool).await {
         Ok(signed_in) => {
             println!(
                 "OK: credential {name:?} signed in as {}; its refresh token is saved, encrypted, in the database. A running daemon picks it up on its next attempt. Check every mailbox with: mail2ticket doctor --config {}",
@@ -314,7 +314,7 @@ async fn run_command(config: &Config, once: bool) -> ExitCode {
     let cancel = tokio_util::sync::CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     if once {
-        let reports = crate::supervisor::run_once(config, &pool, &tokens, &cancel).await;
+        let reports = crate::runtime::supervisor::run_once(config, &pool, &tokens, &cancel).await;
         let mut failed = false;
         for report in &reports {
             match &report.result {
@@ -345,7 +345,7 @@ async fn run_command(config: &Config, once: bool) -> ExitCode {
         let tokens = tokens.clone();
         let config = config.clone();
         tokio::spawn(async move {
-            crate::supervisor::run(&config, &config_pool, &tokens, &cancel).await
+            crate::runtime::supervisor::run(&config, &config_pool, &tokens, &cancel).await
         })
     };
     cancel.cancelled().await;
@@ -455,16 +455,16 @@ async fn quarantine_command(action: QuarantineAction) -> ExitCode {
             };
             let (mut stored, mut held, mut skipped) = (0, 0, 0);
             for id in ids {
-                match ingest::replay(&pool, &pipelines, id).await {
-                    Ok(ingest::Replay::Stored(outcome)) => {
+                match pipeline::replay(&pool, &pipelines, id).await {
+                    Ok(pipeline::Replay::Stored(outcome)) => {
                         stored += 1;
                         println!("{}", describe(&outcome, &format!("quarantine #{id}")));
                     }
-                    Ok(ingest::Replay::StillHeld) => {
+                    Ok(pipeline::Replay::StillHeld) => {
                         held += 1;
                         println!("still held   quarantine #{id}");
                     }
-                    Ok(ingest::Replay::Skipped(why)) => {
+                    Ok(pipeline::Replay::Skipped(why)) => {
                         skipped += 1;
                         println!("skipped      quarantine #{id}: {why}");
                     }
@@ -608,7 +608,7 @@ async fn ingest_command(config: &Config, parser_name: &str, files: Vec<PathBuf>)
             .iter_mut()
             .map(|(_, raw)| std::mem::take(raw))
             .collect();
-        match ingest::ingest_batch(&pool, &pipeline, &raws).await {
+        match pipeline::ingest_batch(&pool, &pipeline, &raws).await {
             Ok(outcomes) => {
                 for ((label, _), outcome) in batch.iter().zip(&outcomes) {
                     println!("{}", describe(outcome, label));
@@ -653,7 +653,7 @@ fn describe(outcome: &Outcome, label: &str) -> String {
 
 #[derive(Default)]
 struct Tally {
-    outcomes: ingest::OutcomeCounts,
+    outcomes: pipeline::OutcomeCounts,
     failed: usize,
     not_attempted: usize,
 }

@@ -4,7 +4,7 @@
 
 use crate::auth::TokenSources;
 use crate::config::{Config, ParserAuth, ParserStatus};
-use crate::poller::{OnceStats, PollError, Poller};
+use crate::runtime::mailbox::{OnceStats, PollError, Poller};
 use backon::BackoffBuilder;
 use futures::FutureExt;
 use sqlx::PgPool;

@@ -7,9 +7,9 @@
 //! server without a browser, the final redirected address may be pasted on standard input
 //! instead. `--device-code` uses the device-code flow.
 
+use crate::auth::sealed::SealingKey;
 use crate::auth::{self, AuthError, TokenResponse};
 use crate::config::{Config, CredentialConfig};
-use crate::sealed::SealingKey;
 use crate::store;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

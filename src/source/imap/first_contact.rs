@@ -8,7 +8,7 @@
 //! arrives later is always taken, and a UIDVALIDITY change is not a first contact.
 
 use crate::config::StartAt;
-use crate::imap::{FolderStatus, ImapError, ImapSession};
+use crate::source::imap::{FolderStatus, ImapError, ImapSession};
 use crate::store::Backlog;
 
 /// The longest UID set sent in one command (see [`pending_set`]).
@@ -123,7 +123,7 @@ pub fn pending_set(last_uid: i64, backlog: Option<&Backlog>) -> (String, impl Fn
         _ => (from.saturating_sub(1), Vec::new()),
     };
     let after = until.saturating_add(1).max(from);
-    let mut set = crate::imap::uid_set(&chosen);
+    let mut set = crate::source::imap::uid_set(&chosen);
     if set.len() > MAX_SET_LEN {
         // A long, scattered choice would make a command line servers refuse (RFC 7162
         // section 4 asks clients to stay under 8192 octets): list the whole range and

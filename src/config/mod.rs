@@ -6,7 +6,9 @@
 //! and resolves secrets. Every error names the file, the key and what to do about it, and
 //! all of them are reported at once so that one `check-config` run shows everything.
 
-use crate::secret::SecretSource;
+pub mod secret;
+
+use crate::config::secret::SecretSource;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -845,13 +847,14 @@ fn validate_client_auth(
             if certificate.expose_secret().is_empty() || private_key.expose_secret().is_empty() {
                 return ClientAuth::Public;
             }
-            match crate::assertion::load_certificate(certificate.expose_secret(), private_key) {
+            match crate::auth::assertion::load_certificate(certificate.expose_secret(), private_key)
+            {
                 Ok(cert) => ClientAuth::Certificate(cert),
-                Err(crate::assertion::CertificateError::Certificate(e)) => {
+                Err(crate::auth::assertion::CertificateError::Certificate(e)) => {
                     problems.add(key("certificate"), at, e);
                     ClientAuth::Public
                 }
-                Err(crate::assertion::CertificateError::PrivateKey(e)) => {
+                Err(crate::auth::assertion::CertificateError::PrivateKey(e)) => {
                     problems.add(key("private_key"), at, e);
                     ClientAuth::Public
                 }

@@ -14,9 +14,9 @@
 
 use crate::auth::{AccessToken, TokenSource};
 use crate::config::{AfterIngest, ParserAuth, ParserConfig};
-use crate::first_contact::{self, FirstContact};
-use crate::imap::{self, IdleEnd, ImapError, ImapSession, Login, Pending};
-use crate::ingest::{self, Arrival, Pipeline};
+use crate::pipeline::{self, Arrival, Pipeline};
+use crate::source::imap::first_contact::{self, FirstContact};
+use crate::source::imap::{self, IdleEnd, ImapError, ImapSession, Login, Pending};
 use crate::store::{self, Backlog, Checkpoint, FetchTrouble, StoreError};
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -66,7 +66,7 @@ impl PollError {
 }
 
 /// Counters of one run of a poller.
-pub type PollStats = crate::ingest::OutcomeCounts;
+pub type PollStats = crate::pipeline::OutcomeCounts;
 
 /// What `run --once` reports for one parser: the counters, and what `start_at` decided
 /// when this run was the first contact with the folder.
@@ -402,7 +402,7 @@ impl Poller {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let arrived_at = arrived.unwrap_or_else(chrono::Utc::now);
         let outcome =
-            ingest::quarantine(&mut tx, &parser.name, reason, &raw, true, arrived_at).await?;
+            pipeline::quarantine(&mut tx, &parser.name, reason, &raw, true, arrived_at).await?;
         let next = Checkpoint {
             uidvalidity: checkpoint.uidvalidity,
             last_uid: i64::from(uid).max(checkpoint.last_uid),
@@ -448,12 +448,12 @@ impl Poller {
                 let reason = format!(
                     "message is {size} bytes (IMAP RFC822.SIZE), over max_message_size ({max} bytes); only its header is kept here, the message stays in the mailbox (UID {uid})"
                 );
-                let decision = ingest::Decision::Quarantine(String::new());
+                let decision = pipeline::Decision::Quarantine(String::new());
                 let arrived_at = arrival.resolve(&decision);
-                ingest::quarantine(&mut tx, &parser.name, reason, raw, true, arrived_at).await?
+                pipeline::quarantine(&mut tx, &parser.name, reason, raw, true, arrived_at).await?
             } else {
-                let decision = ingest::decide(&self.pipeline, raw);
-                ingest::store_decision(&mut tx, &self.pipeline, &decision, raw, arrival).await?
+                let decision = pipeline::decide(&self.pipeline, raw);
+                pipeline::store_decision(&mut tx, &self.pipeline, &decision, raw, arrival).await?
             };
             tracing::debug!(parser = %parser.name, uid, ?outcome, "stored");
             stats.count(&outcome);

@@ -1,0 +1,5 @@
+//! The running daemon: the supervisor that owns one task per mailbox, and the per-mailbox
+//! loop where the exactly-once rules live.
+
+pub mod mailbox;
+pub mod supervisor;

@@ -1,0 +1,3 @@
+//! Where mail comes from. `imap` is the only code that speaks IMAP.
+
+pub mod imap;
