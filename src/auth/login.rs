@@ -70,7 +70,7 @@ pub async fn login(
                 .find_map(|k| claims[k].as_str().map(str::to_string))
         });
     let mut conn = pool.acquire().await.map_err(|e| format!("database: {e}"))?;
-    store::save_sign_in(
+    store::grants::save_sign_in(
         &mut conn,
         &credential.name,
         &credential.tenant_id,

@@ -576,12 +576,12 @@ impl TokenSource {
             return Err(store_error(&"no database connection or [secrets] key"));
         };
         let mut tx = pool.begin().await.map_err(|e| store_error(&e))?;
-        let Some(grant) = store::lock_grant(&mut tx, &self.name)
+        let Some(grant) = store::grants::lock_grant(&mut tx, &self.name)
             .await
             .map_err(|e| store_error(&e))?
         else {
             let reason = "nobody has signed in with it yet";
-            store::record_missing_sign_in(
+            store::grants::record_missing_sign_in(
                 &mut tx,
                 &self.name,
                 &d.tenant_id,
@@ -623,7 +623,7 @@ impl TokenSource {
         match result {
             Ok(response) => {
                 let rotated = response.refresh_token.as_ref().unwrap_or(&refresh_token);
-                store::save_refreshed_grant(
+                store::grants::save_refreshed_grant(
                     &mut tx,
                     &self.name,
                     &key.seal(&self.name, rotated),
@@ -636,7 +636,7 @@ impl TokenSource {
             }
             Err(error) if is_dead_grant(&error) => {
                 let reason = format!("Entra refused the stored sign-in: {error}");
-                store::mark_needs_login(&mut tx, &self.name, &reason)
+                store::grants::mark_needs_login(&mut tx, &self.name, &reason)
                     .await
                     .map_err(|e| store_error(&e))?;
                 tx.commit().await.map_err(|e| store_error(&e))?;

@@ -401,7 +401,7 @@ async fn quarantine_command(action: QuarantineAction) -> ExitCode {
         QuarantineAction::List { parser, all, .. } => {
             let rows = async {
                 let mut conn = pool.acquire().await?;
-                store::list_quarantine(&mut conn, parser.as_deref(), all).await
+                store::quarantine::list_quarantine(&mut conn, parser.as_deref(), all).await
             };
             match rows.await {
                 Ok(rows) => {
@@ -441,7 +441,7 @@ async fn quarantine_command(action: QuarantineAction) -> ExitCode {
             let ids = if all {
                 let pending = async {
                     let mut conn = pool.acquire().await?;
-                    store::pending_quarantine_ids(&mut conn, parser.as_deref()).await
+                    store::quarantine::pending_quarantine_ids(&mut conn, parser.as_deref()).await
                 };
                 match pending.await {
                     Ok(ids) => ids,

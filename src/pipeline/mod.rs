@@ -23,7 +23,9 @@ pub mod tnef;
 
 use crate::config::ParserConfig;
 use crate::pipeline::ticket::{NewTicket, TicketRules};
-use crate::store::{self, Hold, HoldKind, QuarantineInsert, StoreError, TicketInsert};
+use crate::store::StoreError;
+use crate::store::quarantine::{self, Hold, HoldKind, QuarantineInsert};
+use crate::store::tickets::{self, TicketInsert};
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -188,7 +190,7 @@ fn quarantine_on_panic(decide: impl FnOnce() -> Decision) -> Decision {
 /// Writes a decision inside the caller's open transaction. If Postgres refuses the
 /// message's data (see [`StoreError::is_refused_data`]) the partial rows are rolled back
 /// to a savepoint and the message goes to quarantine instead.
-pub async fn store_decision(
+async fn store_decision(
     tx: &mut PgConnection,
     pipeline: &Pipeline,
     decision: &Decision,
@@ -214,13 +216,13 @@ pub async fn store_decision(
             }
         }
     };
-    quarantine(tx, parser, error_hold, raw, false, arrived_at).await
+    quarantine_raw(tx, parser, error_hold, raw, false, arrived_at).await
 }
 
 /// Quarantines a message that could not be ticketed, with the reason, inside the caller's
 /// transaction. `header_only`: `raw` is only what could be read of a message that stays on
 /// the server (too large, or never returned), so replay skips it.
-pub async fn quarantine(
+async fn quarantine_raw(
     tx: &mut PgConnection,
     parser: &str,
     reason: String,
@@ -237,7 +239,7 @@ pub async fn quarantine(
         arrived_at,
     };
     Ok(
-        match store::insert_quarantine(tx, parser, hold, raw).await? {
+        match quarantine::insert_quarantine(tx, parser, hold, raw).await? {
             QuarantineInsert::Created { id } => Outcome::Quarantined { id, reason },
             QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
         },
@@ -256,12 +258,12 @@ async fn store_ticket(
     // A message already stored is a duplicate whatever the rules would say now: one lookup
     // here, before any rule runs (re-fetches after a crash take this path).
     if let Some(ticket_id) =
-        store::message_ticket(conn, &rules.parser, &ticket.message.message_id).await?
+        tickets::message_ticket(conn, &rules.parser, &ticket.message.message_id).await?
     {
         return Ok(Outcome::Duplicate { ticket_id });
     }
     let keep_raw = (pipeline.keep_raw || !ticket.message.warnings.is_empty()).then_some(raw);
-    let thread = store::find_thread(
+    let thread = tickets::find_thread(
         conn,
         &rules.parser,
         &ticket.thread_refs,
@@ -270,7 +272,7 @@ async fn store_ticket(
     .await?;
     if let Some(ticket_id) = thread {
         return Ok(
-            match store::append_message(conn, ticket_id, ticket, keep_raw, arrived_at).await? {
+            match tickets::append_message(conn, ticket_id, ticket, keep_raw, arrived_at).await? {
                 TicketInsert::Appended { ticket_id, .. } => Outcome::Appended { ticket_id },
                 TicketInsert::Created { ticket_id, .. } => Outcome::Created { ticket_id },
                 TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
@@ -287,10 +289,11 @@ async fn store_ticket(
             format!("automatic message that answers no ticket: {reason}"),
         ))
     } else if !sender.is_empty()
-        && store::recent_tickets_from(conn, &rules.parser, sender, arrived_at, window).await?
+        && tickets::recent_tickets_from(conn, &rules.parser, sender, arrived_at, window).await?
             >= i64::from(rules.max_tickets_per_sender)
     {
-        if !store::loop_recorded_since(conn, &rules.parser, sender, arrived_at, window).await? {
+        if !quarantine::loop_recorded_since(conn, &rules.parser, sender, arrived_at, window).await?
+        {
             tracing::warn!(parser = %rules.parser, sender, window_s = rules.sender_window.as_secs(),
                 max = rules.max_tickets_per_sender, "loop protection: holding back new tickets from this sender");
         }
@@ -315,14 +318,14 @@ async fn store_ticket(
             arrived_at,
         };
         return Ok(
-            match store::insert_quarantine(conn, &rules.parser, hold, raw).await? {
+            match quarantine::insert_quarantine(conn, &rules.parser, hold, raw).await? {
                 QuarantineInsert::Created { id } => Outcome::Held { id, reason },
                 QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
             },
         );
     }
     Ok(
-        match store::insert_ticket(conn, ticket, keep_raw, arrived_at).await? {
+        match tickets::insert_ticket(conn, ticket, keep_raw, arrived_at).await? {
             TicketInsert::Created { ticket_id, .. } | TicketInsert::Appended { ticket_id, .. } => {
                 Outcome::Created { ticket_id }
             }
@@ -331,37 +334,92 @@ async fn store_ticket(
     )
 }
 
-/// Decides and stores several messages in one transaction: one commit (one fsync) for the
-/// lot. Outcomes come back in input order. On error nothing of the batch is committed,
-/// and re-running it is harmless (the Message-ID key holds).
+/// One message handed to [`store_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    /// The raw bytes (or, with `header_only`, what could be read of the message).
+    pub raw: &'a [u8],
+    /// When it arrived.
+    pub arrival: Arrival,
+    /// Only the header could be read (too large, or never returned by the server): the
+    /// reason; the message is quarantined by its header and stays in the mailbox.
+    pub header_only: Option<&'a str>,
+}
+
+impl<'a> Incoming<'a> {
+    /// A whole message.
+    pub fn whole(raw: &'a [u8], arrival: Arrival) -> Self {
+        Incoming {
+            raw,
+            arrival,
+            header_only: None,
+        }
+    }
+}
+
+/// The one path by which every caller stores messages (`ingest`, the mailbox loop,
+/// quarantine replay): decides each message (pure) and stores it inside the caller's open
+/// transaction, so the caller can add its own rows (a source's cursor, a replay mark) to
+/// the same commit. Outcomes come back in input order; on error the caller's transaction
+/// is to be abandoned, and running the batch again is harmless (the Message-ID key holds).
+pub async fn store_batch(
+    tx: &mut PgConnection,
+    pipeline: &Pipeline,
+    items: &[Incoming<'_>],
+) -> Result<Vec<Outcome>, StoreError> {
+    let mut outcomes = Vec::with_capacity(items.len());
+    for item in items {
+        let outcome = match item.header_only {
+            Some(reason) => {
+                let decision = Decision::Quarantine(reason.to_string());
+                let arrived_at = item.arrival.resolve(&decision);
+                let parser = &pipeline.rules.parser;
+                quarantine_raw(tx, parser, reason.to_string(), item.raw, true, arrived_at).await?
+            }
+            None => {
+                let decision = decide(pipeline, item.raw);
+                store_decision(tx, pipeline, &decision, item.raw, item.arrival).await?
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// Stores messages read from files or a pipe in one transaction: one commit (one fsync)
+/// for the lot. Their arrival is their Date header when plausible.
 pub async fn ingest_batch(
     pool: &PgPool,
     pipeline: &Pipeline,
     raws: &[Vec<u8>],
 ) -> Result<Vec<Outcome>, StoreError> {
-    let decisions: Vec<Decision> = raws.iter().map(|raw| decide(pipeline, raw)).collect();
-    let mut tx = pool.begin().await?;
-    let mut outcomes = Vec::with_capacity(raws.len());
-    for (decision, raw) in decisions.iter().zip(raws) {
-        outcomes
-            .push(store_decision(&mut tx, pipeline, decision, raw, Arrival::FromDateHeader).await?);
-    }
-    tx.commit().await?;
-    Ok(outcomes)
+    let items: Vec<Incoming> = raws
+        .iter()
+        .map(|raw| Incoming::whole(raw, Arrival::FromDateHeader))
+        .collect();
+    commit(pool, pipeline, &items).await
 }
 
-/// Decides and stores one message in a transaction of its own.
+/// Stores one message read from a file or a pipe in a transaction of its own.
 pub async fn ingest_one(
     pool: &PgPool,
     pipeline: &Pipeline,
     raw: &[u8],
 ) -> Result<Outcome, StoreError> {
-    let decision = decide(pipeline, raw);
+    let item = Incoming::whole(raw, Arrival::FromDateHeader);
+    Ok(commit(pool, pipeline, &[item]).await?.remove(0))
+}
+
+/// [`store_batch`] in a transaction of its own.
+async fn commit(
+    pool: &PgPool,
+    pipeline: &Pipeline,
+    items: &[Incoming<'_>],
+) -> Result<Vec<Outcome>, StoreError> {
     let mut tx = pool.begin().await?;
-    let outcome =
-        store_decision(&mut tx, pipeline, &decision, raw, Arrival::FromDateHeader).await?;
+    let outcomes = store_batch(&mut tx, pipeline, items).await?;
     tx.commit().await?;
-    Ok(outcome)
+    Ok(outcomes)
 }
 
 /// What a replay of one quarantine row did.
@@ -383,7 +441,7 @@ pub async fn replay(
     id: i64,
 ) -> Result<Replay, StoreError> {
     let mut tx = pool.begin().await?;
-    let Some(row) = store::lock_quarantined(&mut tx, id).await? else {
+    let Some(row) = quarantine::lock_quarantined(&mut tx, id).await? else {
         return Ok(Replay::Skipped(format!("no quarantine row #{id}")));
     };
     if row.replayed {
@@ -401,9 +459,8 @@ pub async fn replay(
             row.parser
         )));
     };
-    let decision = decide(pipeline, &row.raw);
-    let arrival = Arrival::At(row.arrived_at);
-    let outcome = store_decision(&mut tx, pipeline, &decision, &row.raw, arrival).await?;
+    let item = Incoming::whole(&row.raw, Arrival::At(row.arrived_at));
+    let outcome = store_batch(&mut tx, pipeline, &[item]).await?.remove(0);
     let description = match &outcome {
         Outcome::Created { ticket_id } => format!("created ticket {ticket_id}"),
         Outcome::Appended { ticket_id } => format!("appended to ticket {ticket_id}"),
@@ -414,7 +471,7 @@ pub async fn replay(
             return Ok(Replay::StillHeld);
         }
     };
-    store::mark_replayed(&mut tx, id, &description).await?;
+    quarantine::mark_replayed(&mut tx, id, &description).await?;
     tx.commit().await?;
     Ok(Replay::Stored(outcome))
 }

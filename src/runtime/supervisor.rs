@@ -1,10 +1,16 @@
 //! Runs one poller per active parser, restarts a failed one with capped exponential
 //! backoff and jitter, and stops them all on cancellation. One mailbox's failure never
-//! stops or slows another: each poller is its own task with its own backoff.
+//! stops or slows another: each poller is its own task with its own backoff, inside a
+//! `mailbox{parser=...}` tracing span (so its events need not repeat the name).
+//!
+//! This is where a parser's [`MailSource`](crate::source::MailSource) is chosen: a new
+//! kind of source is registered in [`source_of`].
 
 use crate::auth::TokenSources;
+use crate::config::ParserConfig;
 use crate::config::{Config, ParserAuth, ParserStatus};
 use crate::runtime::mailbox::{OnceStats, PollError, Poller};
+use crate::source::imap::ImapSource;
 use backon::BackoffBuilder;
 use futures::FutureExt;
 use sqlx::PgPool;
@@ -13,6 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// The loop of one parser, over the parser's mail source.
+type MailboxPoller = Poller<ImapSource>;
 
 /// Longest wait between two attempts of a failing poller.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -26,24 +36,40 @@ pub struct OnceReport {
     pub result: Result<OnceStats, String>,
 }
 
+/// The mail source of a parser.
+fn source_of(parser: &Arc<ParserConfig>, tokens: &TokenSources) -> Result<ImapSource, String> {
+    let tokens = match &parser.auth {
+        ParserAuth::Credential(name) => Some(tokens.get(name).ok_or_else(|| {
+            format!(
+                "parser {:?} names an unknown credential {name:?}",
+                parser.name
+            )
+        })?),
+        ParserAuth::Password(_) => None,
+    };
+    Ok(ImapSource::new(parser.clone(), tokens))
+}
+
 fn pollers(
     config: &Config,
     pool: &PgPool,
     tokens: &TokenSources,
-) -> Vec<Result<Poller, (String, String)>> {
+) -> Vec<Result<MailboxPoller, (String, String)>> {
     config
         .parsers
         .iter()
         .filter(|p| p.status == ParserStatus::Active)
         .map(|p| {
-            let source = match &p.auth {
-                ParserAuth::Credential(name) => tokens.get(name),
-                ParserAuth::Password(_) => None,
-            };
-            Poller::new(Arc::new(p.clone()), pool.clone(), source)
-                .map_err(|e| (p.name.clone(), e.to_string()))
+            let parser = Arc::new(p.clone());
+            let source = source_of(&parser, tokens).map_err(|e| (p.name.clone(), e))?;
+            Ok(Poller::new(parser, pool.clone(), source))
         })
         .collect()
+}
+
+/// The span every event of one mailbox's task is logged in.
+fn mailbox_span(parser: &str) -> tracing::Span {
+    tracing::info_span!("mailbox", parser = %parser)
 }
 
 /// Processes everything new in every active parser once, all parsers at the same time.
@@ -61,21 +87,25 @@ pub async fn run_once(
                 Ok(p) => p.name().to_string(),
                 Err((parser, _)) => parser.clone(),
             };
-            let task = tokio::spawn(async move {
-                match poller {
-                    Err((parser, e)) => OnceReport {
-                        parser,
-                        result: Err(e),
-                    },
-                    Ok(poller) => {
-                        let result = poller.run_once(&cancel).await.map_err(|e| e.to_string());
-                        OnceReport {
-                            parser: poller.name().to_string(),
-                            result,
+            let span = mailbox_span(&name);
+            let task = tokio::spawn(
+                async move {
+                    match poller {
+                        Err((parser, e)) => OnceReport {
+                            parser,
+                            result: Err(e),
+                        },
+                        Ok(poller) => {
+                            let result = poller.run_once(&cancel).await.map_err(|e| e.to_string());
+                            OnceReport {
+                                parser: poller.name().to_string(),
+                                result,
+                            }
                         }
                     }
                 }
-            });
+                .instrument(span),
+            );
             (name, task)
         })
         .collect();
@@ -109,7 +139,8 @@ pub async fn run(
                 tracing::error!(parser = %parser, error = %e, "cannot start the poller")
             }
             Ok(poller) => {
-                tracker.spawn(async move { supervise(poller, cancel).await });
+                let span = mailbox_span(poller.name());
+                tracker.spawn(async move { supervise(poller, cancel).await }.instrument(span));
             }
         }
     }
@@ -117,7 +148,7 @@ pub async fn run(
     tracker.wait().await;
 }
 
-async fn supervise(poller: Poller, cancel: CancellationToken) {
+async fn supervise(poller: MailboxPoller, cancel: CancellationToken) {
     let progressed = AtomicBool::new(false);
     let new_backoff = || {
         backon::ExponentialBuilder::default()
@@ -128,7 +159,7 @@ async fn supervise(poller: Poller, cancel: CancellationToken) {
             .build()
     };
     let mut backoff = new_backoff();
-    tracing::info!(parser = %poller.name(), "poller started");
+    tracing::info!("poller started");
     while !cancel.is_cancelled() {
         // A panic in one pass (a bug, or a dependency's) is handled like an error: this
         // parser backs off and tries again instead of stopping for good.
@@ -154,12 +185,12 @@ async fn supervise(poller: Poller, cancel: CancellationToken) {
             },
         };
         if let Err(e) = &result {
-            tracing::error!(parser = %poller.name(), error = %e, retry_in_s = delay.as_secs_f32(), "poller failed");
+            tracing::error!(error = %e, retry_in_s = delay.as_secs_f32(), "poller failed");
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = cancel.cancelled() => break,
         }
     }
-    tracing::info!(parser = %poller.name(), "poller stopped");
+    tracing::info!("poller stopped");
 }

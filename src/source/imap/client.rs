@@ -384,7 +384,7 @@ pub enum IdleEnd {
 
 /// A message waiting on the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pending {
+pub struct Listed {
     /// Its UID.
     pub uid: u32,
     /// RFC822.SIZE in bytes (what a download costs).
@@ -442,7 +442,7 @@ impl ImapSession {
     }
 
     /// The messages with UID >= `from`, in UID order.
-    pub async fn pending_from(&mut self, from: u32) -> Result<Vec<Pending>, ImapError> {
+    pub async fn pending_from(&mut self, from: u32) -> Result<Vec<Listed>, ImapError> {
         let from = from.max(1);
         let mut listed = self.pending_in(&format!("{from}:*")).await?;
         // `n:*` always includes the last message, even when its UID is below n.
@@ -453,7 +453,7 @@ impl ImapSession {
     /// The messages in a UID set (`"3,7,10:*"`), in UID order: UID, RFC822.SIZE and
     /// INTERNALDATE. A `n:*` range also returns the last message when n is past it: the
     /// caller filters.
-    pub async fn pending_in(&mut self, set: &str) -> Result<Vec<Pending>, ImapError> {
+    pub async fn pending_in(&mut self, set: &str) -> Result<Vec<Listed>, ImapError> {
         let fetches: Vec<Fetch> = timed("UID FETCH (RFC822.SIZE INTERNALDATE)", async {
             self.session
                 .uid_fetch(set, "(UID RFC822.SIZE INTERNALDATE)")
@@ -463,10 +463,10 @@ impl ImapSession {
         })
         .await?;
         self.drain_unsolicited()?;
-        let mut listed: Vec<Pending> = fetches
+        let mut listed: Vec<Listed> = fetches
             .iter()
             .filter_map(|f| {
-                Some(Pending {
+                Some(Listed {
                     uid: f.uid?,
                     size: f.size.unwrap_or(0),
                     arrived: f.internal_date().map(|d| d.with_timezone(&chrono::Utc)),

@@ -9,7 +9,7 @@
 
 use crate::config::StartAt;
 use crate::source::imap::{FolderStatus, ImapError, ImapSession};
-use crate::store::Backlog;
+use crate::store::mailbox::Backlog;
 
 /// The longest UID set sent in one command (see [`pending_set`]).
 const MAX_SET_LEN: usize = 4000;

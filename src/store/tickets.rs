@@ -1,0 +1,284 @@
+//! SQL of the ticket tables: `tickets`, `ticket_messages`, `participants`, `attachments`,
+//! `raw_messages`; the threading and loop-protection lookups.
+
+use super::StoreError;
+use crate::pipeline::ticket::NewTicket;
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use std::time::Duration;
+
+/// What became of a message handed to [`insert_ticket`] or [`append_message`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TicketInsert {
+    /// A new ticket and its first message were written.
+    Created {
+        /// `tickets.id`.
+        ticket_id: i64,
+        /// `ticket_messages.id`.
+        message_row_id: i64,
+    },
+    /// The message was added to an existing ticket.
+    Appended {
+        /// `tickets.id`.
+        ticket_id: i64,
+        /// `ticket_messages.id`.
+        message_row_id: i64,
+    },
+    /// The (parser, Message-ID) was stored before: nothing was written.
+    Duplicate {
+        /// The ticket that already holds it.
+        ticket_id: i64,
+    },
+}
+
+/// Writes a new ticket with its message, participants, attachments and (when given) raw
+/// bytes. The caller checks [`message_ticket`] first; a message stored meanwhile by another
+/// writer is still caught (the unique key) and nothing is written.
+pub async fn insert_ticket(
+    conn: &mut PgConnection,
+    ticket: &NewTicket,
+    raw: Option<&[u8]>,
+    arrived_at: DateTime<Utc>,
+) -> Result<TicketInsert, StoreError> {
+    let ticket_id: i64 = sqlx::query_scalar(
+        "insert into tickets (parser, subject, requester_email, requester_name, arrived_at)
+         values ($1, $2, $3, $4, $5) returning id",
+    )
+    .bind(&ticket.parser)
+    .bind(&ticket.subject)
+    .bind(&ticket.requester_email)
+    .bind(&ticket.requester_name)
+    .bind(arrived_at)
+    .fetch_one(&mut *conn)
+    .await?;
+    let Some(message_row_id) =
+        insert_message_rows(conn, ticket_id, ticket, raw, arrived_at).await?
+    else {
+        // Another writer stored the same message between our check and our insert.
+        sqlx::query("delete from tickets where id = $1")
+            .bind(ticket_id)
+            .execute(&mut *conn)
+            .await?;
+        let ticket_id = message_ticket(conn, &ticket.parser, &ticket.message.message_id)
+            .await?
+            .unwrap_or_default();
+        return Ok(TicketInsert::Duplicate { ticket_id });
+    };
+    if !ticket.participants.is_empty() {
+        let emails: Vec<&str> = ticket
+            .participants
+            .iter()
+            .map(|p| p.email.as_str())
+            .collect();
+        let names: Vec<Option<&str>> = ticket
+            .participants
+            .iter()
+            .map(|p| p.name.as_deref())
+            .collect();
+        let roles: Vec<&str> = ticket
+            .participants
+            .iter()
+            .map(|p| p.role.as_str())
+            .collect();
+        sqlx::query(
+            "insert into participants (ticket_id, email, name, role)
+             select $1, * from unnest($2::text[], $3::text[], $4::text[])
+             on conflict do nothing",
+        )
+        .bind(ticket_id)
+        .bind(&emails)
+        .bind(&names)
+        .bind(&roles)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(TicketInsert::Created {
+        ticket_id,
+        message_row_id,
+    })
+}
+
+/// Adds the message to an existing ticket: its people join as `cc` unless already on the
+/// ticket, and the ticket's `updated_at` moves. As with [`insert_ticket`], the caller checks
+/// [`message_ticket`] first and a concurrent copy is still caught.
+pub async fn append_message(
+    conn: &mut PgConnection,
+    ticket_id: i64,
+    ticket: &NewTicket,
+    raw: Option<&[u8]>,
+    arrived_at: DateTime<Utc>,
+) -> Result<TicketInsert, StoreError> {
+    let Some(message_row_id) =
+        insert_message_rows(conn, ticket_id, ticket, raw, arrived_at).await?
+    else {
+        let ticket_id = message_ticket(conn, &ticket.parser, &ticket.message.message_id)
+            .await?
+            .unwrap_or(ticket_id);
+        return Ok(TicketInsert::Duplicate { ticket_id });
+    };
+    let emails: Vec<&str> = ticket
+        .participants
+        .iter()
+        .map(|p| p.email.as_str())
+        .collect();
+    let names: Vec<Option<&str>> = ticket
+        .participants
+        .iter()
+        .map(|p| p.name.as_deref())
+        .collect();
+    sqlx::query(
+        "insert into participants (ticket_id, email, name, role)
+         select $1, u.email, u.name, 'cc' from unnest($2::text[], $3::text[]) as u(email, name)
+         where not exists (select 1 from participants p where p.ticket_id = $1 and p.email = u.email)
+         on conflict do nothing",
+    )
+    .bind(ticket_id)
+    .bind(&emails)
+    .bind(&names)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("update tickets set updated_at = now() where id = $1")
+        .bind(ticket_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(TicketInsert::Appended {
+        ticket_id,
+        message_row_id,
+    })
+}
+
+/// Inserts the `ticket_messages` row with its attachments and raw bytes; `None` when the
+/// (parser, Message-ID) already exists.
+async fn insert_message_rows(
+    conn: &mut PgConnection,
+    ticket_id: i64,
+    ticket: &NewTicket,
+    raw: Option<&[u8]>,
+    arrived_at: DateTime<Utc>,
+) -> Result<Option<i64>, StoreError> {
+    let m = &ticket.message;
+    let message_row_id: Option<i64> = sqlx::query_scalar(
+        "insert into ticket_messages (ticket_id, parser, message_id, message_id_derived,
+             in_reply_to, references_ids, subject, from_email, from_name, to_emails, cc_emails,
+             sent_at, body_text, body_html, raw_size, warnings, automatic_reason, arrived_at)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+         on conflict (parser, message_id) do nothing
+         returning id",
+    )
+    .bind(ticket_id)
+    .bind(&ticket.parser)
+    .bind(&m.message_id)
+    .bind(m.message_id_derived)
+    .bind(&m.in_reply_to)
+    .bind(&m.references)
+    .bind(&m.subject)
+    .bind(&m.from_email)
+    .bind(&m.from_name)
+    .bind(&m.to)
+    .bind(&m.cc)
+    .bind(m.sent_at)
+    .bind(&m.body_text)
+    .bind(&m.body_html)
+    .bind(m.raw_size)
+    .bind(&m.warnings)
+    .bind(&m.automatic_reason)
+    .bind(arrived_at)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(message_row_id) = message_row_id else {
+        return Ok(None);
+    };
+    for a in &ticket.attachments {
+        sqlx::query(
+            "insert into attachments (ticket_message_id, filename, content_type, size, sha256,
+                 content_id, is_inline, content)
+             values ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(message_row_id)
+        .bind(&a.filename)
+        .bind(&a.content_type)
+        .bind(a.size as i64)
+        .bind(&a.sha256)
+        .bind(&a.content_id)
+        .bind(a.is_inline)
+        .bind(&a.content)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if let Some(raw) = raw {
+        sqlx::query("insert into raw_messages (ticket_message_id, raw) values ($1, $2)")
+            .bind(message_row_id)
+            .bind(raw)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(Some(message_row_id))
+}
+
+/// The ticket a message threads onto within its parser: the newest stored message among
+/// `refs`, else the ticket named by the subject tag (if it belongs to this parser).
+pub async fn find_thread(
+    conn: &mut PgConnection,
+    parser: &str,
+    refs: &[String],
+    tagged: Option<i64>,
+) -> Result<Option<i64>, StoreError> {
+    if !refs.is_empty() {
+        let found: Option<i64> = sqlx::query_scalar(
+            "select ticket_id from ticket_messages
+             where parser = $1 and message_id = any($2)
+             order by array_position($2, message_id) limit 1",
+        )
+        .bind(parser)
+        .bind(refs)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    let Some(id) = tagged else { return Ok(None) };
+    Ok(
+        sqlx::query_scalar("select id from tickets where id = $1 and parser = $2")
+            .bind(id)
+            .bind(parser)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
+/// How many tickets `requester` opened in `parser` within the last `window`.
+pub async fn recent_tickets_from(
+    conn: &mut PgConnection,
+    parser: &str,
+    requester: &str,
+    arrived_at: DateTime<Utc>,
+    window: Duration,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "select count(*) from tickets
+         where parser = $1 and requester_email = $2
+           and arrived_at > $3 - make_interval(secs => $4) and arrived_at <= $3",
+    )
+    .bind(parser)
+    .bind(requester)
+    .bind(arrived_at)
+    .bind(window.as_secs_f64())
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+/// The ticket holding (parser, Message-ID), if that message is stored.
+pub async fn message_ticket(
+    conn: &mut PgConnection,
+    parser: &str,
+    message_id: &str,
+) -> Result<Option<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "select ticket_id from ticket_messages where parser = $1 and message_id = $2",
+    )
+    .bind(parser)
+    .bind(message_id)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
