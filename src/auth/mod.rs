@@ -27,6 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, Notify};
+use tracing::Instrument;
 
 /// Renew a token when less than this is left of its life (or a fifth of its lifetime,
 /// whichever is smaller, for very short-lived tokens).
@@ -347,6 +348,7 @@ impl TokenSource {
     /// through `pool`, sealed with `key`; `config_path` goes into the "login" hint.
     pub fn new(
         credential: &CredentialConfig,
+        scope: &str,
         pool: Option<sqlx::PgPool>,
         key: Option<Arc<SealingKey>>,
         config_path: &std::path::Path,
@@ -378,7 +380,7 @@ impl TokenSource {
             token_url,
             client_id: credential.client_id.clone(),
             client_auth: credential.client_auth.clone(),
-            scope: credential.scope.clone(),
+            scope: scope.to_string(),
             flow,
             http,
             cache: Mutex::new(Cache::default()),
@@ -393,6 +395,12 @@ impl TokenSource {
 
     /// A token valid for a while yet: the cached one, or a new one.
     pub async fn token(&self) -> Result<AccessToken, AuthError> {
+        // Its events are logged in a `credential{credential=...}` span.
+        let span = tracing::info_span!("credential", credential = %self.name);
+        self.cached_or_new().instrument(span).await
+    }
+
+    async fn cached_or_new(&self) -> Result<AccessToken, AuthError> {
         let mut cache = self.cache.lock().await;
         if let Some(token) = cache.token.as_ref()
             && Instant::now() < token.renew_at
@@ -422,7 +430,7 @@ impl TokenSource {
         };
         match result {
             Ok(response) => {
-                tracing::info!(credential = %self.name, expires_in_s = response.expires_in, "got an access token");
+                tracing::info!(expires_in_s = response.expires_in, "got an access token");
                 let token = access_token(&response, started);
                 cache.token = Some(token.clone());
                 cache.evidence = Evidence {
@@ -435,7 +443,9 @@ impl TokenSource {
             }
             Err(error) => {
                 if self.guards_the_account(&error) {
-                    tracing::error!(credential = %self.name, "{error}; not asking again until mail2ticket restarts, so that retries cannot lock the account");
+                    tracing::error!(
+                        "{error}; not asking again until mail2ticket restarts, so that retries cannot lock the account"
+                    );
                 }
                 cache.failure = Some((Instant::now(), error.clone()));
                 Err(error)
@@ -640,7 +650,7 @@ impl TokenSource {
                     .await
                     .map_err(|e| store_error(&e))?;
                 tx.commit().await.map_err(|e| store_error(&e))?;
-                tracing::error!(credential = %self.name, "{reason}; this credential needs login, the others carry on");
+                tracing::error!("{reason}; this credential needs login, the others carry on");
                 Err(needs_login(reason))
             }
             Err(error) => Err(error),
@@ -818,37 +828,113 @@ fn strip_trace(description: &str) -> String {
     text.trim().to_string()
 }
 
-/// The token sources of every credential in the configuration, by name.
-#[derive(Debug, Default, Clone)]
+/// The token caches of every credential in the configuration, one per credential and
+/// scope: one app registration can serve an IMAP mailbox and a Graph mailbox, with a
+/// token (and a single-flight cache) for each resource.
+#[derive(Clone, Default)]
 pub struct TokenSources {
-    by_name: HashMap<String, Arc<TokenSource>>,
+    inner: Arc<Sources>,
+}
+
+#[derive(Default)]
+struct Sources {
+    credentials: HashMap<String, CredentialConfig>,
+    pool: Option<sqlx::PgPool>,
+    key: Option<Arc<SealingKey>>,
+    config_path: std::path::PathBuf,
+    by_scope: std::sync::Mutex<HashMap<(String, String), Arc<TokenSource>>>,
+}
+
+impl std::fmt::Debug for TokenSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&String> = self.inner.credentials.keys().collect();
+        f.debug_struct("TokenSources")
+            .field("credentials", &names)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TokenSources {
-    /// One source per `[[credential]]`. Delegated credentials keep their sign-in in
-    /// `pool` (without one, they report a database error when asked for a token).
+    /// The caches of every `[[credential]]`, each for its configured scope (more scopes are
+    /// added on demand by [`get_for`](Self::get_for)). Delegated credentials keep their
+    /// sign-in in `pool` (without one, they report a database error when asked).
     pub fn from_config(config: &Config, pool: Option<sqlx::PgPool>) -> Result<Self, AuthError> {
-        let key = config
-            .secrets_key
-            .as_ref()
-            .map(|k| Arc::new(SealingKey::new(k)));
-        let mut by_name = HashMap::new();
+        let sources = Sources {
+            credentials: config
+                .credentials
+                .iter()
+                .map(|c| (c.name.clone(), c.clone()))
+                .collect(),
+            pool,
+            key: config
+                .secrets_key
+                .as_ref()
+                .map(|k| Arc::new(SealingKey::new(k))),
+            config_path: config.path.clone(),
+            by_scope: std::sync::Mutex::default(),
+        };
+        let sources = TokenSources {
+            inner: Arc::new(sources),
+        };
         for c in &config.credentials {
-            let source = TokenSource::new(c, pool.clone(), key.clone(), &config.path)?;
-            by_name.insert(c.name.clone(), Arc::new(source));
+            sources.get_for(&c.name, &c.scope)?;
         }
-        Ok(TokenSources { by_name })
+        Ok(sources)
     }
 
-    /// The source of that credential.
+    /// The cache of that credential for its configured scope.
     pub fn get(&self, name: &str) -> Option<Arc<TokenSource>> {
-        self.by_name.get(name).cloned()
+        let credential = self.inner.credentials.get(name)?;
+        self.get_for(name, &credential.scope).ok().flatten()
+    }
+
+    /// The cache of that credential for `scope` (made on first use); `None` for an unknown
+    /// credential.
+    pub fn get_for(&self, name: &str, scope: &str) -> Result<Option<Arc<TokenSource>>, AuthError> {
+        let Some(credential) = self.inner.credentials.get(name) else {
+            return Ok(None);
+        };
+        let key = (name.to_string(), scope.to_string());
+        let mut by_scope = self.inner.by_scope.lock().expect("not poisoned");
+        if let Some(source) = by_scope.get(&key) {
+            return Ok(Some(source.clone()));
+        }
+        let inner = &self.inner;
+        let source = Arc::new(TokenSource::new(
+            credential,
+            scope,
+            inner.pool.clone(),
+            inner.key.clone(),
+            &inner.config_path,
+        )?);
+        by_scope.insert(key, source.clone());
+        Ok(Some(source))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_cache_per_credential_and_scope() {
+        let text = "[database]\nurl = \"postgres://x/y\"\n[[credential]]\nname = \"app\"\ntype = \"client_credentials\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"s3cret-value\"\n";
+        let config = Config::from_toml(std::path::Path::new("t.toml"), text).unwrap();
+        let sources = TokenSources::from_config(&config, None).unwrap();
+        let imap = sources.get("app").unwrap();
+        let same = sources
+            .get_for("app", crate::config::DEFAULT_APP_SCOPE)
+            .unwrap()
+            .unwrap();
+        assert!(Arc::ptr_eq(&imap, &same));
+        let graph = "https://graph.microsoft.com/.default";
+        let other = sources.get_for("app", graph).unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&imap, &other));
+        assert_eq!(other.scope, graph);
+        let again = sources.get_for("app", graph).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&other, &again));
+        assert!(sources.get("nope").is_none());
+    }
 
     #[test]
     fn retry_after_takes_seconds_or_an_http_date() {
