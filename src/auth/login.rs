@@ -144,7 +144,7 @@ async fn authorization_code(
     .map_err(|_| "the sign-in was not finished in time; run login again".to_string())??;
     if let Some(error) = query.get("error") {
         let description = query.get("error_description").cloned().unwrap_or_default();
-        let hint = auth::aadsts_code(&description).map_or("", auth::entra_hint);
+        let hint = auth::entra::aadsts_code(&description).map_or("", auth::entra_hint);
         return Err(format!(
             "Entra refused the sign-in: {error}: {description}{hint}"
         ));
@@ -327,7 +327,7 @@ async fn device_code(
     .await
     .map_err(|e| e.to_string())?;
     if !status.is_success() {
-        return Err(auth::entra_error(&credential.name, &url, status, &body).to_string());
+        return Err(auth::entra::entra_error(&credential.name, &url, status, &body).to_string());
     }
     let device: DeviceCodeResponse = serde_json::from_slice(&body)
         .map_err(|e| format!("the device-code endpoint gave an unexpected answer: {e}"))?;
