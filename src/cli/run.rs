@@ -1,0 +1,149 @@
+//! `run` (the daemon, or `--once`) and `login`: signals, the shutdown deadline, exit codes.
+
+use super::{EXIT_FAILED, EXIT_USAGE, connect_and_migrate};
+use crate::config::Config;
+use std::process::ExitCode;
+
+pub(super) async fn login_command(config: &Config, name: &str, device_code: bool) -> ExitCode {
+    let Some(credential) = config.credentials.iter().find(|c| c.name == name) else {
+        let known: Vec<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
+        eprintln!(
+            "{}: no [[credential]] is named {name:?} (defined: {known:?})",
+            config.path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    if credential.kind != crate::config::CredentialKind::Delegated {
+        eprintln!(
+            "{}: credential {name:?} is of type {:?}; login is for type = \"delegated\" credentials",
+            config.path.display(),
+            credential.kind.as_str()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let pool = match connect_and_migrate(config).await {
+        Ok(pool) => pool,
+        Err(code) => return code,
+    };
+    let flow = if device_code {
+        crate::auth::login::Flow::DeviceCode
+    } else {
+        crate::auth::login::Flow::AuthorizationCode
+    };
+    match crate::auth::login::login(config, credential, flow, &pool).await {
+        Ok(signed_in) => {
+            println!(
+                "OK: credential {name:?} signed in as {}; its refresh token is saved, encrypted, in the database. A running daemon picks it up on its next attempt. Check every mailbox with: mail2ticket doctor --config {}",
+                signed_in
+                    .user
+                    .as_deref()
+                    .unwrap_or("(user not named in the token)"),
+                config.path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: login failed: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// How long a shutdown may take before the remaining work is abandoned (it is retried on
+/// the next start: nothing uncommitted was acknowledged on the server).
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
+    if !config
+        .parsers
+        .iter()
+        .any(|p| p.status == crate::config::ParserStatus::Active)
+    {
+        eprintln!(
+            "{}: no [[parser]] has status = \"active\": nothing to run",
+            config.path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let pool = match connect_and_migrate(config).await {
+        Ok(pool) => pool,
+        Err(code) => return code,
+    };
+    let tokens = match crate::auth::TokenSources::from_config(config, Some(pool.clone())) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(cancel_on_signal(cancel.clone()));
+    if once {
+        let reports = crate::runtime::supervisor::run_once(config, &pool, &tokens, &cancel).await;
+        let mut failed = false;
+        for report in &reports {
+            match &report.result {
+                Ok(once) => {
+                    let s = &once.outcomes;
+                    println!(
+                        "{}: {} created, {} appended, {} held, {} duplicate, {} quarantined",
+                        report.parser, s.created, s.appended, s.held, s.duplicate, s.quarantined
+                    );
+                    if let Some(first) = &once.first_contact {
+                        println!("{}: first contact: {first}", report.parser);
+                    }
+                }
+                Err(e) => {
+                    failed = true;
+                    println!("{}: failed: {e}", report.parser);
+                }
+            }
+        }
+        return if failed {
+            ExitCode::from(EXIT_FAILED)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let supervisor = {
+        let (config_pool, cancel) = (pool.clone(), cancel.clone());
+        let tokens = tokens.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            crate::runtime::supervisor::run(&config, &config_pool, &tokens, &cancel).await
+        })
+    };
+    cancel.cancelled().await;
+    tracing::info!("shutting down: finishing the messages in flight");
+    match tokio::time::timeout(SHUTDOWN_DEADLINE, supervisor).await {
+        Ok(_) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(_) => {
+            tracing::warn!(
+                "some pollers did not stop within {}s; exiting anyway",
+                SHUTDOWN_DEADLINE.as_secs()
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn cancel_on_signal(cancel: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    // Cancel first: nothing (not even logging) may stand between a signal and shutdown.
+    cancel.cancel();
+    tracing::info!("{name} received");
+}
