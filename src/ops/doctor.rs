@@ -43,192 +43,262 @@ impl Step {
     }
 }
 
+/// The checks of a parser, in order: the runner stops at the first failing one.
+const CHECKS: &[Check] = &[
+    Check::Dns,
+    Check::Connect,
+    Check::Login,
+    Check::Select,
+    Check::StartAt,
+];
+
+/// One check of the chain; each adds one or more [`Step`]s.
+#[derive(Debug, Clone, Copy)]
+enum Check {
+    /// The IMAP host resolves.
+    Dns,
+    /// TCP, TLS and the greeting.
+    Connect,
+    /// LOGIN, or a token (with its claims) and AUTHENTICATE.
+    Login,
+    /// The folder opens.
+    Select,
+    /// What `start_at` would take at first contact.
+    StartAt,
+}
+
+/// What the checks so far have opened.
+struct Checkup<'a> {
+    parser: &'a ParserConfig,
+    tokens: &'a TokenSources,
+    connection: Option<imap::Connection>,
+    session: Option<imap::ImapSession>,
+    status: Option<imap::FolderStatus>,
+}
+
 /// Checks one parser; stops at the first failing step.
 pub async fn check_parser(parser: &ParserConfig, tokens: &TokenSources) -> Vec<Step> {
     let mut steps = vec![Step::ok(
         "config",
         format!("mailbox {} as {}", parser.email, parser.login_user()),
     )];
-    let imap = &parser.imap;
-
-    let started = Instant::now();
-    match tokio::net::lookup_host((imap.host.as_str(), imap.port)).await {
-        Ok(addrs) => {
-            let addrs: Vec<String> = addrs.map(|a| a.ip().to_string()).collect();
-            steps.push(Step::ok(
-                "DNS",
-                format!("{} -> {}", imap.host, addrs.join(", ")),
-            ));
+    let mut checkup = Checkup {
+        parser,
+        tokens,
+        connection: None,
+        session: None,
+        status: None,
+    };
+    for check in CHECKS {
+        let found = checkup.run(*check).await;
+        let failed = found.iter().any(|step| !step.ok);
+        steps.extend(found);
+        if failed {
+            break;
         }
-        Err(e) => {
-            steps.push(Step::fail(
+    }
+    if let Some(session) = checkup.session.take() {
+        session.logout().await;
+    }
+    steps
+}
+
+impl Checkup<'_> {
+    async fn run(&mut self, check: Check) -> Vec<Step> {
+        match check {
+            Check::Dns => vec![self.dns().await],
+            Check::Connect => vec![self.connect().await],
+            Check::Login => match &self.parser.auth {
+                ParserAuth::Password(password) => vec![self.login(password).await],
+                ParserAuth::Credential(name) => self.authenticate(name).await,
+            },
+            Check::Select => vec![self.select().await],
+            Check::StartAt => vec![self.start_at().await],
+        }
+    }
+
+    async fn dns(&mut self) -> Step {
+        let imap = &self.parser.imap;
+        match tokio::net::lookup_host((imap.host.as_str(), imap.port)).await {
+            Ok(addrs) => {
+                let addrs: Vec<String> = addrs.map(|a| a.ip().to_string()).collect();
+                Step::ok("DNS", format!("{} -> {}", imap.host, addrs.join(", ")))
+            }
+            Err(e) => Step::fail(
                 "DNS",
                 format!("{}: {e}", imap.host),
                 "check imap.host and the machine's DNS",
-            ));
-            return steps;
+            ),
         }
     }
 
-    let connection = match imap::connect(imap).await {
-        Ok(c) => {
-            let tls = match imap.encryption {
-                crate::config::Encryption::None => "no TLS (plain)",
-                _ => "TLS certificate valid",
-            };
-            steps.push(Step::ok(
+    async fn connect(&mut self) -> Step {
+        let imap = &self.parser.imap;
+        let started = Instant::now();
+        match imap::connect(imap).await {
+            Ok(c) => {
+                self.connection = Some(c);
+                let tls = match imap.encryption {
+                    crate::config::Encryption::None => "no TLS (plain)",
+                    _ => "TLS certificate valid",
+                };
+                let ms = started.elapsed().as_millis();
+                let detail = format!(
+                    "{}:{} {:?}, {tls} ({ms} ms)",
+                    imap.host, imap.port, imap.encryption
+                );
+                Step::ok("connect", detail)
+            }
+            Err(e @ ImapError::Tls { .. }) => Step::fail(
+                "TLS",
+                e.to_string(),
+                "the server's certificate is not trusted for this host name: fix the host name, or add its CA with imap.ca_file",
+            ),
+            Err(e) => Step::fail(
                 "connect",
-                format!(
-                    "{}:{} {:?}, {tls} ({} ms)",
-                    imap.host,
-                    imap.port,
-                    imap.encryption,
-                    started.elapsed().as_millis()
-                ),
-            ));
-            c
+                e.to_string(),
+                "check imap.host, imap.port and imap.encryption (993 = ssl, 143 = starttls), and that a firewall lets the connection out",
+            ),
         }
-        Err(e @ ImapError::Tls { .. }) => {
-            steps.push(Step::fail("TLS", e.to_string(), "the server's certificate is not trusted for this host name: fix the host name, or add its CA with imap.ca_file"));
-            return steps;
-        }
-        Err(e) => {
-            steps.push(Step::fail("connect", e.to_string(), "check imap.host, imap.port and imap.encryption (993 = ssl, 143 = starttls), and that a firewall lets the connection out"));
-            return steps;
-        }
-    };
-
-    let session = match &parser.auth {
-        ParserAuth::Password(password) => match connection
-            .login(Login::Password {
-                user: parser.login_user(),
-                password,
-            })
-            .await
-        {
-            Ok(s) => {
-                steps.push(Step::ok("LOGIN", format!("as {}", parser.login_user())));
-                s
-            }
-            Err(e) => {
-                steps.push(Step::fail(
-                    "LOGIN",
-                    e.to_string(),
-                    "check the username and password (username defaults to email)",
-                ));
-                return steps;
-            }
-        },
-        ParserAuth::Credential(name) => {
-            let Some(source) = tokens.get(name) else {
-                steps.push(Step::fail(
-                    "token",
-                    format!("no credential {name:?}"),
-                    "fix the parser's credential key",
-                ));
-                return steps;
-            };
-            let token = match source.token().await {
-                Ok(t) => {
-                    let minutes = t
-                        .expires_at
-                        .saturating_duration_since(Instant::now())
-                        .as_secs()
-                        / 60;
-                    steps.push(Step::ok(
-                        "token",
-                        format!("from credential {name:?}, valid for {minutes} min"),
-                    ));
-                    t
-                }
-                Err(e) => {
-                    let fix = match &e {
-                        AuthError::Entra {
-                            aadsts: Some(code), ..
-                        } => entra_hint(*code)
-                            .trim()
-                            .trim_start_matches("Fix: ")
-                            .to_string(),
-                        AuthError::Unreachable { .. } => {
-                            "check the credential's authority and outbound HTTPS".to_string()
-                        }
-                        AuthError::NeedsLogin { command, .. } => {
-                            format!("a user must sign in again: {command}")
-                        }
-                        AuthError::Certificate { .. } => {
-                            "check certificate and private_key (an unencrypted RSA key in PEM)"
-                                .to_string()
-                        }
-                        AuthError::Store { .. } => {
-                            "check [database] url and that Postgres runs".to_string()
-                        }
-                        AuthError::Throttled { .. } => {
-                            "Entra is throttling this application: wait (the daemon retries when Entra says) and run doctor again later".to_string()
-                        }
-                        _ => String::new(),
-                    };
-                    steps.push(Step::fail("token", e.to_string(), fix));
-                    return steps;
-                }
-            };
-            match crate::auth::token_claims(token.secret.expose_secret()) {
-                Ok(claims) => {
-                    let claim_step = check_claims(&claims, source.kind());
-                    let ok = claim_step.ok;
-                    steps.push(claim_step);
-                    if !ok {
-                        return steps;
-                    }
-                }
-                Err(e) => steps.push(Step::ok(
-                    "token claims",
-                    format!("not a JWT ({e}); not checked"),
-                )),
-            }
-            match connection
-                .login(Login::OAuth {
-                    user: parser.login_user(),
-                    token: &token.secret,
-                })
-                .await
-            {
-                Ok(s) => {
-                    steps.push(Step::ok(
-                        "AUTHENTICATE",
-                        format!("XOAUTH2 as {}", parser.login_user()),
-                    ));
-                    s
-                }
-                Err(e) => {
-                    steps.push(Step::fail(
-                        "AUTHENTICATE",
-                        e.to_string(),
-                        "the token is good but Exchange refused it for this mailbox: register the service principal with the Enterprise Application's object id (New-ServicePrincipal -AppId <app id> -ServiceId <enterprise app object id>) and grant it FullAccess on the mailbox (Add-MailboxPermission -Identity <mailbox> -User <service principal id> -AccessRights FullAccess); with shared_mailbox = true, user= is the mailbox address",
-                    ));
-                    return steps;
-                }
-            }
-        }
-    };
-
-    let mut session = session;
-    match session.select(&imap.folder).await {
-        Ok(status) => {
-            steps.push(Step::ok("SELECT", format!("{}: {} messages (UIDVALIDITY {})", imap.folder, status.exists, status.uid_validity)));
-            steps.push(match first_contact::choose(&mut session, &imap.folder, &status, parser.start_at).await {
-                Ok(start) => Step::ok("start_at", format!("at first contact, {} (once mail2ticket has read the folder, its checkpoint decides)", start.report)),
-                Err(e) => Step::fail("start_at", e.to_string(), "the server refused UID SEARCH; check the folder"),
-            });
-        }
-        Err(e @ ImapError::NotConnected { .. }) => steps.push(Step::fail(
-            "SELECT",
-            e.to_string(),
-            "logged in but the mailbox cannot be opened: give the app FullAccess on the mailbox, check the address, and that IMAP is enabled for it (Set-CASMailbox -ImapEnabled $true)",
-        )),
-        Err(e) => steps.push(Step::fail("SELECT", e.to_string(), "check imap.folder (the folder must exist; INBOX is the default)")),
     }
-    session.logout().await;
-    steps
+
+    async fn login(&mut self, password: &secrecy::SecretString) -> Step {
+        let user = self.parser.login_user();
+        let connection = self.connection.take().expect("connect ran first");
+        match connection.login(Login::Password { user, password }).await {
+            Ok(session) => {
+                self.session = Some(session);
+                Step::ok("LOGIN", format!("as {user}"))
+            }
+            Err(e) => Step::fail(
+                "LOGIN",
+                e.to_string(),
+                "check the username and password (username defaults to email)",
+            ),
+        }
+    }
+
+    /// A token from the credential, its claims, then AUTHENTICATE.
+    async fn authenticate(&mut self, name: &str) -> Vec<Step> {
+        let Some(source) = self.tokens.get(name) else {
+            let fix = "fix the parser's credential key";
+            return vec![Step::fail("token", format!("no credential {name:?}"), fix)];
+        };
+        let token = match source.token().await {
+            Ok(token) => token,
+            Err(e) => return vec![Step::fail("token", e.to_string(), token_fix(&e))],
+        };
+        let minutes = token
+            .expires_at
+            .saturating_duration_since(Instant::now())
+            .as_secs()
+            / 60;
+        let mut steps = vec![Step::ok(
+            "token",
+            format!("from credential {name:?}, valid for {minutes} min"),
+        )];
+        steps.push(
+            match crate::auth::token_claims(token.secret.expose_secret()) {
+                Ok(claims) => check_claims(&claims, source.kind()),
+                Err(e) => Step::ok("token claims", format!("not a JWT ({e}); not checked")),
+            },
+        );
+        if steps.iter().any(|s| !s.ok) {
+            return steps;
+        }
+        let user = self.parser.login_user();
+        let connection = self.connection.take().expect("connect ran first");
+        let oauth = Login::OAuth {
+            user,
+            token: &token.secret,
+        };
+        steps.push(match connection.login(oauth).await {
+            Ok(session) => {
+                self.session = Some(session);
+                Step::ok("AUTHENTICATE", format!("XOAUTH2 as {user}"))
+            }
+            Err(e) => Step::fail(
+                "AUTHENTICATE",
+                e.to_string(),
+                "the token is good but Exchange refused it for this mailbox: register the service principal with the Enterprise Application's object id (New-ServicePrincipal -AppId <app id> -ServiceId <enterprise app object id>) and grant it FullAccess on the mailbox (Add-MailboxPermission -Identity <mailbox> -User <service principal id> -AccessRights FullAccess); with shared_mailbox = true, user= is the mailbox address",
+            ),
+        });
+        steps
+    }
+
+    async fn select(&mut self) -> Step {
+        let folder = &self.parser.imap.folder;
+        let session = self.session.as_mut().expect("login ran first");
+        match session.select(folder).await {
+            Ok(status) => {
+                self.status = Some(status);
+                let detail = format!(
+                    "{folder}: {} messages (UIDVALIDITY {})",
+                    status.exists, status.uid_validity
+                );
+                Step::ok("SELECT", detail)
+            }
+            Err(e @ ImapError::NotConnected { .. }) => Step::fail(
+                "SELECT",
+                e.to_string(),
+                "logged in but the mailbox cannot be opened: give the app FullAccess on the mailbox, check the address, and that IMAP is enabled for it (Set-CASMailbox -ImapEnabled $true)",
+            ),
+            Err(e) => Step::fail(
+                "SELECT",
+                e.to_string(),
+                "check imap.folder (the folder must exist; INBOX is the default)",
+            ),
+        }
+    }
+
+    /// Read-only: what the policy would take if the folder were met for the first time.
+    async fn start_at(&mut self) -> Step {
+        let (folder, start_at) = (&self.parser.imap.folder, self.parser.start_at);
+        let session = self.session.as_mut().expect("login ran first");
+        let status = self.status.as_ref().expect("select ran first");
+        match first_contact::choose(session, folder, status, start_at).await {
+            Ok(start) => Step::ok(
+                "start_at",
+                format!(
+                    "at first contact, {} (once mail2ticket has read the folder, its checkpoint decides)",
+                    start.report
+                ),
+            ),
+            Err(e) => Step::fail(
+                "start_at",
+                e.to_string(),
+                "the server refused UID SEARCH; check the folder",
+            ),
+        }
+    }
+}
+
+/// What to do about a failed token request.
+fn token_fix(e: &AuthError) -> String {
+    match e {
+        AuthError::Entra {
+            aadsts: Some(code), ..
+        } => entra_hint(*code)
+            .trim()
+            .trim_start_matches("Fix: ")
+            .to_string(),
+        AuthError::Unreachable { .. } => {
+            "check the credential's authority and outbound HTTPS".to_string()
+        }
+        AuthError::NeedsLogin { command, .. } => {
+            format!("a user must sign in again: {command}")
+        }
+        AuthError::Certificate { .. } => {
+            "check certificate and private_key (an unencrypted RSA key in PEM)".to_string()
+        }
+        AuthError::Store { .. } => "check [database] url and that Postgres runs".to_string(),
+        AuthError::Throttled { .. } => {
+            "Entra is throttling this application: wait (the daemon retries when Entra says) \
+             and run doctor again later"
+                .to_string()
+        }
+        _ => String::new(),
+    }
 }
 
 /// Audience must be Exchange Online; an app-only token must carry the role
