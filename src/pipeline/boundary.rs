@@ -297,9 +297,50 @@ fn boundary_param(raw: &[u8], value: Range<usize>) -> Param {
     Param::Missing
 }
 
+/// True when some multipart boundary of the message occurs in the raw bytes anywhere but
+/// on a proper delimiter line: mail-parser 0.11 splits at such an occurrence and loses
+/// text (upstream issue #156). This is the guard that sends a message to [`rewrite`].
+pub fn is_misplaced(message: &mail_parser::Message, raw: &[u8]) -> bool {
+    use mail_parser::MimeHeaders;
+    let boundaries: Vec<&str> = message
+        .parts
+        .iter()
+        .filter(|p| p.is_multipart())
+        .filter_map(|p| p.content_type()?.attribute("boundary"))
+        .filter(|b| !b.is_empty())
+        .collect();
+    boundaries.iter().any(|boundary| {
+        let needle = format!("--{boundary}");
+        memchr::memmem::find_iter(raw, needle.as_bytes()).any(|at| {
+            // A longer boundary that starts with this one ("--abc-1" vs "--abc") is fine.
+            !boundaries
+                .iter()
+                .any(|b| is_delimiter_line(raw, at, b.as_bytes()))
+        })
+    })
+}
+
+/// True when the line starting at `at` is a delimiter line of `boundary`.
+fn is_delimiter_line(raw: &[u8], at: usize, boundary: &[u8]) -> bool {
+    if at > 0 && raw[at - 1] != b'\n' {
+        return false;
+    }
+    let end = memchr::memchr(b'\n', &raw[at..]).map_or(raw.len(), |p| at + p + 1);
+    delimiter(&raw[at..end], boundary).is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delimiter_line_rules() {
+        let raw = b"--b\r\nx\n--b--  \n--b tail\n";
+        assert!(is_delimiter_line(raw, 0, b"b"));
+        assert!(is_delimiter_line(raw, 7, b"b"));
+        assert!(!is_delimiter_line(raw, 15, b"b"));
+        assert!(!is_delimiter_line(raw, 6, b"b"));
+    }
 
     #[test]
     fn only_delimiter_lines_and_the_parameter_change() {

@@ -19,8 +19,6 @@ use sha2::{Digest, Sha256};
 pub const BOUNDARY_WARNING: &str = "a MIME boundary appears inside a part, not on a delimiter line: the body may be cut short; the raw message is kept";
 /// Message-IDs longer than this are replaced by a hash (a btree index entry must stay small).
 pub const MAX_MESSAGE_ID_LEN: usize = 512;
-/// Longest attachment file name kept, in bytes.
-const MAX_FILENAME_LEN: usize = 200;
 /// Domain of Message-IDs we make up; `.invalid` can never collide with a real one.
 const DERIVED_ID_DOMAIN: &str = "mail2ticket.invalid";
 
@@ -127,7 +125,7 @@ pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
     let message = MessageParser::default()
         .parse(raw)
         .ok_or(ParseError::NoHeaders)?;
-    if has_misplaced_boundary(&message, raw)
+    if super::boundary::is_misplaced(&message, raw)
         && let Some(repaired) = crate::pipeline::boundary::rewrite(raw)
         && let Some(message) = MessageParser::default().parse(&repaired[..])
     {
@@ -183,7 +181,7 @@ fn read(
         .and_then(|d| DateTime::from_timestamp(d.to_timestamp(), 0));
 
     let (mut body_text, body_html) = bodies(&message, raw, &mut warnings);
-    let mut attachments = attachments(&message, body_html.as_deref());
+    let mut attachments = super::attachments::attachments(&message, body_html.as_deref());
     // A multipart whose boundary never occurs reaches us as one "attachment" of type
     // multipart/*: its bytes are the text the sender wrote.
     if let Some(pos) = attachments
@@ -198,7 +196,7 @@ fn read(
             "the multipart body has no boundary lines; it was read as plain text".to_string(),
         );
     }
-    if has_misplaced_boundary(&message, raw) {
+    if super::boundary::is_misplaced(&message, raw) {
         warnings.push(BOUNDARY_WARNING.to_string());
         // The desk must see that text may be missing, not only a database column.
         body_text.push_str("\n\n[mail2ticket: part of this message may be hidden by its MIME structure; the raw message is kept with the ticket]");
@@ -281,7 +279,7 @@ pub fn clean(s: &str) -> String {
     }
 }
 
-fn normalize_id(id: &str) -> Option<String> {
+pub(super) fn normalize_id(id: &str) -> Option<String> {
     let id: String = clean(id)
         .trim()
         .trim_start_matches('<')
@@ -444,213 +442,9 @@ pub fn html_to_text(html: &str, warnings: &mut Vec<String>) -> String {
     }
 }
 
-fn attachments(message: &mail_parser::Message, body_html: Option<&str>) -> Vec<Attachment> {
-    let html_lower = body_html.map(str::to_ascii_lowercase);
-    let parts: Vec<Attachment> = message
-        .attachments()
-        .enumerate()
-        .map(|(index, part)| {
-            let content = part.contents().to_vec();
-            let content_type = match part.content_type() {
-                Some(ct) => {
-                    let subtype = ct.subtype().unwrap_or(match &part.body {
-                        PartType::Text(_) => "plain",
-                        _ => "octet-stream",
-                    });
-                    clean(&format!("{}/{}", ct.ctype(), subtype).to_ascii_lowercase())
-                }
-                None => match &part.body {
-                    PartType::Message(_) => "message/rfc822".to_string(),
-                    PartType::Text(_) => "text/plain".to_string(),
-                    PartType::Html(_) => "text/html".to_string(),
-                    _ => "application/octet-stream".to_string(),
-                },
-            };
-            let filename = match part.attachment_name().map(safe_filename) {
-                Some(name) if !name.is_empty() => name,
-                _ => fallback_filename(part, index, &content_type),
-            };
-            let content_id = part.content_id().and_then(normalize_id);
-            let is_inline = match (&content_id, &html_lower) {
-                (Some(cid), Some(html)) => {
-                    html.contains(&format!("cid:{}", cid.to_ascii_lowercase()))
-                }
-                _ => false,
-            };
-            Attachment {
-                sha256: hex_sha256(&content),
-                size: content.len(),
-                filename,
-                content_type,
-                content: Some(content),
-                content_id,
-                is_inline,
-            }
-        })
-        .collect();
-    parts.into_iter().flat_map(unpack_tnef).collect()
-}
-
-/// Outlook's `winmail.dat` becomes the files inside it; one that holds no file (only a
-/// rich-text body) is kept as it is.
-fn unpack_tnef(attachment: Attachment) -> Vec<Attachment> {
-    let looks_tnef = attachment.content_type == "application/ms-tnef"
-        || attachment.content_type == "application/vnd.ms-tnef"
-        || attachment.filename.eq_ignore_ascii_case("winmail.dat");
-    let files = match &attachment.content {
-        Some(content) if looks_tnef => crate::pipeline::tnef::files(content),
-        _ => Vec::new(),
-    };
-    if files.is_empty() {
-        return vec![attachment];
-    }
-    files
-        .into_iter()
-        .enumerate()
-        .map(|(i, file)| {
-            let filename = match safe_filename(&clean(&file.name)) {
-                name if name.is_empty() => format!("winmail-{}.bin", i + 1),
-                name => name,
-            };
-            Attachment {
-                sha256: hex_sha256(&file.data),
-                size: file.data.len(),
-                filename,
-                content_type: file
-                    .mime_type
-                    .map(|m| clean(m.trim()).to_ascii_lowercase())
-                    .unwrap_or_else(|| "application/octet-stream".to_string()),
-                content: Some(file.data),
-                content_id: None,
-                is_inline: false,
-            }
-        })
-        .collect()
-}
-
-/// A name for a part that has none: a forwarded message is named after its subject.
-fn fallback_filename(part: &mail_parser::MessagePart, index: usize, content_type: &str) -> String {
-    if let PartType::Message(nested) = &part.body {
-        let subject = safe_filename(nested.subject().unwrap_or_default());
-        if !subject.is_empty() {
-            let mut name = subject;
-            truncate_utf8(&mut name, MAX_FILENAME_LEN - 4);
-            return format!("{name}.eml");
-        }
-        return format!("forwarded-message-{}.eml", index + 1);
-    }
-    let extension = match content_type {
-        "text/plain" => "txt",
-        "text/html" => "html",
-        "text/calendar" => "ics",
-        "application/pdf" => "pdf",
-        "image/png" => "png",
-        "image/jpeg" => "jpg",
-        "image/gif" => "gif",
-        "message/rfc822" => "eml",
-        "message/delivery-status" => "txt",
-        t if t.starts_with("text/") => "txt",
-        _ => "bin",
-    };
-    format!("attachment-{}.{extension}", index + 1)
-}
-
-/// Reduces a sender-chosen name to a bare file name: the last path component, no control
-/// characters, no leading dots, at most [`MAX_FILENAME_LEN`] bytes. May return "".
-pub fn safe_filename(name: &str) -> String {
-    let last = name.rsplit(['/', '\\']).next().unwrap_or_default();
-    let mut out: String = last
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect::<String>()
-        .trim()
-        .trim_start_matches('.')
-        .trim()
-        .to_string();
-    if out.len() > MAX_FILENAME_LEN {
-        // Keep the extension: "very-long-name….pdf".
-        let ext = out
-            .rsplit_once('.')
-            .map(|(_, e)| e.to_string())
-            .filter(|e| !e.is_empty() && e.len() <= 16 && !e.contains(' '));
-        match ext {
-            Some(ext) => {
-                let mut stem = out[..out.len() - ext.len() - 1].to_string();
-                truncate_utf8(&mut stem, MAX_FILENAME_LEN - ext.len() - 1);
-                out = format!("{stem}.{ext}");
-            }
-            None => truncate_utf8(&mut out, MAX_FILENAME_LEN),
-        }
-    }
-    out
-}
-
-fn truncate_utf8(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-}
-
-/// True when some multipart boundary of the message occurs in the raw bytes anywhere but
-/// on a proper delimiter line (`--b`, `--b--`, optional trailing blanks, end of line).
-/// mail-parser 0.11 splits at such an occurrence and loses text (upstream issue #156).
-fn has_misplaced_boundary(message: &mail_parser::Message, raw: &[u8]) -> bool {
-    let boundaries: Vec<Vec<u8>> = message
-        .parts
-        .iter()
-        .filter(|p| p.is_multipart())
-        .filter_map(|p| p.content_type()?.attribute("boundary"))
-        .filter(|b| !b.is_empty())
-        .map(|b| format!("--{b}").into_bytes())
-        .collect();
-    boundaries.iter().any(|delimiter| {
-        memchr::memmem::find_iter(raw, delimiter).any(|at| {
-            let proper = |d: &[u8]| {
-                at + d.len() <= raw.len()
-                    && raw[at..].starts_with(d)
-                    && is_delimiter_line(raw, at, d.len())
-            };
-            // A longer boundary that starts with this one ("--abc-1" vs "--abc") is fine.
-            !boundaries.iter().any(|d| proper(d))
-        })
-    })
-}
-
-fn is_delimiter_line(raw: &[u8], at: usize, len: usize) -> bool {
-    if at > 0 && raw[at - 1] != b'\n' {
-        return false;
-    }
-    let mut rest = &raw[at + len..];
-    if rest.starts_with(b"--") {
-        rest = &rest[2..];
-    }
-    let end_of_blanks = rest
-        .iter()
-        .position(|&b| b != b' ' && b != b'\t')
-        .unwrap_or(rest.len());
-    let rest = &rest[end_of_blanks..];
-    rest.is_empty() || rest.starts_with(b"\n") || rest.starts_with(b"\r\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn safe_filename_strips_paths_and_controls() {
-        assert_eq!(safe_filename("../../../etc/passwd"), "passwd");
-        assert_eq!(safe_filename("C:\\Users\\x\\evil.exe"), "evil.exe");
-        assert_eq!(safe_filename("..hidden"), "hidden");
-        assert_eq!(safe_filename("a\0b\r\n.txt"), "a b  .txt");
-        assert_eq!(safe_filename("/"), "");
-        let long = format!("{}.pdf", "ü".repeat(300));
-        let s = safe_filename(&long);
-        assert!(s.len() <= MAX_FILENAME_LEN && s.ends_with(".pdf"), "{s}");
-    }
 
     #[test]
     fn derived_id_ignores_line_ending_style() {
@@ -673,15 +467,6 @@ mod tests {
         assert_eq!(parse(b"just some text").unwrap_err(), ParseError::NoHeaders);
         assert_eq!(parse(b"\n\nbody only").unwrap_err(), ParseError::NoHeaders);
         assert!(parse(b"Subject: hi\n\nbody").is_ok());
-    }
-
-    #[test]
-    fn delimiter_line_rules() {
-        let raw = b"--b\r\nx\n--b--  \n--b tail\n";
-        assert!(is_delimiter_line(raw, 0, 3));
-        assert!(is_delimiter_line(raw, 7, 3));
-        assert!(!is_delimiter_line(raw, 15, 3));
-        assert!(!is_delimiter_line(raw, 6, 3));
     }
 }
 

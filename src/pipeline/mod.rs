@@ -15,6 +15,7 @@
 //! raw bytes and the reason. Only a database failure returns an error, so the caller can
 //! retry the message later.
 
+pub mod attachments;
 pub mod boundary;
 pub mod html;
 pub mod mime;
