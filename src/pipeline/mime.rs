@@ -154,20 +154,7 @@ fn read(
     }
     let mut warnings = Vec::new();
 
-    let (message_id, message_id_derived) = match first_id(message.header(HeaderName::MessageId)) {
-        Some(id) if id.len() <= MAX_MESSAGE_ID_LEN => (id, false),
-        Some(id) => {
-            warnings.push(format!(
-                "Message-ID was {} bytes long; replaced by a hash of it",
-                id.len()
-            ));
-            (
-                format!("long.{}@{DERIVED_ID_DOMAIN}", hex_sha256(id.as_bytes())),
-                true,
-            )
-        }
-        None => (derived_message_id(original), true),
-    };
+    let (message_id, message_id_derived) = message_id(&message, original, &mut warnings);
     let in_reply_to =
         first_id(message.header(HeaderName::InReplyTo)).filter(|id| id.len() <= MAX_MESSAGE_ID_LEN);
     let references = all_ids(message.header(HeaderName::References))
@@ -182,20 +169,7 @@ fn read(
 
     let (mut body_text, body_html) = bodies(&message, raw, &mut warnings);
     let mut attachments = super::attachments::attachments(&message, body_html.as_deref());
-    // A multipart whose boundary never occurs reaches us as one "attachment" of type
-    // multipart/*: its bytes are the text the sender wrote.
-    if let Some(pos) = attachments
-        .iter()
-        .position(|a| a.content_type.starts_with("multipart/"))
-        && body_text.trim().is_empty()
-    {
-        let broken = attachments.remove(pos);
-        let bytes = broken.content.unwrap_or_default();
-        body_text = normalize_newlines(&clean(&String::from_utf8_lossy(&bytes)));
-        warnings.push(
-            "the multipart body has no boundary lines; it was read as plain text".to_string(),
-        );
-    }
+    read_unbounded_multipart(&mut attachments, &mut body_text, &mut warnings);
     if super::boundary::is_misplaced(&message, raw) {
         warnings.push(BOUNDARY_WARNING.to_string());
         // The desk must see that text may be missing, not only a database column.
@@ -225,6 +199,50 @@ fn read(
         warnings,
         raw_size: original.len(),
     })
+}
+
+/// The Message-ID (without brackets), and whether it was made up here: from the content
+/// when missing, from a hash when too long for an index.
+fn message_id(
+    message: &mail_parser::Message,
+    original: &[u8],
+    warnings: &mut Vec<String>,
+) -> (String, bool) {
+    match first_id(message.header(HeaderName::MessageId)) {
+        Some(id) if id.len() <= MAX_MESSAGE_ID_LEN => (id, false),
+        Some(id) => {
+            warnings.push(format!(
+                "Message-ID was {} bytes long; replaced by a hash of it",
+                id.len()
+            ));
+            (
+                format!("long.{}@{DERIVED_ID_DOMAIN}", hex_sha256(id.as_bytes())),
+                true,
+            )
+        }
+        None => (derived_message_id(original), true),
+    }
+}
+
+/// A multipart whose boundary never occurs reaches us as one "attachment" of type
+/// multipart/*: its bytes are the text the sender wrote.
+fn read_unbounded_multipart(
+    attachments: &mut Vec<Attachment>,
+    body_text: &mut String,
+    warnings: &mut Vec<String>,
+) {
+    if let Some(pos) = attachments
+        .iter()
+        .position(|a| a.content_type.starts_with("multipart/"))
+        && body_text.trim().is_empty()
+    {
+        let broken = attachments.remove(pos);
+        let bytes = broken.content.unwrap_or_default();
+        *body_text = normalize_newlines(&clean(&String::from_utf8_lossy(&bytes)));
+        warnings.push(
+            "the multipart body has no boundary lines; it was read as plain text".to_string(),
+        );
+    }
 }
 
 fn auto_signals(message: &mail_parser::Message) -> AutoSignals {

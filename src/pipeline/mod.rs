@@ -280,35 +280,8 @@ async fn store_ticket(
             },
         );
     }
-    // Loop protection counts the sender's tickets that arrived within the window before
-    // this message arrived (not before now: a backlog is not a loop).
     let sender = ticket.requester_email.as_str();
-    let window = rules.sender_window;
-    let held = if let Some(reason) = &ticket.message.automatic_reason {
-        Some((
-            HoldKind::Automatic,
-            format!("automatic message that answers no ticket: {reason}"),
-        ))
-    } else if !sender.is_empty()
-        && tickets::recent_tickets_from(conn, &rules.parser, sender, arrived_at, window).await?
-            >= i64::from(rules.max_tickets_per_sender)
-    {
-        if !quarantine::loop_recorded_since(conn, &rules.parser, sender, arrived_at, window).await?
-        {
-            tracing::warn!(parser = %rules.parser, sender, window_s = rules.sender_window.as_secs(),
-                max = rules.max_tickets_per_sender, "loop protection: holding back new tickets from this sender");
-        }
-        Some((
-            HoldKind::Loop,
-            format!(
-                "loop protection: {sender} opened {} tickets that arrived within {} s",
-                rules.max_tickets_per_sender,
-                rules.sender_window.as_secs()
-            ),
-        ))
-    } else {
-        None
-    };
+    let held = hold_reason(conn, rules, ticket, arrived_at).await?;
     if let Some((kind, reason)) = held {
         let hold = Hold {
             kind,
@@ -333,6 +306,45 @@ async fn store_ticket(
             TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
         },
     )
+}
+
+/// Why a message that threads nowhere is held instead of opening a ticket: it is
+/// automatic, or its sender is over the loop limit.
+async fn hold_reason(
+    conn: &mut PgConnection,
+    rules: &TicketRules,
+    ticket: &NewTicket,
+    arrived_at: DateTime<Utc>,
+) -> Result<Option<(HoldKind, String)>, StoreError> {
+    // Loop protection counts the sender's tickets that arrived within the window before
+    // this message arrived (not before now: a backlog is not a loop).
+    let sender = ticket.requester_email.as_str();
+    let window = rules.sender_window;
+    Ok(if let Some(reason) = &ticket.message.automatic_reason {
+        Some((
+            HoldKind::Automatic,
+            format!("automatic message that answers no ticket: {reason}"),
+        ))
+    } else if !sender.is_empty()
+        && tickets::recent_tickets_from(conn, &rules.parser, sender, arrived_at, window).await?
+            >= i64::from(rules.max_tickets_per_sender)
+    {
+        if !quarantine::loop_recorded_since(conn, &rules.parser, sender, arrived_at, window).await?
+        {
+            tracing::warn!(parser = %rules.parser, sender, window_s = rules.sender_window.as_secs(),
+                max = rules.max_tickets_per_sender, "loop protection: holding back new tickets from this sender");
+        }
+        Some((
+            HoldKind::Loop,
+            format!(
+                "loop protection: {sender} opened {} tickets that arrived within {} s",
+                rules.max_tickets_per_sender,
+                rules.sender_window.as_secs()
+            ),
+        ))
+    } else {
+        None
+    })
 }
 
 /// One message handed to [`store_batch`].

@@ -155,45 +155,8 @@ pub fn new_ticket(rules: &TicketRules, mut parsed: ParsedMessage) -> NewTicket {
         None => (String::new(), None),
     };
 
-    let mut participants = Vec::new();
-    if !requester_email.is_empty() {
-        participants.push(Participant {
-            email: requester_email.clone(),
-            name: requester_name.clone(),
-            role: Role::Requester,
-        });
-    }
-    if rules.add_ccs {
-        for m in parsed.cc.iter().chain(parsed.to.iter()) {
-            let email = normalize_email(&m.email);
-            if email.is_empty()
-                || email == rules.mailbox_email
-                || participants.iter().any(|p| p.email == email)
-            {
-                continue;
-            }
-            participants.push(Participant {
-                email,
-                name: m.name.clone(),
-                role: Role::Cc,
-            });
-        }
-    }
-
-    let mut attachments = if rules.add_attachments {
-        std::mem::take(&mut parsed.attachments)
-    } else {
-        Vec::new()
-    };
-    for a in &mut attachments {
-        if a.size as u64 > rules.max_attachment_size {
-            a.content = None;
-            warnings.push(format!(
-                "attachment {:?} ({} bytes) is over max_attachment_size ({} bytes): stored without its content",
-                a.filename, a.size, rules.max_attachment_size
-            ));
-        }
-    }
+    let participants = participants(rules, &parsed, &requester_email, &requester_name);
+    let attachments = kept_attachments(rules, &mut parsed, &mut warnings);
 
     NewTicket {
         parser: rules.parser.clone(),
@@ -233,6 +196,65 @@ pub fn new_ticket(rules: &TicketRules, mut parsed: ParsedMessage) -> NewTicket {
         thread_refs,
         tagged_ticket,
     }
+}
+
+/// The requester, and with `add_ccs` every Cc and To address but the mailbox's own, each
+/// once.
+fn participants(
+    rules: &TicketRules,
+    parsed: &ParsedMessage,
+    requester_email: &str,
+    requester_name: &Option<String>,
+) -> Vec<Participant> {
+    let mut participants = Vec::new();
+    if !requester_email.is_empty() {
+        participants.push(Participant {
+            email: requester_email.to_string(),
+            name: requester_name.clone(),
+            role: Role::Requester,
+        });
+    }
+    if rules.add_ccs {
+        for m in parsed.cc.iter().chain(parsed.to.iter()) {
+            let email = normalize_email(&m.email);
+            if email.is_empty()
+                || email == rules.mailbox_email
+                || participants.iter().any(|p| p.email == email)
+            {
+                continue;
+            }
+            participants.push(Participant {
+                email,
+                name: m.name.clone(),
+                role: Role::Cc,
+            });
+        }
+    }
+    participants
+}
+
+/// The attachments kept (none without `add_attachments`); one over
+/// `max_attachment_size` keeps its name, type, size and hash but not its content.
+fn kept_attachments(
+    rules: &TicketRules,
+    parsed: &mut ParsedMessage,
+    warnings: &mut Vec<String>,
+) -> Vec<Attachment> {
+    let mut attachments = if rules.add_attachments {
+        std::mem::take(&mut parsed.attachments)
+    } else {
+        Vec::new()
+    };
+    for a in &mut attachments {
+        if a.size as u64 > rules.max_attachment_size {
+            a.content = None;
+            warnings.push(format!(
+                "attachment {:?} ({} bytes) is over max_attachment_size ({} bytes): stored without its content",
+                a.filename, a.size, rules.max_attachment_size
+            ));
+        }
+    }
+    attachments
 }
 
 /// Why a message was sent by a machine, following RFC 3834 and common practice; `None`

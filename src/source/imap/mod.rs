@@ -8,11 +8,10 @@
 
 pub mod client;
 pub mod first_contact;
+pub mod session;
 
-pub use client::{
-    COMMAND_TIMEOUT, Connection, FolderStatus, IdleEnd, ImapError, ImapSession, Io, Listed, Login,
-    Stream, connect, uid_set,
-};
+pub use client::{COMMAND_TIMEOUT, Connection, ImapError, Io, Login, Stream, connect};
+pub use session::{FolderStatus, IdleEnd, ImapSession, Listed, uid_set};
 
 use crate::auth::{AccessToken, TokenSource};
 use crate::config::{AfterIngest, ParserAuth, ParserConfig};
