@@ -1,24 +1,25 @@
 //! mail2ticket: email to helpdesk tickets in Postgres, exactly once.
 //!
-//! Code map (one module, one job):
-//! - [`config`]: the TOML file: schema, validation, errors that name file, key and fix.
-//! - [`secret`]: secret values (inline, env, file) that never print.
-//! - [`mime`]: raw bytes to [`mime::ParsedMessage`]; pure, no IO.
-//! - [`ticket`]: parsed message to [`ticket::NewTicket`] rows; pure, no IO.
-//! - [`html`]: sanitizing a stranger's HTML; pure.
-//! - [`tnef`]: the files inside Outlook's winmail.dat; pure.
-//! - [`store`]: the only module that speaks SQL; migrations are embedded.
-//! - [`ingest`]: the pipeline every mail source uses: decide (pure), then store in one
-//!   transaction, or quarantine.
-//! - [`auth`], [`assertion`], [`sealed`], [`login`]: Entra ID tokens for every credential
-//!   type, certificate assertions, sealed refresh tokens, interactive sign-in.
-//! - [`imap`], [`poller`], [`supervisor`], [`doctor`]: the daemon and its diagnosis.
-//! - [`cli`]: the command-line interface behind `main.rs`.
-//! - [`logging`]: log format and filter.
+//! Code map (one folder, one layer; see ARCHITECTURE in the README):
+//! - [`cli`]: the command line behind `main.rs`: commands, output, exit codes.
+//! - [`config`]: the TOML file: schema, validation per section, secrets that never print.
+//! - [`auth`]: Entra ID tokens, one cache per credential and scope; certificate
+//!   assertions, sealed refresh tokens, interactive `login`.
+//! - [`source`]: where mail comes from: the [`source::MailSource`] seam and IMAP.
+//! - [`pipeline`]: raw bytes to stored rows: MIME, ticket mapping, HTML, TNEF (pure), the
+//!   rules, and [`pipeline::store_batch`], the one way every caller stores messages.
+//! - [`store`]: the only SQL, by table family; migrations are embedded.
+//! - [`runtime`]: the supervisor and the per-mailbox loop (the exactly-once rules).
+//! - [`ops`]: `doctor` and logging.
+//! - [`tls`]: the rustls provider and trust roots.
 //!
-//! Invariants: `mime` and `ticket` do no IO; only `store` speaks SQL; a message is either
-//! stored (once per parser and Message-ID) or quarantined with its raw bytes, never
-//! dropped; secrets never reach logs, errors or Debug output.
+//! Invariants: `pipeline::{mime, ticket, html, tnef, boundary, attachments}` do no IO;
+//! only `store` speaks SQL and only `source::imap` speaks IMAP; a source never touches the
+//! database and the loop never looks inside a cursor; a message is either stored (once per
+//! parser and Message-ID) or quarantined with its raw bytes, never dropped; secrets never
+//! reach logs, errors or Debug output.
+
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod cli;

@@ -158,62 +158,59 @@ pub fn main() -> ExitCode {
     runtime.block_on(run(cli.command))
 }
 
+impl Command {
+    /// The configuration file every command reads.
+    fn config_path(&self) -> &Path {
+        match self {
+            Command::CheckConfig(c) | Command::Migrate(c) => &c.config,
+            Command::Run { config, .. }
+            | Command::Doctor { config, .. }
+            | Command::Login { config, .. }
+            | Command::Ingest { config, .. } => &config.config,
+            Command::Quarantine { action } => match action {
+                QuarantineAction::List { config, .. } | QuarantineAction::Replay { config, .. } => {
+                    &config.config
+                }
+            },
+        }
+    }
+}
+
 async fn run(command: Command) -> ExitCode {
+    let config = match load_config(command.config_path()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     match command {
-        Command::CheckConfig(args) => match load_config(&args.config) {
-            Ok(config) => {
-                println!(
-                    "{}: OK ({} parser(s), {} active; {} credential(s))",
-                    config.path.display(),
-                    config.parsers.len(),
-                    config
-                        .parsers
-                        .iter()
-                        .filter(|p| p.status == crate::config::ParserStatus::Active)
-                        .count(),
-                    config.credentials.len()
-                );
+        Command::CheckConfig(_) => {
+            let active = config
+                .parsers
+                .iter()
+                .filter(|p| p.status == crate::config::ParserStatus::Active)
+                .count();
+            println!(
+                "{}: OK ({} parser(s), {active} active; {} credential(s))",
+                config.path.display(),
+                config.parsers.len(),
+                config.credentials.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Migrate(_) => match connect_and_migrate(&config).await {
+            Ok(_) => {
+                println!("database schema is up to date");
                 ExitCode::SUCCESS
             }
             Err(code) => code,
         },
-        Command::Migrate(args) => {
-            let config = match load_config(&args.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match connect_and_migrate(&config).await {
-                Ok(_) => {
-                    println!("database schema is up to date");
-                    ExitCode::SUCCESS
-                }
-                Err(code) => code,
-            }
-        }
-        Command::Run { config, once } => {
-            let config = match load_config(&config.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            run::run_command(&config, once).await
-        }
-        Command::Quarantine { action } => quarantine::quarantine_command(action).await,
+        Command::Run { once, .. } => run::run_command(&config, once).await,
+        Command::Quarantine { action } => quarantine::quarantine_command(&config, action).await,
         Command::Login {
-            config,
             credential,
             device_code,
-        } => {
-            let config = match load_config(&config.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            run::login_command(&config, &credential, device_code).await
-        }
-        Command::Doctor { config, parser } => {
-            let config = match load_config(&config.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
+            ..
+        } => run::login_command(&config, &credential, device_code).await,
+        Command::Doctor { parser, .. } => {
             match crate::ops::doctor::run(&config, parser.as_deref()).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(EXIT_FAILED),
@@ -223,21 +220,13 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
-        Command::Ingest {
-            config,
-            parser,
-            files,
-        } => {
-            let config = match load_config(&config.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
+        Command::Ingest { parser, files, .. } => {
             ingest::ingest_command(&config, &parser, files).await
         }
     }
 }
 
-pub(crate) fn load_config(path: &Path) -> Result<Config, ExitCode> {
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(EXIT_USAGE)

@@ -1,22 +1,15 @@
 //! `quarantine list` and `quarantine replay`.
 
 use super::ingest::describe;
-use super::{EXIT_FAILED, QuarantineAction, connect_and_migrate, load_config};
+use super::{EXIT_FAILED, QuarantineAction, connect_and_migrate};
+use crate::config::Config;
 use crate::pipeline::{self, Pipeline};
 use crate::store;
 use std::process::ExitCode;
 
-pub(super) async fn quarantine_command(action: QuarantineAction) -> ExitCode {
-    let path = match &action {
-        QuarantineAction::List { config, .. } | QuarantineAction::Replay { config, .. } => {
-            config.config.clone()
-        }
-    };
-    let config = match load_config(&path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let pool = match connect_and_migrate(&config).await {
+/// `quarantine list|replay`.
+pub(super) async fn quarantine_command(config: &Config, action: QuarantineAction) -> ExitCode {
+    let pool = match connect_and_migrate(config).await {
         Ok(pool) => pool,
         Err(code) => return code,
     };
@@ -24,7 +17,7 @@ pub(super) async fn quarantine_command(action: QuarantineAction) -> ExitCode {
         QuarantineAction::List { parser, all, .. } => list(&pool, parser.as_deref(), all).await,
         QuarantineAction::Replay {
             ids, all, parser, ..
-        } => replay(&config, &pool, ids, all, parser.as_deref()).await,
+        } => replay(config, &pool, ids, all, parser.as_deref()).await,
     }
 }
 
@@ -64,7 +57,7 @@ async fn list(pool: &sqlx::PgPool, parser: Option<&str>, all: bool) -> ExitCode 
 
 /// `quarantine replay`: each row through the current pipeline, exactly once.
 async fn replay(
-    config: &crate::config::Config,
+    config: &Config,
     pool: &sqlx::PgPool,
     ids: Vec<i64>,
     all: bool,

@@ -65,16 +65,7 @@ pub async fn insert_ticket(
         return Ok(TicketInsert::Duplicate { ticket_id });
     };
     if !ticket.participants.is_empty() {
-        let emails: Vec<&str> = ticket
-            .participants
-            .iter()
-            .map(|p| p.email.as_str())
-            .collect();
-        let names: Vec<Option<&str>> = ticket
-            .participants
-            .iter()
-            .map(|p| p.name.as_deref())
-            .collect();
+        let (emails, names) = participant_columns(ticket);
         let roles: Vec<&str> = ticket
             .participants
             .iter()
@@ -116,16 +107,7 @@ pub async fn append_message(
             .unwrap_or(ticket_id);
         return Ok(TicketInsert::Duplicate { ticket_id });
     };
-    let emails: Vec<&str> = ticket
-        .participants
-        .iter()
-        .map(|p| p.email.as_str())
-        .collect();
-    let names: Vec<Option<&str>> = ticket
-        .participants
-        .iter()
-        .map(|p| p.name.as_deref())
-        .collect();
+    let (emails, names) = participant_columns(ticket);
     sqlx::query(
         "insert into participants (ticket_id, email, name, role)
          select $1, u.email, u.name, 'cc' from unnest($2::text[], $3::text[]) as u(email, name)
@@ -145,6 +127,14 @@ pub async fn append_message(
         ticket_id,
         message_row_id,
     })
+}
+
+/// The participants' addresses and names as two columns (for `unnest`).
+fn participant_columns(ticket: &NewTicket) -> (Vec<&str>, Vec<Option<&str>>) {
+    let people = &ticket.participants;
+    let emails = people.iter().map(|p| p.email.as_str()).collect();
+    let names = people.iter().map(|p| p.name.as_deref()).collect();
+    (emails, names)
 }
 
 /// Inserts the `ticket_messages` row with its attachments and raw bytes; `None` when the
