@@ -86,7 +86,7 @@ async fn main() {
         let cfg_dir = tempfile::tempdir().unwrap();
         let path = cfg_dir.path().join("m2t.toml");
         std::fs::write(&path, config_text(&db.url, &entra, &dovecot)).unwrap();
-        let bin = env!("CARGO_MANIFEST_DIR").to_string() + "/target/release/mail2ticket";
+        let bin = support::env::binary_path().display().to_string();
         let started = Instant::now();
         let out = Command::new("/usr/bin/time")
             .args(["-f", "%M"])

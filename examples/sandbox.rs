@@ -14,7 +14,6 @@ mod support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::dovecot::Dovecot;
 use support::entra::{App, Entra, TENANT};
 
 #[tokio::main]
@@ -29,13 +28,11 @@ async fn main() {
             ..App::default()
         },
     )]);
-    let dovecot = Dovecot::start(&entra);
-    let db = support::postgres::test_db().await;
+    let env = support::env::TestEnv::with_entra(entra).await;
+    let (entra, dovecot, db) = (env.entra(), env.dovecot(), &env.db);
     for (i, file) in support::corpus_files().iter().enumerate() {
         dovecot.deliver(shared[i % 2], &std::fs::read(file).unwrap());
     }
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("mail2ticket.toml");
     let mut text = format!(
         "[database]\nurl = \"{}\"\n\n[[credential]]\nname = \"helpdesk-app\"\ntype = \"client_credentials\"\ntenant_id = \"{TENANT}\"\nclient_id = \"helpdesk-app\"\nclient_secret = {{ env = \"SANDBOX_SECRET\" }}\nauthority = \"{}\"\n",
         db.url, entra.url
@@ -48,10 +45,10 @@ async fn main() {
             dovecot.ca_file.display()
         ));
     }
-    std::fs::write(&config, &text).unwrap();
+    let config = env.write_file("mail2ticket.toml", &text);
     println!("== configuration ({})\n{text}", config.display());
 
-    let bin = env!("CARGO_MANIFEST_DIR").to_string() + "/target/release/mail2ticket";
+    let bin = support::env::binary_path();
     let mut daemon = Command::new(&bin)
         .args(["run", "--config"])
         .arg(&config)
@@ -60,7 +57,10 @@ async fn main() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| {
-            panic!("cannot start {bin} (build it with cargo build --release): {e}")
+            panic!(
+                "cannot start {} (build it with cargo build --release): {e}",
+                bin.display()
+            )
         });
 
     let count = || async {

@@ -1,16 +1,10 @@
 //! The `mail2ticket` binary as ops run it: exit codes, messages, a corpus run twice.
 
+use crate::support::env::binary;
 use crate::support::{self, postgres};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mail2ticket"));
-    c.env_remove("MAIL2TICKET_DATABASE_URL")
-        .env_remove("MAIL2TICKET_CONFIG");
-    c
-}
+use std::process::{Output, Stdio};
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("mail2ticket.toml");
@@ -19,7 +13,7 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
 }
 
 fn check_config(path: &Path) -> Output {
-    bin()
+    binary(&[])
         .args(["check-config", "--config"])
         .arg(path)
         .output()
@@ -57,7 +51,7 @@ fn check_config_accepts_the_example_file() {
     let example = dir.path().join("mail2ticket.toml");
     std::fs::copy(&source, &example).unwrap();
     support::entra::make_certificate(dir.path());
-    let out = bin()
+    let out = binary(&[])
         .args(["check-config", "--config"])
         .arg(&example)
         .env("CONTOSO_SECRET", "example-secret")
@@ -118,7 +112,7 @@ async fn ingesting_the_corpus_twice_adds_nothing_the_second_time() {
         std::fs::copy(&p, mail_dir.join(p.file_name().unwrap())).unwrap();
     }
 
-    let first = bin()
+    let first = binary(&[])
         .args(["ingest", "--parser", "support", "--config"])
         .arg(&path)
         .arg(&mail_dir)
@@ -142,7 +136,7 @@ async fn ingesting_the_corpus_twice_adds_nothing_the_second_time() {
     );
     assert_eq!(summary_count(&line, "failed"), 0, "{line}");
 
-    let second = bin()
+    let second = binary(&[])
         .args(["ingest", "--parser", "support", "--config"])
         .arg(&path)
         .arg(&mail_dir)
@@ -162,7 +156,7 @@ async fn ingest_reads_stdin() {
     let url = postgres::empty_db().await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &support::config_text(&url, "support", ""));
-    let mut child = bin()
+    let mut child = binary(&[])
         .args(["ingest", "--parser", "support", "--config"])
         .arg(&path)
         .stdin(Stdio::piped())
@@ -198,7 +192,7 @@ fn ingest_fails_with_exit_1_when_the_database_is_down() {
         &support::config_text(&postgres::unreachable_url(), "support", ""),
     );
     let file = support::corpus_dir().join("01-plain-ascii.eml");
-    let out = bin()
+    let out = binary(&[])
         .args(["ingest", "--parser", "support", "--config"])
         .arg(&path)
         .arg(file)
@@ -219,7 +213,7 @@ fn ingest_names_an_unknown_parser_with_exit_2() {
         dir.path(),
         &support::config_text("postgres://localhost/x", "support", ""),
     );
-    let out = bin()
+    let out = binary(&[])
         .args(["ingest", "--parser", "nope", "--config"])
         .arg(&path)
         .output()
@@ -245,7 +239,7 @@ async fn quarantine_replay_after_a_config_fix_stores_each_message_once() {
         dir.path(),
         &support::config_text(&url, "support", "max_message_size = 1000"),
     );
-    let out = bin()
+    let out = binary(&[])
         .args(["ingest", "--parser", "support", "--config"])
         .arg(&strict)
         .arg(&big)
@@ -263,7 +257,7 @@ async fn quarantine_replay_after_a_config_fix_stores_each_message_once() {
         "{line}"
     );
 
-    let list = bin()
+    let list = binary(&[])
         .args(["quarantine", "list", "--config"])
         .arg(&strict)
         .output()
@@ -278,7 +272,7 @@ async fn quarantine_replay_after_a_config_fix_stores_each_message_once() {
     // The limit is fixed: replaying everything tickets the big one; the auto-reply stays held.
     let fixed = write_config(dir.path(), &support::config_text(&url, "support", ""));
     let replay = || {
-        bin()
+        binary(&[])
             .args(["quarantine", "replay", "--all", "--config"])
             .arg(&fixed)
             .output()
@@ -315,7 +309,7 @@ async fn quarantine_replay_after_a_config_fix_stores_each_message_once() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    let again = bin()
+    let again = binary(&[])
         .args(["quarantine", "replay", "--config"])
         .arg(&fixed)
         .arg(id.to_string())

@@ -4,9 +4,8 @@
 //! database, "needs login" isolated per credential, and doctor's explanations.
 
 use crate::support::KillOnDrop;
-use crate::support::dovecot::Dovecot;
 use crate::support::entra::{App, Entra, TENANT, User, make_certificate};
-use crate::support::postgres::{TestDb, test_db};
+use crate::support::env::{SHARED_A, SHARED_B, TestEnv, binary};
 use mail2ticket::auth::TokenSources;
 use mail2ticket::config::Config;
 use mail2ticket::runtime::supervisor::{self, OnceReport};
@@ -16,15 +15,20 @@ use std::process::{ChildStdout, Stdio};
 use tokio_util::sync::CancellationToken;
 
 const OWNER: &str = "agent@example.test";
-const SHARED_A: &str = "support@example.test";
-const SHARED_B: &str = "sales@example.test";
 const SECRETS_KEY: &str = "test-secrets-key-0123456789abcdef0123456789";
 
+/// The shared test environment with this module's applications and users, and the
+/// certificate files of "app-cert".
 struct Bed {
-    entra: Entra,
-    dovecot: Dovecot,
-    db: TestDb,
-    dir: tempfile::TempDir,
+    env: TestEnv,
+    certs: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Bed {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.env
+    }
 }
 
 /// Applications: "app-cert" (certificate only), "app-public" (public client, consented),
@@ -117,13 +121,9 @@ async fn bed() -> Bed {
             ),
         ],
     );
-    let dovecot = Dovecot::start(&entra);
-    let db = test_db().await;
     Bed {
-        entra,
-        dovecot,
-        db,
-        dir,
+        env: TestEnv::with_entra(entra).await,
+        certs: dir,
     }
 }
 
@@ -131,7 +131,7 @@ impl Bed {
     fn credential(&self, name: &str, kind: &str, client_id: &str, extra: &str) -> String {
         format!(
             "\n[[credential]]\nname = \"{name}\"\ntype = \"{kind}\"\ntenant_id = \"{TENANT}\"\nclient_id = \"{client_id}\"\nauthority = \"{}\"\n{extra}\n",
-            self.entra.url
+            self.entra().url
         )
     }
 
@@ -152,8 +152,8 @@ impl Bed {
         let shared = email != OWNER;
         format!(
             "\n[[parser]]\nname = \"{name}\"\nemail = \"{email}\"\nusername = \"{OWNER}\"\nshared_mailbox = {shared}\ncredential = \"{credential}\"\nstart_at = \"all\"\n[parser.imap]\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\n",
-            self.dovecot.imaps_port,
-            self.dovecot.ca_file.display()
+            self.dovecot().imaps_port,
+            self.dovecot().ca_file.display()
         )
     }
 
@@ -163,10 +163,7 @@ impl Bed {
             "[database]\nurl = \"{}\"\n[secrets]\nkey = \"{SECRETS_KEY}\"\n{tables}",
             self.db.url
         );
-        let path = self.dir.path().join(file);
-        std::fs::write(&path, &text).unwrap();
-        let config = Config::from_toml(&path, &text).unwrap();
-        (path, config)
+        self.env.write_config(file, &text)
     }
 
     fn three_parsers(&self, credential: &str) -> String {
@@ -180,14 +177,14 @@ impl Bed {
 
     fn deliver_one_each(&self, tag: &str) {
         for mailbox in [OWNER, SHARED_A, SHARED_B] {
-            self.dovecot.deliver(mailbox, &message(tag, mailbox));
+            self.dovecot().deliver(mailbox, &message(tag, mailbox));
         }
     }
 
     /// One message into each of the three mailboxes, `run --once`, one ticket each.
     async fn run_once_tickets_one_each(&self, config: &Config, tag: &str) {
         self.deliver_one_each(tag);
-        assert_all_ok(&run_once(config, &self.db).await);
+        assert_all_ok(&self.run_once(config).await);
         for parser in ["own", "support", "sales"] {
             assert_eq!(self.tickets(parser).await, 1, "{parser}");
         }
@@ -225,12 +222,6 @@ fn message(tag: &str, to: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// `run --once` in this process with fresh token caches (as a restarted daemon has).
-async fn run_once(config: &Config, db: &TestDb) -> Vec<OnceReport> {
-    let tokens = TokenSources::from_config(config, Some(db.pool.clone())).unwrap();
-    supervisor::run_once(config, &db.pool, &tokens, &CancellationToken::new()).await
-}
-
 fn assert_all_ok(reports: &[OnceReport]) {
     for r in reports {
         assert!(
@@ -240,13 +231,6 @@ fn assert_all_ok(reports: &[OnceReport]) {
             r.result.as_ref().err()
         );
     }
-}
-
-fn binary(args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mail2ticket"));
-    c.args(args).env_remove("MAIL2TICKET_DATABASE_URL");
-    c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    c
 }
 
 /// `mail2ticket login` running, its output read line by line.
@@ -332,7 +316,7 @@ async fn redirected_address(url: &str) -> String {
 
 /// Signs `credential` in through the binary with the loopback redirect.
 async fn login_with_browser(bed: &Bed, config: &Path, credential: &str) -> String {
-    bed.entra.sign_in_as(OWNER);
+    bed.entra().sign_in_as(OWNER);
     let mut login = Login::start(config, credential, false);
     let url = login.sign_in_url();
     let page = browse(&url).await;
@@ -347,8 +331,8 @@ async fn login_with_browser(bed: &Bed, config: &Path, credential: &str) -> Strin
 #[tokio::test]
 async fn a_certificate_credential_reads_three_mailboxes_with_one_token_request() {
     let bed = bed().await;
-    let cert = bed.dir.path().join("app.pem");
-    let key = bed.dir.path().join("app.key");
+    let cert = bed.certs.path().join("app.pem");
+    let key = bed.certs.path().join("app.key");
     let tables = bed.credential(
         "cert",
         "client_credentials",
@@ -357,7 +341,7 @@ async fn a_certificate_credential_reads_three_mailboxes_with_one_token_request()
     ) + &bed.three_parsers("cert");
     let (_, config) = bed.write_config("cert.toml", &tables);
     bed.run_once_tickets_one_each(&config, "cert").await;
-    assert_eq!(bed.entra.requests_of("client_credentials"), 1);
+    assert_eq!(bed.entra().requests_of("client_credentials"), 1);
 
     // Another key pair than the registered one: refused with the certificate fix.
     let other = tempfile::tempdir().unwrap();
@@ -369,7 +353,7 @@ async fn a_certificate_credential_reads_three_mailboxes_with_one_token_request()
         &certificate_keys(&cert, &other_key),
     ) + &bed.parser("support", SHARED_A, "cert");
     let (_, config) = bed.write_config("wrongkey.toml", &tables);
-    let reports = run_once(&config, &bed.db).await;
+    let reports = bed.run_once(&config).await;
     let error = reports[0].result.as_ref().unwrap_err().to_string();
     assert!(
         error.contains("AADSTS700027") && error.contains("certificate"),
@@ -388,7 +372,7 @@ async fn a_password_credential_reads_the_owners_and_two_shared_mailboxes_with_on
     ) + &bed.three_parsers("pw");
     let (_, config) = bed.write_config("pw.toml", &tables);
     bed.run_once_tickets_one_each(&config, "pw").await;
-    assert_eq!(bed.entra.requests_of("password"), 1);
+    assert_eq!(bed.entra().requests_of("password"), 1);
 }
 
 #[tokio::test]
@@ -402,7 +386,7 @@ async fn a_delegated_sign_in_survives_restarts_and_a_revoked_grant_needs_login_a
 
     // Before any sign-in: "needs login" naming the command, and the app credential works.
     bed.deliver_one_each("first");
-    let reports = run_once(&config, &bed.db).await;
+    let reports = bed.run_once(&config).await;
     let own = reports.iter().find(|r| r.parser == "own").unwrap();
     let error = own.result.as_ref().unwrap_err().to_string();
     assert!(
@@ -436,20 +420,20 @@ async fn a_delegated_sign_in_survives_restarts_and_a_revoked_grant_needs_login_a
     );
 
     // Three mailboxes (the owner's own and two shared), one refresh per renewal.
-    assert_all_ok(&run_once(&config, &bed.db).await);
+    assert_all_ok(&bed.run_once(&config).await);
     for parser in ["own", "support", "sales"] {
         assert_eq!(bed.tickets(parser).await, 1, "{parser}");
     }
-    assert_eq!(bed.entra.requests_of("refresh_token"), 1);
+    assert_eq!(bed.entra().requests_of("refresh_token"), 1);
 
     // Restarts: each redeems the refresh token saved by the previous one. The endpoint
     // accepts a refresh token once, so this works only if every rotation was saved.
     for round in ["second", "third"] {
         bed.deliver_one_each(round);
-        assert_all_ok(&run_once(&config, &bed.db).await);
+        assert_all_ok(&bed.run_once(&config).await);
     }
-    assert_eq!(bed.entra.requests_of("refresh_token"), 3);
-    assert_eq!(bed.entra.live_refresh_tokens(), 1);
+    assert_eq!(bed.entra().requests_of("refresh_token"), 3);
+    assert_eq!(bed.entra().live_refresh_tokens(), 1);
     assert_eq!(bed.tickets("own").await, 3);
 
     // Another [secrets] key cannot open the stored sign-in: "needs login" naming the key,
@@ -458,21 +442,21 @@ async fn a_delegated_sign_in_survives_restarts_and_a_revoked_grant_needs_login_a
         .unwrap()
         .replace(SECRETS_KEY, &"z".repeat(40));
     let other_key = Config::from_toml(&path, &text).unwrap();
-    let reports = run_once(&other_key, &bed.db).await;
+    let reports = bed.run_once(&other_key).await;
     let own = reports.iter().find(|r| r.parser == "own").unwrap();
     let error = own.result.as_ref().unwrap_err().to_string();
     assert!(
         error.contains("needs login") && error.contains("[secrets] key"),
         "{error}"
     );
-    assert_eq!(bed.entra.requests_of("refresh_token"), 3);
+    assert_eq!(bed.entra().requests_of("refresh_token"), 3);
     assert_eq!(bed.grant_status("user").await.unwrap().0, "ok");
 
     // The user's sessions are revoked: this credential needs login, visibly in the
     // database; the app-only credential keeps working in the same run.
-    bed.entra.revoke_user(OWNER);
+    bed.entra().revoke_user(OWNER);
     bed.deliver_one_each("fourth");
-    let reports = run_once(&config, &bed.db).await;
+    let reports = bed.run_once(&config).await;
     for r in &reports {
         if r.parser == "app-support" {
             assert!(r.result.is_ok(), "{:?}", r.result.as_ref().err());
@@ -487,10 +471,10 @@ async fn a_delegated_sign_in_survives_restarts_and_a_revoked_grant_needs_login_a
     let (status, reason) = bed.grant_status("user").await.unwrap();
     assert_eq!(status, "needs_login");
     assert!(reason.unwrap().contains("AADSTS50173"));
-    let refreshes = bed.entra.requests_of("refresh_token");
-    run_once(&config, &bed.db).await;
+    let refreshes = bed.entra().requests_of("refresh_token");
+    bed.run_once(&config).await;
     assert_eq!(
-        bed.entra.requests_of("refresh_token"),
+        bed.entra().requests_of("refresh_token"),
         refreshes,
         "a dead grant is not retried against Entra"
     );
@@ -519,7 +503,7 @@ async fn a_delegated_sign_in_survives_restarts_and_a_revoked_grant_needs_login_a
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("That is not the redirected address"), "{out}");
     assert_eq!(bed.grant_status("user").await.unwrap().0, "ok");
-    assert_all_ok(&run_once(&config, &bed.db).await);
+    assert_all_ok(&bed.run_once(&config).await);
     assert_eq!(bed.tickets("own").await, 4);
     let out = binary(&["doctor", "--parser", "own", "--config"])
         .arg(&path)
@@ -538,7 +522,7 @@ async fn a_wrong_pkce_verifier_or_missing_consent_is_refused_and_nothing_is_stor
     let tables =
         bed.credential("user", "delegated", "app-public", "") + &bed.parser("own", OWNER, "user");
     let (path, _) = bed.write_config("pkce.toml", &tables);
-    bed.entra.sign_in_as(OWNER);
+    bed.entra().sign_in_as(OWNER);
     let mut login = Login::start(&path, "user", false);
     let url = url::Url::parse(&login.sign_in_url()).unwrap();
     // The same request with another code_challenge: the code is bound to a verifier login
@@ -597,18 +581,18 @@ async fn the_device_code_flow_signs_in() {
             .nth(1)
             .map(|rest| rest.split_whitespace().next().unwrap().to_string())
     });
-    assert!(bed.entra.approve_device(&code, OWNER));
+    assert!(bed.entra().approve_device(&code, OWNER));
     let (ok, out, err) = tokio::task::spawn_blocking(move || login.finish())
         .await
         .unwrap();
     assert!(ok, "{out}\n{err}");
     assert!(
-        bed.entra
+        bed.entra()
             .requests_of("urn:ietf:params:oauth:grant-type:device_code")
             >= 1
     );
-    bed.dovecot.deliver(OWNER, &message("device", OWNER));
-    assert_all_ok(&run_once(&config, &bed.db).await);
+    bed.dovecot().deliver(OWNER, &message("device", OWNER));
+    assert_all_ok(&bed.run_once(&config).await);
     assert_eq!(bed.tickets("own").await, 1);
 }
 
@@ -712,7 +696,7 @@ async fn doctor_names_the_cause_of_each_sign_in_failure() {
     let (path, _) = bed.write_config("doctor.toml", &tables);
     // The delegated credential signs in, then its refresh token expires.
     login_with_browser(&bed, &path, "expired").await;
-    bed.entra.expire_user(OWNER);
+    bed.entra().expire_user(OWNER);
 
     let out = binary(&["doctor", "--config"]).arg(&path).output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -759,7 +743,7 @@ async fn a_running_daemon_refreshes_once_per_renewal_for_three_mailboxes() {
     };
     // Tokens live 6 s and are renewed 1.2 s early: wait for three renewals after the first.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while bed.entra.requests_of("refresh_token") < 4 {
+    while bed.entra().requests_of("refresh_token") < 4 {
         assert!(std::time::Instant::now() < deadline, "no renewals");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
@@ -775,7 +759,7 @@ async fn a_running_daemon_refreshes_once_per_renewal_for_three_mailboxes() {
     daemon.await.unwrap();
     // Three pollers renewing on their own would ask three times within moments; through
     // the shared cache, renewals are a token lifetime apart.
-    let times = bed.entra.request_times("refresh_token");
+    let times = bed.entra().request_times("refresh_token");
     for pair in times.windows(2) {
         let gap = pair[1] - pair[0];
         assert!(
@@ -783,7 +767,7 @@ async fn a_running_daemon_refreshes_once_per_renewal_for_three_mailboxes() {
             "two refreshes {gap:?} apart: {times:?}"
         );
     }
-    assert_eq!(bed.entra.live_refresh_tokens(), 1);
+    assert_eq!(bed.entra().live_refresh_tokens(), 1);
     assert_eq!(bed.grant_status("user").await.unwrap().0, "ok");
 }
 
@@ -795,7 +779,8 @@ async fn the_daemon_logs_needs_login_on_every_retry_while_another_credential_tic
         + &bed.parser("own", OWNER, "user")
         + &bed.parser("app-support", SHARED_A, "app");
     let (path, _) = bed.write_config("daemon.toml", &tables);
-    bed.dovecot.deliver(SHARED_A, &message("daemon", SHARED_A));
+    bed.dovecot()
+        .deliver(SHARED_A, &message("daemon", SHARED_A));
     let mut daemon = KillOnDrop(binary(&["run", "--config"]).arg(&path).spawn().unwrap());
     let stderr = BufReader::new(daemon.0.stderr.take().unwrap());
     // Count the "needs login" lines until two retries have been logged. The reader then
@@ -870,5 +855,5 @@ async fn a_wrong_password_is_tried_once_per_process_so_retries_cannot_lock_the_a
     tokio::time::sleep(mail2ticket::auth::FAILURE_HOLD + std::time::Duration::from_secs(5)).await;
     cancel.cancel();
     daemon.await.unwrap();
-    assert_eq!(bed.entra.requests_of("password"), 1);
+    assert_eq!(bed.entra().requests_of("password"), 1);
 }

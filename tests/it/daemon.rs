@@ -3,7 +3,7 @@
 
 use crate::support::dovecot::Dovecot;
 use crate::support::entra::{App, Entra};
-use crate::support::postgres::{TestDb, test_db};
+use crate::support::env::{Daemon, NOT_GRANTED, SHARED_A, SHARED_B, TestEnv, binary, wait_for};
 use crate::support::proxy::CuttingProxy;
 use mail2ticket::auth::TokenSources;
 use mail2ticket::config::Config;
@@ -12,143 +12,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-pub(crate) const SHARED_A: &str = "support@example.test";
-pub(crate) const SHARED_B: &str = "sales@example.test";
-pub(crate) const NOT_GRANTED: &str = "finance@example.test";
-
-/// The token endpoint (app "app-1", secret "s3cret"), a Dovecot trusting it, a database.
-pub(crate) struct Sandbox {
-    pub(crate) entra: Entra,
-    pub(crate) dovecot: Dovecot,
-    pub(crate) db: TestDb,
-}
-
-pub(crate) async fn sandbox() -> Sandbox {
-    sandbox_with_token_lifetime(3599).await
-}
-
-async fn sandbox_with_token_lifetime(lifetime: i64) -> Sandbox {
-    sandbox_granting(&[SHARED_A, SHARED_B], lifetime).await
-}
-
-/// A sandbox whose app has FullAccess to exactly `mailboxes`.
-pub(crate) async fn sandbox_granting(mailboxes: &[&str], lifetime: i64) -> Sandbox {
-    let entra = Entra::start(&[(
-        "app-1",
-        App {
-            secret: "s3cret".into(),
-            mailboxes: mailboxes.iter().map(|m| m.to_string()).collect(),
-            lifetime,
-            ..App::default()
-        },
-    )]);
-    let dovecot = Dovecot::start(&entra);
-    let db = test_db().await;
-    Sandbox { entra, dovecot, db }
-}
-
-/// One parser of a test configuration, always through the credential "app".
-pub(crate) struct P<'a> {
-    name: &'a str,
-    email: &'a str,
-    encryption: &'a str,
-    port: u16,
-    /// More `[[parser]]` keys.
-    extra: &'a str,
-}
-
-impl<'a> P<'a> {
-    pub(crate) fn with(self, extra: &'a str) -> Self {
-        P { extra, ..self }
-    }
-}
-
-impl Sandbox {
-    pub(crate) fn ssl<'a>(&self, name: &'a str, email: &'a str) -> P<'a> {
-        P {
-            name,
-            email,
-            encryption: "ssl",
-            port: self.dovecot.imaps_port,
-            extra: "",
-        }
-    }
-
-    /// Plain IMAP through a proxy on `port` (a proxy sees the traffic only without TLS).
-    pub(crate) fn plain_via<'a>(&self, name: &'a str, email: &'a str, port: u16) -> P<'a> {
-        P {
-            name,
-            email,
-            encryption: "none",
-            port,
-            extra: "",
-        }
-    }
-
-    fn starttls<'a>(&self, name: &'a str, email: &'a str) -> P<'a> {
-        P {
-            name,
-            email,
-            encryption: "starttls",
-            port: self.dovecot.imap_port,
-            extra: "",
-        }
-    }
-}
-
-pub(crate) fn config_toml(s: &Sandbox, parsers: &[P]) -> String {
-    let mut text = format!(
-        r#"
-[database]
-url = "{}"
-[[credential]]
-name = "app"
-type = "client_credentials"
-tenant_id = "{}"
-client_id = "app-1"
-client_secret = "s3cret"
-authority = "{}"
-"#,
-        s.db.url,
-        crate::support::entra::TENANT,
-        s.entra.url
-    );
-    for p in parsers {
-        let host = if p.encryption == "none" {
-            "127.0.0.1"
-        } else {
-            "localhost"
-        };
-        text.push_str(&format!(
-            r#"
-[[parser]]
-name = "{}"
-email = "{}"
-username = "helpdesk@example.test"
-shared_mailbox = true
-credential = "app"
-{}
-[parser.imap]
-host = "{host}"
-port = {}
-encryption = "{}"
-ca_file = "{}"
-"#,
-            p.name,
-            p.email,
-            p.extra,
-            p.port,
-            p.encryption,
-            s.dovecot.ca_file.display()
-        ));
-    }
-    text
-}
-
-pub(crate) fn config(s: &Sandbox, parsers: &[P]) -> Config {
-    Config::from_toml(Path::new("daemon-test.toml"), &config_toml(s, parsers)).unwrap()
-}
-
 pub(crate) fn message(n: usize, to: &str) -> Vec<u8> {
     format!(
         "From: Customer {n} <customer{n}@example.com>\r\nTo: {to}\r\nSubject: Request {n}\r\nMessage-ID: <req-{n}-{to}>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nPlease help with request {n}.\r\n"
@@ -156,27 +19,16 @@ pub(crate) fn message(n: usize, to: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-pub(crate) async fn tickets(db: &TestDb, parser: &str) -> Vec<String> {
-    sqlx::query_scalar("select subject from tickets where parser = $1 order by subject")
-        .bind(parser)
-        .fetch_all(&db.pool)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn one_credential_reads_two_shared_mailboxes_with_one_token_request() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     for n in 0..3 {
-        s.dovecot.deliver(SHARED_A, &message(n, SHARED_A));
+        s.dovecot().deliver(SHARED_A, &message(n, SHARED_A));
     }
     for n in 0..2 {
-        s.dovecot.deliver(SHARED_B, &message(n, SHARED_B));
+        s.dovecot().deliver(SHARED_B, &message(n, SHARED_B));
     }
-    let config = config(
-        &s,
-        &[s.ssl("support", SHARED_A), s.starttls("sales", SHARED_B)],
-    );
+    let config = s.config(&[s.ssl("support", SHARED_A), s.starttls("sales", SHARED_B)]);
     let tokens = TokenSources::from_config(&config, None).unwrap();
     let cancel = CancellationToken::new();
     let reports = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
@@ -186,18 +38,15 @@ async fn one_credential_reads_two_shared_mailboxes_with_one_token_request() {
             "{}: {:?}\n{}",
             r.parser,
             r.result,
-            s.dovecot.log()
+            s.dovecot().log()
         );
     }
     assert_eq!(
-        tickets(&s.db, "support").await,
+        s.tickets("support").await,
         vec!["Request 0", "Request 1", "Request 2"]
     );
-    assert_eq!(
-        tickets(&s.db, "sales").await,
-        vec!["Request 0", "Request 1"]
-    );
-    assert_eq!(s.entra.requests(), 1, "both pollers share one token");
+    assert_eq!(s.tickets("sales").await, vec!["Request 0", "Request 1"]);
+    assert_eq!(s.entra().requests(), 1, "both pollers share one token");
 
     // A second pass finds nothing new (checkpoint), and the messages are \Seen.
     let reports = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
@@ -206,7 +55,7 @@ async fn one_credential_reads_two_shared_mailboxes_with_one_token_request() {
         assert_eq!((stats.created, stats.duplicate), (0, 0), "{}", r.parser);
     }
     let cur = s
-        .dovecot
+        .dovecot()
         .root
         .join("mail")
         .join(SHARED_A)
@@ -225,19 +74,16 @@ async fn one_credential_reads_two_shared_mailboxes_with_one_token_request() {
         seen, 3,
         "every stored message is marked \\Seen after commit"
     );
-    assert_eq!(s.entra.requests(), 1, "the cached token is reused");
+    assert_eq!(s.entra().requests(), 1, "the cached token is reused");
 }
 
 #[tokio::test]
 async fn a_mailbox_the_app_was_not_granted_fails_clearly_while_the_others_are_ingested() {
-    let s = sandbox().await;
-    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
-    s.dovecot.deliver(NOT_GRANTED, &message(1, NOT_GRANTED));
-    let config = config(
-        &s,
-        &[s.ssl("support", SHARED_A), s.ssl("finance", NOT_GRANTED)],
-    );
-    let reports = run_once(&config, &s.db).await;
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
+    s.dovecot().deliver(NOT_GRANTED, &message(1, NOT_GRANTED));
+    let config = s.config(&[s.ssl("support", SHARED_A), s.ssl("finance", NOT_GRANTED)]);
+    let reports = s.run_once(&config).await;
     let finance = reports.iter().find(|r| r.parser == "finance").unwrap();
     let error = finance.result.as_ref().unwrap_err();
     assert!(
@@ -246,34 +92,38 @@ async fn a_mailbox_the_app_was_not_granted_fails_clearly_while_the_others_are_in
     );
     let support = reports.iter().find(|r| r.parser == "support").unwrap();
     assert_eq!(support.result.as_ref().unwrap().outcomes.created, 1);
-    assert!(tickets(&s.db, "finance").await.is_empty());
+    assert!(s.tickets("finance").await.is_empty());
 }
 
 #[tokio::test]
 async fn a_rejected_token_is_renewed_and_the_login_retried() {
-    let s = sandbox().await;
-    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
-    s.entra.issue_expired_tokens(1);
-    let config = config(&s, &[s.ssl("support", SHARED_A)]);
-    let reports = run_once(&config, &s.db).await;
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
+    s.entra().issue_expired_tokens(1);
+    let config = s.config(&[s.ssl("support", SHARED_A)]);
+    let reports = s.run_once(&config).await;
     assert_eq!(
         reports[0].result.as_ref().unwrap().outcomes.created,
         1,
         "{:?}",
         reports[0].result
     );
-    assert_eq!(s.entra.requests(), 2, "the expired token was replaced once");
+    assert_eq!(
+        s.entra().requests(),
+        2,
+        "the expired token was replaced once"
+    );
 }
 
 #[tokio::test]
 async fn mail_delivered_while_idling_becomes_a_ticket() {
-    let s = sandbox().await;
-    let config = config(&s, &[s.ssl("support", SHARED_A)]);
-    let daemon = Daemon::start(&config, &s.db.pool);
-    wait_until_watching(&s.db).await;
-    s.dovecot.deliver(SHARED_A, &message(7, SHARED_A));
+    let s = TestEnv::mail().await;
+    let config = s.config(&[s.ssl("support", SHARED_A)]);
+    let daemon = s.daemon(&config);
+    wait_until_watching(&s).await;
+    s.dovecot().deliver(SHARED_A, &message(7, SHARED_A));
     wait_for(Duration::from_secs(15), || async {
-        tickets(&s.db, "support").await == vec!["Request 7"]
+        s.tickets("support").await == vec!["Request 7"]
     })
     .await;
     daemon.stop().await;
@@ -283,16 +133,16 @@ async fn mail_delivered_while_idling_becomes_a_ticket() {
 async fn the_session_is_renewed_before_the_token_expires() {
     // 5-second tokens: the poller must leave IDLE and log in again with a new token
     // before each one expires, and keep ticketing mail.
-    let s = sandbox_with_token_lifetime(5).await;
-    let config = config(&s, &[s.ssl("support", SHARED_A)]);
-    let daemon = Daemon::start(&config, &s.db.pool);
+    let s = TestEnv::granting(&[SHARED_A, SHARED_B], 5).await;
+    let config = s.config(&[s.ssl("support", SHARED_A)]);
+    let daemon = s.daemon(&config);
     wait_for(Duration::from_secs(30), || async {
-        s.entra.requests() >= 3
+        s.entra().requests() >= 3
     })
     .await;
-    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
     wait_for(Duration::from_secs(15), || async {
-        tickets(&s.db, "support").await.len() == 1
+        s.tickets("support").await.len() == 1
     })
     .await;
     daemon.stop().await;
@@ -300,19 +150,20 @@ async fn the_session_is_renewed_before_the_token_expires() {
 
 #[tokio::test]
 async fn a_password_parser_logs_in_with_login_on_plain_loopback() {
-    let s = sandbox().await;
-    s.dovecot.deliver(
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(
         "plainuser@example.test",
         &message(1, "plainuser@example.test"),
     );
     let text = |password: &str| {
         format!(
             "[database]\nurl = \"{}\"\n[[parser]]\nname = \"plain\"\nemail = \"plainuser@example.test\"\npassword = \"{password}\"\n[parser.imap]\nhost = \"127.0.0.1\"\nport = {}\nencryption = \"none\"\n",
-            s.db.url, s.dovecot.imap_port
+            s.db.url,
+            s.dovecot().imap_port
         )
     };
     let good = Config::from_toml(Path::new("p.toml"), &text("secret")).unwrap();
-    let reports = run_once(&good, &s.db).await;
+    let reports = s.run_once(&good).await;
     assert_eq!(
         reports[0].result.as_ref().unwrap().outcomes.created,
         1,
@@ -321,7 +172,7 @@ async fn a_password_parser_logs_in_with_login_on_plain_loopback() {
     );
 
     let bad = Config::from_toml(Path::new("p.toml"), &text("wrong-password")).unwrap();
-    let reports = run_once(&bad, &s.db).await;
+    let reports = s.run_once(&bad).await;
     let error = reports[0].result.as_ref().unwrap_err();
     assert!(
         error.contains("refused the LOGIN login as plainuser@example.test"),
@@ -346,22 +197,18 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
         &entra,
         "imap_capability = IMAP4rev1 LITERAL+ SASL-IR UIDPLUS MOVE",
     );
-    let s = Sandbox {
-        entra,
-        dovecot,
-        db: test_db().await,
-    };
+    let s = TestEnv::with_servers(entra, dovecot).await;
     // Plain IMAP through a proxy that never cuts, to see the commands sent.
-    let proxy = CuttingProxy::start(s.dovecot.imap_port, usize::MAX).await;
+    let proxy = CuttingProxy::start(s.dovecot().imap_port, usize::MAX).await;
     let parser = s
         .plain_via("support", SHARED_A, proxy.port)
         .with("poll_interval = 1");
-    let config = config(&s, &[parser]);
-    let daemon = Daemon::start(&config, &s.db.pool);
-    wait_until_watching(&s.db).await;
-    s.dovecot.deliver(SHARED_A, &message(3, SHARED_A));
+    let config = s.config(&[parser]);
+    let daemon = s.daemon(&config);
+    wait_until_watching(&s).await;
+    s.dovecot().deliver(SHARED_A, &message(3, SHARED_A));
     wait_for(Duration::from_secs(15), || async {
-        tickets(&s.db, "support").await == vec!["Request 3"]
+        s.tickets("support").await == vec!["Request 3"]
     })
     .await;
     daemon.stop().await;
@@ -375,13 +222,13 @@ async fn without_idle_the_poller_polls_every_poll_interval() {
 
 #[tokio::test]
 async fn a_wrong_client_secret_is_reported_with_its_aadsts_code_and_never_the_secret() {
-    let s = sandbox().await;
-    let text = config_toml(&s, &[s.ssl("support", SHARED_A)]).replace(
+    let s = TestEnv::mail().await;
+    let text = s.config_toml(&[s.ssl("support", SHARED_A)]).replace(
         "client_secret = \"s3cret\"",
         "client_secret = \"not-the-secret-42\"",
     );
     let config = Config::from_toml(Path::new("bad.toml"), &text).unwrap();
-    let reports = run_once(&config, &s.db).await;
+    let reports = s.run_once(&config).await;
     let error = reports[0].result.as_ref().unwrap_err();
     assert!(error.contains("AADSTS7000215"), "{error}");
     assert!(
@@ -393,17 +240,15 @@ async fn a_wrong_client_secret_is_reported_with_its_aadsts_code_and_never_the_se
 
 #[tokio::test]
 async fn an_oversized_message_is_quarantined_by_its_header_and_left_on_the_server() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     let mut big = message(1, SHARED_A);
     big.extend_from_slice("y".repeat(200_000).as_bytes());
-    s.dovecot.deliver(SHARED_A, &big);
-    s.dovecot.deliver(SHARED_A, &message(2, SHARED_A));
-    let config = config(
-        &s,
-        &[s.ssl("support", SHARED_A)
-            .with("max_message_size = \"100 KB\"")],
-    );
-    let reports = run_once(&config, &s.db).await;
+    s.dovecot().deliver(SHARED_A, &big);
+    s.dovecot().deliver(SHARED_A, &message(2, SHARED_A));
+    let config = s.config(&[s
+        .ssl("support", SHARED_A)
+        .with("max_message_size = \"100 KB\"")]);
+    let reports = s.run_once(&config).await;
     let stats = &reports[0].result.as_ref().unwrap().outcomes;
     assert_eq!((stats.created, stats.quarantined), (1, 1));
     let (reason, raw): (String, Vec<u8>) = sqlx::query_as("select reason, raw from quarantine")
@@ -417,10 +262,10 @@ async fn an_oversized_message_is_quarantined_by_its_header_and_left_on_the_serve
         raw.len()
     );
     assert!(String::from_utf8_lossy(&raw).contains("Subject: Request 1"));
-    assert_eq!(tickets(&s.db, "support").await, vec!["Request 2"]);
+    assert_eq!(s.tickets("support").await, vec!["Request 2"]);
     // The big message is still in the mailbox and not marked \Seen.
     let cur = s
-        .dovecot
+        .dovecot()
         .root
         .join("mail")
         .join(SHARED_A)
@@ -435,19 +280,19 @@ async fn an_oversized_message_is_quarantined_by_its_header_and_left_on_the_serve
 
 #[tokio::test]
 async fn a_uidvalidity_change_rescans_without_duplicating() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     for n in 0..3 {
-        s.dovecot.deliver(SHARED_A, &message(n, SHARED_A));
+        s.dovecot().deliver(SHARED_A, &message(n, SHARED_A));
     }
-    let config = config(&s, &[s.ssl("support", SHARED_A)]);
+    let config = s.config(&[s.ssl("support", SHARED_A)]);
     let tokens = TokenSources::from_config(&config, None).unwrap();
     let cancel = CancellationToken::new();
     let first = supervisor::run_once(&config, &s.db.pool, &tokens, &cancel).await;
     assert_eq!(first[0].result.as_ref().unwrap().outcomes.created, 3);
-    let before = count(&s.db, "select uidvalidity from mailbox_state").await;
+    let before = s.count("select uidvalidity from mailbox_state").await;
     // Dovecot gives the folder a new UIDVALIDITY when its UID list is lost.
     std::thread::sleep(Duration::from_millis(1100)); // UIDVALIDITY is a timestamp
-    let maildir = s.dovecot.root.join("mail").join(SHARED_A).join("Maildir");
+    let maildir = s.dovecot().root.join("mail").join(SHARED_A).join("Maildir");
     for entry in std::fs::read_dir(&maildir).unwrap() {
         let path = entry.unwrap().path();
         if path
@@ -467,10 +312,10 @@ async fn a_uidvalidity_change_rescans_without_duplicating() {
         "rescanned, recognised by Message-ID"
     );
     assert_ne!(
-        count(&s.db, "select uidvalidity from mailbox_state").await,
+        s.count("select uidvalidity from mailbox_state").await,
         before
     );
-    assert_eq!(count(&s.db, "select count(*) from tickets").await, 3);
+    assert_eq!(s.count("select count(*) from tickets").await, 3);
 }
 
 #[tokio::test]
@@ -485,15 +330,11 @@ async fn oauthbearer_is_used_when_the_server_offers_only_that() {
         },
     )]);
     let dovecot = Dovecot::start_with(&entra, "auth_mechanisms = oauthbearer plain login");
-    let s = Sandbox {
-        entra,
-        dovecot,
-        db: test_db().await,
-    };
-    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
-    let proxy = CuttingProxy::start(s.dovecot.imap_port, usize::MAX).await;
-    let config = config(&s, &[s.plain_via("support", SHARED_A, proxy.port)]);
-    let reports = run_once(&config, &s.db).await;
+    let s = TestEnv::with_servers(entra, dovecot).await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
+    let proxy = CuttingProxy::start(s.dovecot().imap_port, usize::MAX).await;
+    let config = s.config(&[s.plain_via("support", SHARED_A, proxy.port)]);
+    let reports = s.run_once(&config).await;
     assert_eq!(
         reports[0].result.as_ref().unwrap().outcomes.created,
         1,
@@ -505,7 +346,7 @@ async fn oauthbearer_is_used_when_the_server_offers_only_that() {
 
 #[tokio::test]
 async fn the_daemon_survives_a_database_outage() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     let port: u16 =
         s.db.url
             .rsplit_once(':')
@@ -520,21 +361,23 @@ async fn the_daemon_survives_a_database_outage() {
     let db_via_proxy =
         s.db.url
             .replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
-    let text = config_toml(&s, &[s.ssl("support", SHARED_A)]).replace(&s.db.url, &db_via_proxy);
+    let text = s
+        .config_toml(&[s.ssl("support", SHARED_A)])
+        .replace(&s.db.url, &db_via_proxy);
     let config = Config::from_toml(Path::new("outage.toml"), &text).unwrap();
     let pool = mail2ticket::store::connect(&config.database).await.unwrap();
     let daemon = Daemon::start(&config, &pool);
-    wait_until_watching(&s.db).await;
+    wait_until_watching(&s).await;
     proxy.set_down(true);
-    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        tickets(&s.db, "support").await.is_empty(),
+        s.tickets("support").await.is_empty(),
         "nothing can be stored while the database is down"
     );
     proxy.set_down(false);
     wait_for(Duration::from_secs(40), || async {
-        tickets(&s.db, "support").await == vec!["Request 1"]
+        s.tickets("support").await == vec!["Request 1"]
     })
     .await;
     daemon.stop().await;
@@ -542,17 +385,14 @@ async fn the_daemon_survives_a_database_outage() {
 
 #[tokio::test]
 async fn inactive_parsers_are_skipped() {
-    let s = sandbox().await;
-    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
     // The inactive parser's mailbox is not granted: running it would fail.
-    let config = config(
-        &s,
-        &[
-            s.ssl("support", SHARED_A),
-            s.ssl("finance", NOT_GRANTED).with("status = \"inactive\""),
-        ],
-    );
-    let reports = run_once(&config, &s.db).await;
+    let config = s.config(&[
+        s.ssl("support", SHARED_A),
+        s.ssl("finance", NOT_GRANTED).with("status = \"inactive\""),
+    ]);
+    let reports = s.run_once(&config).await;
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].parser, "support");
     assert!(reports[0].result.is_ok());
@@ -560,18 +400,15 @@ async fn inactive_parsers_are_skipped() {
 
 #[tokio::test]
 async fn after_ingest_moves_or_deletes_only_committed_messages() {
-    let s = sandbox().await;
-    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
-    s.dovecot.deliver(SHARED_B, &message(2, SHARED_B));
-    let config = config(
-        &s,
-        &[
-            s.ssl("support", SHARED_A)
-                .with("after = \"move:Processed\""),
-            s.ssl("sales", SHARED_B).with("after = \"delete\""),
-        ],
-    );
-    let reports = run_once(&config, &s.db).await;
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
+    s.dovecot().deliver(SHARED_B, &message(2, SHARED_B));
+    let config = s.config(&[
+        s.ssl("support", SHARED_A)
+            .with("after = \"move:Processed\""),
+        s.ssl("sales", SHARED_B).with("after = \"delete\""),
+    ]);
+    let reports = s.run_once(&config).await;
     for r in &reports {
         assert_eq!(
             r.result.as_ref().unwrap().outcomes.created,
@@ -583,7 +420,7 @@ async fn after_ingest_moves_or_deletes_only_committed_messages() {
     }
     let files = |mailbox: &str, folder: &str| -> usize {
         let dir = s
-            .dovecot
+            .dovecot()
             .root
             .join("mail")
             .join(mailbox)
@@ -598,51 +435,52 @@ async fn after_ingest_moves_or_deletes_only_committed_messages() {
     assert_eq!(files(SHARED_A, ".Processed"), 1, "into Processed");
     assert_eq!(files(SHARED_B, ""), 0, "deleted");
     assert_eq!(
-        tickets(&s.db, "support").await.len() + tickets(&s.db, "sales").await.len(),
+        s.tickets("support").await.len() + s.tickets("sales").await.len(),
         2
     );
 }
 
 #[tokio::test]
 async fn the_server_dropping_the_connection_mid_fetch_is_survived() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     let padding = "x".repeat(8000);
     for n in 0..40 {
         let mut raw = message(n, SHARED_A);
         raw.extend_from_slice(padding.as_bytes());
-        s.dovecot.deliver(SHARED_A, &raw);
+        s.dovecot().deliver(SHARED_A, &raw);
     }
     // The first connection dies ~60 KB into the server's answers: inside the first FETCH.
-    let proxy = CuttingProxy::start(s.dovecot.imap_port, 60_000).await;
-    let config = config(&s, &[s.plain_via("support", SHARED_A, proxy.port)]);
-    let daemon = Daemon::start(&config, &s.db.pool);
+    let proxy = CuttingProxy::start(s.dovecot().imap_port, 60_000).await;
+    let config = s.config(&[s.plain_via("support", SHARED_A, proxy.port)]);
+    let daemon = s.daemon(&config);
     wait_for(Duration::from_secs(30), || async {
-        count(&s.db, "select count(*) from ticket_messages").await == 40
+        s.count("select count(*) from ticket_messages").await == 40
     })
     .await;
     daemon.stop().await;
     assert_eq!(proxy.cuts(), 1, "the connection was cut once");
-    assert_eq!(count(&s.db, "select count(*) from tickets").await, 40);
+    assert_eq!(s.count("select count(*) from tickets").await, 40);
 }
 
 #[tokio::test]
 async fn a_message_the_server_never_returns_is_quarantined_by_its_header_and_the_rest_flow() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     for n in 0..6 {
         let mut raw = message(n, SHARED_A);
         if n == 2 {
             // The proxy cuts every connection that carries this body.
             raw.extend_from_slice(b"NEVER-DELIVERED-7f3a\r\n");
         }
-        s.dovecot.deliver(SHARED_A, &raw);
+        s.dovecot().deliver(SHARED_A, &raw);
     }
-    let proxy = CuttingProxy::start_cutting_on(s.dovecot.imap_port, b"NEVER-DELIVERED-7f3a").await;
-    let config = config(&s, &[s.plain_via("support", SHARED_A, proxy.port)]);
-    let daemon = Daemon::start(&config, &s.db.pool);
+    let proxy =
+        CuttingProxy::start_cutting_on(s.dovecot().imap_port, b"NEVER-DELIVERED-7f3a").await;
+    let config = s.config(&[s.plain_via("support", SHARED_A, proxy.port)]);
+    let daemon = s.daemon(&config);
     // Twice as a batch, twice alone, then quarantined: backoff 1 + 2 + 4 + 8 s with jitter.
     wait_for(Duration::from_secs(90), || async {
-        count(&s.db, "select count(*) from quarantine").await == 1
-            && count(&s.db, "select count(*) from tickets").await == 5
+        s.count("select count(*) from quarantine").await == 1
+            && s.count("select count(*) from tickets").await == 5
     })
     .await;
     daemon.stop().await;
@@ -666,7 +504,7 @@ async fn a_message_the_server_never_returns_is_quarantined_by_its_header_and_the
         header.contains("Subject: Request 2") && !header.contains("NEVER-DELIVERED"),
         "{header}"
     );
-    let subjects = tickets(&s.db, "support").await;
+    let subjects = s.tickets("support").await;
     assert_eq!(subjects.len(), 5);
     assert!(!subjects.contains(&"Request 2".to_string()), "{subjects:?}");
     let (last_uid, trouble): (i64, Option<i64>) = sqlx::query_as(
@@ -684,29 +522,31 @@ async fn a_message_the_server_never_returns_is_quarantined_by_its_header_and_the
 
 #[tokio::test]
 async fn restarting_after_kill_9_mid_backlog_tickets_every_message_exactly_once() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     const BACKLOG: i64 = 1500;
     for n in 0..BACKLOG as usize {
-        s.dovecot.deliver(SHARED_A, &message(n, SHARED_A));
+        s.dovecot().deliver(SHARED_A, &message(n, SHARED_A));
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("mail2ticket.toml");
-    std::fs::write(&path, config_toml(&s, &[s.ssl("support", SHARED_A)])).unwrap();
+    let (path, _) = s.write_config(
+        "mail2ticket.toml",
+        &s.config_toml(&[s.ssl("support", SHARED_A)]),
+    );
 
-    let mut daemon = binary(&["run", "--config"], &path).spawn().unwrap();
+    let mut daemon = binary(&["run", "--config"]).arg(&path).spawn().unwrap();
     wait_for(Duration::from_secs(60), || async {
-        count(&s.db, "select count(*) from tickets").await > 0
+        s.count("select count(*) from tickets").await > 0
     })
     .await;
     daemon.kill().unwrap(); // SIGKILL: no shutdown code runs
     daemon.wait().unwrap();
-    let at_kill = count(&s.db, "select count(*) from tickets").await;
+    let at_kill = s.count("select count(*) from tickets").await;
     assert!(
         at_kill < BACKLOG,
         "the kill must land mid-backlog (had {at_kill})"
     );
 
-    let out = binary(&["run", "--once", "--config"], &path)
+    let out = binary(&["run", "--once", "--config"])
+        .arg(&path)
         .output()
         .unwrap();
     assert!(
@@ -714,16 +554,13 @@ async fn restarting_after_kill_9_mid_backlog_tickets_every_message_exactly_once(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(count(&s.db, "select count(*) from tickets").await, BACKLOG);
+    assert_eq!(s.count("select count(*) from tickets").await, BACKLOG);
     assert_eq!(
-        count(
-            &s.db,
-            "select count(distinct message_id) from ticket_messages"
-        )
-        .await,
+        s.count("select count(distinct message_id) from ticket_messages")
+            .await,
         BACKLOG
     );
-    let checkpoint = count(&s.db, "select last_uid from mailbox_state").await;
+    let checkpoint = s.count("select last_uid from mailbox_state").await;
     assert_eq!(
         checkpoint, BACKLOG,
         "the checkpoint covers the whole backlog"
@@ -732,14 +569,15 @@ async fn restarting_after_kill_9_mid_backlog_tickets_every_message_exactly_once(
 
 #[tokio::test]
 async fn sigterm_stops_the_daemon_cleanly() {
-    let s = sandbox().await;
-    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("mail2ticket.toml");
-    std::fs::write(&path, config_toml(&s, &[s.ssl("support", SHARED_A)])).unwrap();
-    let mut daemon = binary(&["run", "--config"], &path).spawn().unwrap();
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
+    let (path, _) = s.write_config(
+        "mail2ticket.toml",
+        &s.config_toml(&[s.ssl("support", SHARED_A)]),
+    );
+    let mut daemon = binary(&["run", "--config"]).arg(&path).spawn().unwrap();
     wait_for(Duration::from_secs(30), || async {
-        count(&s.db, "select count(*) from tickets").await == 1
+        s.count("select count(*) from tickets").await == 1
     })
     .await;
     let pid = daemon.id().to_string();
@@ -766,19 +604,17 @@ async fn sigterm_stops_the_daemon_cleanly() {
 
 #[tokio::test]
 async fn run_once_exits_1_when_a_parser_fails_and_still_ingests_the_others() {
-    let s = sandbox().await;
-    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mail2ticket.toml");
     std::fs::write(
         &path,
-        config_toml(
-            &s,
-            &[s.ssl("support", SHARED_A), s.ssl("finance", NOT_GRANTED)],
-        ),
+        s.config_toml(&[s.ssl("support", SHARED_A), s.ssl("finance", NOT_GRANTED)]),
     )
     .unwrap();
-    let out = binary(&["run", "--once", "--config"], &path)
+    let out = binary(&["run", "--once", "--config"])
+        .arg(&path)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -790,41 +626,37 @@ async fn run_once_exits_1_when_a_parser_fails_and_still_ingests_the_others() {
 
 #[tokio::test]
 async fn doctor_names_the_failing_step_and_its_fix() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     // Exchange's answer when the login worked but the mailbox cannot be opened.
     let exchange = CuttingProxy::start_rewriting(
-        s.dovecot.imap_port,
+        s.dovecot().imap_port,
         b"OK [READ-WRITE] Select completed",
         b"NO User is authenticated but not connected.",
     )
     .await;
-    let mut text = config_toml(
-        &s,
-        &[
-            s.ssl("good", SHARED_A),
-            s.ssl("ungranted", NOT_GRANTED),
-            s.plain_via("notconnected", SHARED_A, exchange.port),
-        ],
-    );
+    let mut text = s.config_toml(&[
+        s.ssl("good", SHARED_A),
+        s.ssl("ungranted", NOT_GRANTED),
+        s.plain_via("notconnected", SHARED_A, exchange.port),
+    ]);
     // A parser whose server certificate is not trusted (no ca_file).
     text.push_str(&format!(
         "\n[[parser]]\nname = \"untrusted\"\nemail = \"{SHARED_A}\"\nshared_mailbox = true\ncredential = \"app\"\n[parser.imap]\nhost = \"localhost\"\nport = {}\n",
-        s.dovecot.imaps_port
+        s.dovecot().imaps_port
     ));
     // A parser whose credential has a wrong secret.
     text.push_str(&format!(
         "\n[[credential]]\nname = \"bad-secret\"\ntype = \"client_credentials\"\ntenant_id = \"{}\"\nclient_id = \"app-1\"\nclient_secret = \"wrong-secret-value\"\nauthority = \"{}\"\n\n[[parser]]\nname = \"badsecret\"\nemail = \"{SHARED_A}\"\nshared_mailbox = true\ncredential = \"bad-secret\"\n[parser.imap]\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\n",
         crate::support::entra::TENANT,
-        s.entra.url,
-        s.dovecot.imaps_port,
-        s.dovecot.ca_file.display()
+        s.entra().url,
+        s.dovecot().imaps_port,
+        s.dovecot().ca_file.display()
     ));
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m2t.toml");
-    std::fs::write(&path, text).unwrap();
+    let (path, _) = s.write_config("m2t.toml", &text);
 
     // Off the test's runtime thread: the proxy runs on it.
-    let mut doctor = binary(&["doctor", "--config"], &path);
+    let mut doctor = binary(&["doctor", "--config"]);
+    doctor.arg(&path);
     let out = tokio::task::spawn_blocking(move || doctor.output().unwrap())
         .await
         .unwrap();
@@ -866,7 +698,8 @@ async fn doctor_names_the_failing_step_and_its_fix() {
         "{report}"
     );
 
-    let only_good = binary(&["doctor", "--parser", "good", "--config"], &path)
+    let only_good = binary(&["doctor", "--parser", "good", "--config"])
+        .arg(&path)
         .output()
         .unwrap();
     assert!(
@@ -876,75 +709,9 @@ async fn doctor_names_the_failing_step_and_its_fix() {
     );
 }
 
-pub(crate) fn binary(args: &[&str], config: &Path) -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mail2ticket"));
-    c.args(args)
-        .arg(config)
-        .env_remove("MAIL2TICKET_DATABASE_URL");
-    c.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    c
-}
-
-pub(crate) async fn count(db: &TestDb, sql: &'static str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-}
-
-/// `run --once` in this process.
-pub(crate) async fn run_once(config: &Config, db: &TestDb) -> Vec<supervisor::OnceReport> {
-    let tokens = TokenSources::from_config(config, None).unwrap();
-    supervisor::run_once(config, &db.pool, &tokens, &CancellationToken::new()).await
-}
-
-/// The supervisor running in this process, as `mail2ticket run` runs it.
-pub(crate) struct Daemon {
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Daemon {
-    pub(crate) fn start(config: &Config, pool: &sqlx::PgPool) -> Daemon {
-        let tokens = TokenSources::from_config(config, None).unwrap();
-        let cancel = CancellationToken::new();
-        let (config, pool, stop) = (config.clone(), pool.clone(), cancel.clone());
-        let task =
-            tokio::spawn(async move { supervisor::run(&config, &pool, &tokens, &stop).await });
-        Daemon { cancel, task }
-    }
-
-    /// Cancels and waits: every poller must stop within 10 s.
-    pub(crate) async fn stop(self) {
-        self.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("pollers stop when cancelled")
-            .unwrap();
-    }
-}
-
-/// Waits until a poller has selected its folder (its checkpoint row exists): mail
-/// delivered after this is new mail for a running daemon.
-async fn wait_until_watching(db: &TestDb) {
+async fn wait_until_watching(s: &TestEnv) {
     wait_for(Duration::from_secs(15), || async {
-        count(db, "select count(*) from mailbox_state").await > 0
+        s.count("select count(*) from mailbox_state").await > 0
     })
     .await;
-}
-
-pub(crate) async fn wait_for<F, Fut>(limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

@@ -2,16 +2,13 @@
 //! that judges a backlog by arrival time, one ungranted mailbox that costs the others no
 //! token, plain IMAP usernames, a link that keeps dropping, and a throttled token endpoint.
 
-use crate::daemon::{
-    Daemon, NOT_GRANTED, SHARED_A, SHARED_B, binary, config, config_toml, count, message, run_once,
-    sandbox, sandbox_granting, tickets, wait_for,
-};
+use crate::daemon::message;
 use crate::support::KillOnDrop;
-use crate::support::postgres::test_db;
+use crate::support::env::{NOT_GRANTED, SHARED_A, SHARED_B, TestEnv, binary, wait_for};
 use crate::support::proxy::CuttingProxy;
 use chrono::{DateTime, TimeZone, Utc};
 use mail2ticket::config::Config;
-use mail2ticket::pipeline::{self, Outcome, Pipeline};
+use mail2ticket::pipeline::{self, Outcome};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -31,8 +28,8 @@ fn at(year: i32, month: u32, day: u32, hour: u32, minute: u32, second: u32) -> D
 }
 
 /// Messages of a Maildir mailbox that are not `\Seen`.
-fn unseen_on_server(s: &crate::daemon::Sandbox, mailbox: &str) -> usize {
-    let maildir = s.dovecot.root.join("mail").join(mailbox).join("Maildir");
+fn unseen_on_server(s: &TestEnv, mailbox: &str) -> usize {
+    let maildir = s.dovecot().root.join("mail").join(mailbox).join("Maildir");
     let new = std::fs::read_dir(maildir.join("new")).map_or(0, |d| d.count());
     let cur_unseen = std::fs::read_dir(maildir.join("cur")).map_or(0, |d| {
         d.filter(|e| {
@@ -56,7 +53,7 @@ async fn start_at_chooses_what_existing_mail_becomes_and_later_mail_is_always_ta
         ("since", "since@example.test", "2026-11-01", 2),
     ];
     let mailboxes: Vec<&str> = policies.iter().map(|p| p.1).collect();
-    let s = sandbox_granting(&mailboxes, 3599).await;
+    let s = TestEnv::granting(&mailboxes, 3599).await;
     let old = SystemTime::from(at(2026, 10, 1, 12, 0, 0));
     let new = SystemTime::from(at(2026, 11, 15, 12, 0, 0));
     for (_, mailbox, _, _) in &policies {
@@ -66,7 +63,7 @@ async fn start_at_chooses_what_existing_mail_becomes_and_later_mail_is_always_ta
             ("new seen", true, new),
             ("new unseen", false, new),
         ] {
-            s.dovecot.deliver_as(
+            s.dovecot().deliver_as(
                 mailbox,
                 &mail("c@example.com", subject, None),
                 seen,
@@ -83,12 +80,10 @@ async fn start_at_chooses_what_existing_mail_becomes_and_later_mail_is_always_ta
         .zip(&keys)
         .map(|((name, mailbox, _, _), key)| s.ssl(name, mailbox).with(key))
         .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("start-at.toml");
-    std::fs::write(&path, config_toml(&s, &parsers)).unwrap();
+    let (path, _) = s.write_config("start-at.toml", &s.config_toml(&parsers));
 
     // doctor says what each policy would take, without taking anything.
-    let doctor = binary(&["doctor", "--config"], &path).output().unwrap();
+    let doctor = binary(&["doctor", "--config"]).arg(&path).output().unwrap();
     let report = String::from_utf8_lossy(&doctor.stdout);
     assert!(
         report.contains(
@@ -96,10 +91,11 @@ async fn start_at_chooses_what_existing_mail_becomes_and_later_mail_is_always_ta
         ),
         "{report}"
     );
-    assert_eq!(count(&s.db, "select count(*) from tickets").await, 0);
+    assert_eq!(s.count("select count(*) from tickets").await, 0);
 
     // run --once: each policy takes its share and says so.
-    let run = binary(&["run", "--once", "--config"], &path)
+    let run = binary(&["run", "--once", "--config"])
+        .arg(&path)
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&run.stdout);
@@ -114,16 +110,10 @@ async fn start_at_chooses_what_existing_mail_becomes_and_later_mail_is_always_ta
             4 - taken
         );
         assert!(out.contains(&line), "{line}\n{out}");
-        assert_eq!(tickets(&s.db, name).await.len(), *taken, "{name}");
+        assert_eq!(s.tickets(name).await.len(), *taken, "{name}");
     }
-    assert_eq!(
-        tickets(&s.db, "unseen").await,
-        vec!["new unseen", "old unseen"]
-    );
-    assert_eq!(
-        tickets(&s.db, "since").await,
-        vec!["new seen", "new unseen"]
-    );
+    assert_eq!(s.tickets("unseen").await, vec!["new unseen", "old unseen"]);
+    assert_eq!(s.tickets("since").await, vec!["new seen", "new unseen"]);
     // Skipped messages are not touched: their \Seen state is as it was.
     assert_eq!(unseen_on_server(&s, "now@example.test"), 2);
     assert_eq!(unseen_on_server(&s, "since@example.test"), 1);
@@ -132,10 +122,11 @@ async fn start_at_chooses_what_existing_mail_becomes_and_later_mail_is_always_ta
     // Later mail is taken whatever the policy, even if someone read it first.
     for (_, mailbox, _, _) in &policies {
         let raw = mail("c@example.com", "later", None);
-        s.dovecot.deliver_as(mailbox, &raw, true, SystemTime::now());
+        s.dovecot()
+            .deliver_as(mailbox, &raw, true, SystemTime::now());
     }
     let config = Config::from_toml(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
-    for report in run_once(&config, &s.db).await {
+    for report in s.run_once(&config).await {
         let once = report.result.as_ref().unwrap();
         assert_eq!(once.outcomes.created, 1, "{}", report.parser);
         assert!(once.first_contact.is_none(), "{}", report.parser);
@@ -144,7 +135,7 @@ async fn start_at_chooses_what_existing_mail_becomes_and_later_mail_is_always_ta
 
 #[tokio::test]
 async fn loop_protection_over_imap_counts_by_internaldate() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     let day = at(2026, 11, 20, 0, 0, 0);
     // A day of ordinary backlog: four customers writing five times each, an hour apart.
     for sender in 0..4 {
@@ -155,7 +146,7 @@ async fn loop_protection_over_imap_counts_by_internaldate() {
                 &format!("q{n}"),
                 None,
             );
-            s.dovecot
+            s.dovecot()
                 .deliver_as(SHARED_A, &raw, false, SystemTime::from(arrived));
         }
     }
@@ -163,15 +154,13 @@ async fn loop_protection_over_imap_counts_by_internaldate() {
     for n in 0..5 {
         let arrived = day + chrono::TimeDelta::seconds(30_000 + 10 * n);
         let raw = mail("robot@example.com", &format!("alert {n}"), None);
-        s.dovecot
+        s.dovecot()
             .deliver_as(SHARED_A, &raw, false, SystemTime::from(arrived));
     }
-    let config = config(
-        &s,
-        &[s.ssl("support", SHARED_A)
-            .with("max_tickets_per_sender = 3\nsender_window = 600")],
-    );
-    let reports = run_once(&config, &s.db).await;
+    let config = s.config(&[s
+        .ssl("support", SHARED_A)
+        .with("max_tickets_per_sender = 3\nsender_window = 600")]);
+    let reports = s.run_once(&config).await;
     let once = &reports[0].result.as_ref().unwrap().outcomes;
     assert_eq!((once.created, once.held), (23, 2), "{once:?}");
     let held: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
@@ -205,14 +194,12 @@ async fn loop_protection_over_imap_counts_by_internaldate() {
 
 #[tokio::test]
 async fn loop_protection_over_ingest_counts_by_a_plausible_date_header() {
-    let db = test_db().await;
-    let text = crate::support::config_text(
-        &db.url,
+    let s = TestEnv::database().await;
+    let db = &s.db;
+    let pipeline = s.pipeline(
         "support",
         "max_tickets_per_sender = 10\nsender_window = 600",
     );
-    let config = Config::from_toml(Path::new("loop.toml"), &text).unwrap();
-    let pipeline = Pipeline::from(&config.parsers[0]);
     let day = at(2026, 11, 20, 0, 0, 0);
     // 2,000 ordinary messages from a hundred senders over a day, ingested in one go.
     let backlog: Vec<Vec<u8>> = (0..2000)
@@ -276,77 +263,80 @@ async fn loop_protection_over_ingest_counts_by_a_plausible_date_header() {
 
 #[tokio::test]
 async fn one_ungranted_mailbox_costs_the_others_no_token() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     for mailbox in [SHARED_A, SHARED_B, NOT_GRANTED] {
-        s.dovecot.deliver(mailbox, &message(1, mailbox));
+        s.dovecot().deliver(mailbox, &message(1, mailbox));
     }
     // The ungranted mailbox goes through a proxy that records its logins.
-    let proxy = CuttingProxy::start(s.dovecot.imap_port, usize::MAX).await;
+    let proxy = CuttingProxy::start(s.dovecot().imap_port, usize::MAX).await;
     let parsers = [
         s.ssl("support", SHARED_A),
         s.ssl("sales", SHARED_B),
         s.plain_via("finance", NOT_GRANTED, proxy.port),
     ];
-    let config = config(&s, &parsers);
-    let reports = run_once(&config, &s.db).await;
+    let config = s.config(&parsers);
+    let reports = s.run_once(&config).await;
     for report in &reports {
         let refused = report.parser == "finance";
         assert_eq!(report.result.is_err(), refused, "{report:?}");
     }
-    assert_eq!(s.entra.requests(), 1, "run --once: one token request");
+    assert_eq!(s.entra().requests(), 1, "run --once: one token request");
 
     // A daemon (a new token cache) through three retries of the ungranted mailbox.
-    let daemon = Daemon::start(&config, &s.db.pool);
+    let daemon = s.daemon(&config);
     wait_for(Duration::from_secs(60), || async {
         proxy.client_traffic().matches("AUTHENTICATE").count() >= 5
     })
     .await;
     daemon.stop().await;
-    assert_eq!(s.entra.requests(), 2, "the daemon: one token request");
+    assert_eq!(s.entra().requests(), 2, "the daemon: one token request");
 }
 
 #[tokio::test]
 async fn a_password_parser_logs_in_with_a_username_that_is_not_an_address() {
-    let s = sandbox().await;
-    s.dovecot.deliver("jdoe", &message(1, "jdoe@example.test"));
+    let s = TestEnv::mail().await;
+    s.dovecot()
+        .deliver("jdoe", &message(1, "jdoe@example.test"));
     let text = format!(
         "[database]\nurl = \"{}\"\n[[parser]]\nname = \"plain\"\nemail = \"jdoe@example.test\"\nusername = \"jdoe\"\npassword = \"secret\"\n[parser.imap]\nhost = \"127.0.0.1\"\nport = {}\nencryption = \"none\"\n",
-        s.db.url, s.dovecot.imap_port
+        s.db.url,
+        s.dovecot().imap_port
     );
     let config = Config::from_toml(Path::new("jdoe.toml"), &text).unwrap();
-    let reports = run_once(&config, &s.db).await;
+    let reports = s.run_once(&config).await;
     let once = reports[0].result.as_ref().unwrap();
     assert_eq!(once.outcomes.created, 1, "{:?}", reports[0].result);
 }
 
 #[tokio::test]
 async fn a_link_that_keeps_dropping_retries_at_once_while_batches_commit() {
-    let s = sandbox().await;
+    let s = TestEnv::mail().await;
     let body = "x".repeat(4000);
     for n in 0..300 {
         let raw = format!(
             "From: c{n}@example.com\r\nSubject: backlog {n}\r\nMessage-ID: <b{n}@test>\r\n\r\n{body}\r\n"
         );
-        s.dovecot.deliver(SHARED_A, raw.as_bytes());
+        s.dovecot().deliver(SHARED_A, raw.as_bytes());
     }
     // Every connection drops after ~300 KB: one batch of 50 (~200 KB) commits per session.
-    let proxy = CuttingProxy::start_cutting_every(s.dovecot.imap_port, 300_000).await;
+    let proxy = CuttingProxy::start_cutting_every(s.dovecot().imap_port, 300_000).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dropping.toml");
     std::fs::write(
         &path,
-        config_toml(&s, &[s.plain_via("support", SHARED_A, proxy.port)]),
+        s.config_toml(&[s.plain_via("support", SHARED_A, proxy.port)]),
     )
     .unwrap();
     // The log goes to a file (a pipe nobody reads could fill up and stall the daemon).
     let log_path = dir.path().join("stderr.log");
-    let child = binary(&["run", "--config"], &path)
+    let child = binary(&["run", "--config"])
+        .arg(&path)
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let daemon = KillOnDrop(child);
     wait_for(Duration::from_secs(120), || async {
-        count(&s.db, "select count(*) from tickets").await == 300
+        s.count("select count(*) from tickets").await == 300
     })
     .await;
     drop(daemon);
@@ -368,17 +358,17 @@ async fn a_link_that_keeps_dropping_retries_at_once_while_batches_commit() {
 
 #[tokio::test]
 async fn a_throttled_token_endpoint_is_asked_again_when_it_says() {
-    let s = sandbox().await;
-    s.dovecot.deliver(SHARED_A, &message(1, SHARED_A));
-    s.entra.throttle_next(1, "1");
-    let config = config(&s, &[s.ssl("support", SHARED_A)]);
-    let daemon = Daemon::start(&config, &s.db.pool);
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
+    s.entra().throttle_next(1, "1");
+    let config = s.config(&[s.ssl("support", SHARED_A)]);
+    let daemon = s.daemon(&config);
     wait_for(Duration::from_secs(30), || async {
-        count(&s.db, "select count(*) from tickets").await == 1
+        s.count("select count(*) from tickets").await == 1
     })
     .await;
     daemon.stop().await;
-    let asked = s.entra.request_times("client_credentials");
+    let asked = s.entra().request_times("client_credentials");
     assert_eq!(
         asked.len(),
         2,

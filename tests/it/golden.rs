@@ -4,19 +4,16 @@
 //! Regenerate after a deliberate change with `UPDATE_GOLDEN=1 cargo test golden`, then
 //! read the diff of the JSON files before committing it.
 
-use crate::support::{self, postgres::test_db};
-use mail2ticket::config::Config;
-use mail2ticket::pipeline::{self, Outcome, Pipeline};
+use crate::support::{self, env::TestEnv};
+use mail2ticket::pipeline::{self, Outcome};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
-use std::path::Path;
 
 #[tokio::test]
 async fn golden_corpus_matches_expected_rows() {
-    let db = test_db().await;
-    let text = support::config_text(&db.url, "golden", "add_ccs = true");
-    let config = Config::from_toml(Path::new("golden.toml"), &text).unwrap();
-    let pipeline = Pipeline::from(&config.parsers[0]);
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let pipeline = env.pipeline("golden", "add_ccs = true");
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
 
     let files = support::corpus_files();

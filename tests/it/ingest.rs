@@ -1,27 +1,7 @@
 //! The ingest pipeline against a real Postgres: exactly-once, quarantine, parser settings.
 
-use crate::support::{self, postgres::test_db};
-use mail2ticket::config::Config;
-use mail2ticket::pipeline::{self, Outcome, Pipeline};
-use std::path::Path;
-
-fn pipeline(url: &str, name: &str, extra: &str) -> Pipeline {
-    let text = support::config_text(url, name, extra);
-    let config = Config::from_toml(Path::new("test.toml"), &text).unwrap();
-    Pipeline::from(&config.parsers[0])
-}
-
-async fn count(pool: &sqlx::PgPool, table: &'static str) -> i64 {
-    let sql = match table {
-        "tickets" => "select count(*) from tickets",
-        "ticket_messages" => "select count(*) from ticket_messages",
-        "attachments" => "select count(*) from attachments",
-        "participants" => "select count(*) from participants",
-        "quarantine" => "select count(*) from quarantine",
-        other => panic!("unknown table {other}"),
-    };
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
+use crate::support::{self, env::TestEnv};
+use mail2ticket::pipeline::{self, Outcome};
 
 fn corpus(name: &str) -> Vec<u8> {
     std::fs::read(support::corpus_dir().join(name)).unwrap()
@@ -29,8 +9,9 @@ fn corpus(name: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn the_same_message_twice_is_one_ticket() {
-    let db = test_db().await;
-    let p = pipeline(&db.url, "support", "add_ccs = true");
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let p = env.pipeline("support", "add_ccs = true");
     let raw = corpus("13-outlook-nested.eml");
     let first = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
     let Outcome::Created { ticket_id } = first else {
@@ -38,16 +19,17 @@ async fn the_same_message_twice_is_one_ticket() {
     };
     let second = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
     assert_eq!(second, Outcome::Duplicate { ticket_id });
-    assert_eq!(count(&db.pool, "tickets").await, 1);
-    assert_eq!(count(&db.pool, "ticket_messages").await, 1);
-    assert_eq!(count(&db.pool, "attachments").await, 2);
-    assert_eq!(count(&db.pool, "participants").await, 2);
+    assert_eq!(env.count("select count(*) from tickets").await, 1);
+    assert_eq!(env.count("select count(*) from ticket_messages").await, 1);
+    assert_eq!(env.count("select count(*) from attachments").await, 2);
+    assert_eq!(env.count("select count(*) from participants").await, 2);
 }
 
 #[tokio::test]
 async fn concurrent_copies_of_one_message_make_one_ticket() {
-    let db = test_db().await;
-    let p = pipeline(&db.url, "support", "");
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let p = env.pipeline("support", "");
     let raw = corpus("08-alternative-text-html.eml");
     let tasks: Vec<_> = (0..8)
         .map(|_| {
@@ -62,29 +44,31 @@ async fn concurrent_copies_of_one_message_make_one_ticket() {
         }
     }
     assert_eq!(created, 1);
-    assert_eq!(count(&db.pool, "tickets").await, 1);
-    assert_eq!(count(&db.pool, "ticket_messages").await, 1);
+    assert_eq!(env.count("select count(*) from tickets").await, 1);
+    assert_eq!(env.count("select count(*) from ticket_messages").await, 1);
 }
 
 #[tokio::test]
 async fn deduplication_is_per_parser() {
-    let db = test_db().await;
+    let env = TestEnv::database().await;
+    let db = &env.db;
     let raw = corpus("01-plain-ascii.eml");
     for name in ["sales", "support"] {
-        let p = pipeline(&db.url, name, "");
+        let p = env.pipeline(name, "");
         let outcome = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
         assert!(
             matches!(outcome, Outcome::Created { .. }),
             "{name}: {outcome:?}"
         );
     }
-    assert_eq!(count(&db.pool, "tickets").await, 2);
+    assert_eq!(env.count("select count(*) from tickets").await, 2);
 }
 
 #[tokio::test]
 async fn a_message_without_message_id_is_the_same_with_crlf_or_lf() {
-    let db = test_db().await;
-    let p = pipeline(&db.url, "support", "");
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let p = env.pipeline("support", "");
     let lf = b"From: a@example.com\nSubject: no id\n\nbody line\n".to_vec();
     let crlf = b"From: a@example.com\r\nSubject: no id\r\n\r\nbody line\r\n".to_vec();
     assert!(matches!(
@@ -99,8 +83,9 @@ async fn a_message_without_message_id_is_the_same_with_crlf_or_lf() {
 
 #[tokio::test]
 async fn an_oversized_message_is_quarantined_with_its_exact_bytes_once() {
-    let db = test_db().await;
-    let p = pipeline(&db.url, "support", "max_message_size = 1000");
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let p = env.pipeline("support", "max_message_size = 1000");
     let raw = corpus("21-huge-headers.eml");
     let outcome = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
     let Outcome::Quarantined { id, reason } = outcome else {
@@ -117,17 +102,18 @@ async fn an_oversized_message_is_quarantined_with_its_exact_bytes_once() {
     assert_eq!(parser, "support");
     let again = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
     assert_eq!(again, Outcome::DuplicateQuarantined { id });
-    assert_eq!(count(&db.pool, "quarantine").await, 1);
-    assert_eq!(count(&db.pool, "tickets").await, 0);
+    assert_eq!(env.count("select count(*) from quarantine").await, 1);
+    assert_eq!(env.count("select count(*) from tickets").await, 0);
 }
 
 #[tokio::test]
 async fn parser_switches_control_attachments_and_ccs() {
-    let db = test_db().await;
+    let env = TestEnv::database().await;
+    let db = &env.db;
     let raw = corpus("13-outlook-nested.eml");
-    let p = pipeline(&db.url, "plain", "add_attachments = false");
+    let p = env.pipeline("plain", "add_attachments = false");
     pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
-    assert_eq!(count(&db.pool, "attachments").await, 0);
+    assert_eq!(env.count("select count(*) from attachments").await, 0);
     let roles: Vec<String> = sqlx::query_scalar("select role from participants")
         .fetch_all(&db.pool)
         .await
@@ -137,9 +123,10 @@ async fn parser_switches_control_attachments_and_ccs() {
 
 #[tokio::test]
 async fn a_suspicious_message_keeps_its_raw_bytes_with_the_ticket() {
-    let db = test_db().await;
+    let env = TestEnv::database().await;
+    let db = &env.db;
     // keep_raw = false: the raw bytes are kept for the warning alone.
-    let p = pipeline(&db.url, "support", "keep_raw = false");
+    let p = env.pipeline("support", "keep_raw = false");
     let raw = corpus("38-boundary-trap-unrepairable.eml");
     let Outcome::Created { ticket_id } = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap()
     else {
@@ -158,7 +145,8 @@ async fn a_suspicious_message_keeps_its_raw_bytes_with_the_ticket() {
 
 #[tokio::test]
 async fn postgres_data_errors_are_classified_as_refused_data() {
-    let db = test_db().await;
+    let env = TestEnv::database().await;
+    let db = &env.db;
     let err = sqlx::query("select 'x'::int")
         .execute(&db.pool)
         .await
@@ -173,8 +161,9 @@ async fn postgres_data_errors_are_classified_as_refused_data() {
 
 #[tokio::test]
 async fn an_attachment_over_the_limit_is_a_stub_with_a_note() {
-    let db = test_db().await;
-    let p = pipeline(&db.url, "support", "max_attachment_size = 20");
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let p = env.pipeline("support", "max_attachment_size = 20");
     let raw = corpus("10-rfc2231-filename.eml");
     let Outcome::Created { ticket_id } = pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap()
     else {
@@ -215,10 +204,11 @@ async fn an_attachment_over_the_limit_is_a_stub_with_a_note() {
 
 #[tokio::test]
 async fn keep_raw_keeps_every_message_unless_turned_off() {
-    let db = test_db().await;
+    let env = TestEnv::database().await;
+    let db = &env.db;
     let raw = corpus("01-plain-ascii.eml");
     for (name, extra, kept) in [("keeps", "", true), ("drops", "keep_raw = false", false)] {
-        let p = pipeline(&db.url, name, extra);
+        let p = env.pipeline(name, extra);
         pipeline::ingest_one(&db.pool, &p, &raw).await.unwrap();
         let stored: Option<Vec<u8>> = sqlx::query_scalar(
             "select r.raw from ticket_messages m left join raw_messages r on r.ticket_message_id = m.id

@@ -3,20 +3,9 @@
 //! appended when it threads and held back when it does not, replies never cross parsers,
 //! and loop protection holds back a flood from one sender.
 
-use crate::support::{self, postgres::test_db};
-use mail2ticket::config::Config;
+use crate::support::env::TestEnv;
 use mail2ticket::pipeline::{self, Outcome, Pipeline};
 use std::collections::HashMap;
-use std::path::Path;
-
-fn pipeline(url: &str, name: &str, extra: &str) -> Pipeline {
-    let text = support::config_text(url, name, extra);
-    Pipeline::from(
-        &Config::from_toml(Path::new("t.toml"), &text)
-            .unwrap()
-            .parsers[0],
-    )
-}
 
 /// What a step must lead to; the letters name tickets opened earlier in the scenario.
 #[derive(Debug)]
@@ -44,10 +33,11 @@ fn step(what: &'static str, parser: &'static str, raw: &str, expect: Expect) -> 
 
 #[tokio::test]
 async fn replies_thread_and_automatic_mail_is_appended_or_held() {
-    let db = test_db().await;
+    let env = TestEnv::database().await;
+    let db = &env.db;
     let pipelines: HashMap<&str, Pipeline> = [
-        ("support", pipeline(&db.url, "support", "add_ccs = true")),
-        ("sales", pipeline(&db.url, "sales", "")),
+        ("support", env.pipeline("support", "add_ccs = true")),
+        ("sales", env.pipeline("sales", "")),
     ]
     .into_iter()
     .collect();
@@ -285,12 +275,9 @@ Quote please.
 
 #[tokio::test]
 async fn loop_protection_holds_back_a_flood_from_one_sender() {
-    let db = test_db().await;
-    let p = pipeline(
-        &db.url,
-        "support",
-        "max_tickets_per_sender = 3\nsender_window = 600",
-    );
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let p = env.pipeline("support", "max_tickets_per_sender = 3\nsender_window = 600");
     let mut outcomes = Vec::new();
     for n in 0..5 {
         let raw = format!(

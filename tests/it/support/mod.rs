@@ -2,6 +2,7 @@
 
 pub mod dovecot;
 pub mod entra;
+pub mod env;
 pub mod postgres;
 pub mod proxy;
 
