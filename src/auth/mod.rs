@@ -92,6 +92,26 @@ struct Cache {
     /// The next token replaces one blamed for a refused login.
     replacing: bool,
     failure: Option<(Instant, AuthError)>,
+    /// When the last token was obtained.
+    refreshed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A credential as the operations endpoints show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CredentialStatus {
+    /// The credential's name.
+    pub name: String,
+    /// Its `type`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// `ok`, `failing` (its last token request failed) or `needs_login`.
+    pub state: &'static str,
+    /// When the cached token expires.
+    pub token_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the last token was obtained.
+    pub last_refresh_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why it is failing.
+    pub reason: Option<String>,
 }
 
 /// The token cache of one credential.
@@ -168,6 +188,28 @@ impl TokenSource {
         self.kind
     }
 
+    /// What this cache knows of its credential's health (no secret in it).
+    pub async fn status(&self) -> CredentialStatus {
+        let cache = self.cache.lock().await;
+        let (state, reason) = match &cache.failure {
+            Some((_, e @ AuthError::NeedsLogin { .. })) => ("needs_login", Some(e.to_string())),
+            Some((_, e)) => ("failing", Some(e.to_string())),
+            None => ("ok", None),
+        };
+        let token_expires_at = cache.token.as_ref().map(|t| {
+            let left = t.expires_at.saturating_duration_since(Instant::now());
+            chrono::Utc::now() + left
+        });
+        CredentialStatus {
+            name: self.name.clone(),
+            kind: self.kind.as_str(),
+            state,
+            token_expires_at,
+            last_refresh_at: cache.refreshed_at,
+            reason,
+        }
+    }
+
     /// A token valid for a while yet: the cached one, or a new one.
     pub async fn token(&self) -> Result<AccessToken, AuthError> {
         // Its events are logged in a `credential{credential=...}` span.
@@ -208,6 +250,7 @@ impl TokenSource {
                 tracing::info!(expires_in_s = response.expires_in, "got an access token");
                 let token = access_token(&response, started);
                 cache.token = Some(token.clone());
+                cache.refreshed_at = Some(chrono::Utc::now());
                 cache.evidence = Evidence {
                     obtained_at: Some(started),
                     replacement: std::mem::take(&mut cache.replacing),
@@ -433,6 +476,19 @@ impl TokenSources {
             sources.get_for(&c.name, &c.scope)?;
         }
         Ok(sources)
+    }
+
+    /// The status of every credential (its configured scope's cache), by name.
+    pub async fn statuses(&self) -> Vec<CredentialStatus> {
+        let mut names: Vec<&String> = self.inner.credentials.keys().collect();
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            if let Some(source) = self.get(name) {
+                out.push(source.status().await);
+            }
+        }
+        out
     }
 
     /// The cache of that credential for its configured scope.

@@ -79,38 +79,35 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
     let cancel = tokio_util::sync::CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     if once {
-        let reports = crate::runtime::supervisor::run_once(config, &pool, &tokens, &cancel).await;
-        let mut failed = false;
-        for report in &reports {
-            match &report.result {
-                Ok(once) => {
-                    let s = &once.outcomes;
-                    println!(
-                        "{}: {} created, {} appended, {} held, {} duplicate, {} quarantined",
-                        report.parser, s.created, s.appended, s.held, s.duplicate, s.quarantined
-                    );
-                    if let Some(first) = &once.first_contact {
-                        println!("{}: first contact: {first}", report.parser);
-                    }
-                }
-                Err(e) => {
-                    failed = true;
-                    println!("{}: failed: {e}", report.parser);
-                }
+        return run_once(config, &pool, &tokens, &cancel).await;
+    }
+    let states = crate::runtime::state::Registry::default();
+    if let Some(http) = &config.http {
+        let listener = match crate::ops::http::bind(http).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_FAILED);
             }
-        }
-        return if failed {
-            ExitCode::from(EXIT_FAILED)
-        } else {
-            ExitCode::SUCCESS
         };
+        let ops = crate::ops::http::Ops {
+            states: states.clone(),
+            tokens: tokens.clone(),
+            pool: pool.clone(),
+            started_at: chrono::Utc::now(),
+        };
+        let (http, cancel) = (http.clone(), cancel.clone());
+        tokio::spawn(async move { crate::ops::http::serve(listener, &http, ops, cancel).await });
+        tracing::info!(listen = %http_listen(config), "operations endpoints listening");
     }
     let supervisor = {
         let (config_pool, cancel) = (pool.clone(), cancel.clone());
         let tokens = tokens.clone();
         let config = config.clone();
+        let states = states.clone();
         tokio::spawn(async move {
-            crate::runtime::supervisor::run(&config, &config_pool, &tokens, &cancel).await
+            let supervisor = crate::runtime::supervisor::run_observed;
+            supervisor(&config, &config_pool, &tokens, &states, &cancel).await
         })
     };
     cancel.cancelled().await;
@@ -146,4 +143,47 @@ async fn cancel_on_signal(cancel: tokio_util::sync::CancellationToken) {
     // Cancel first: nothing (not even logging) may stand between a signal and shutdown.
     cancel.cancel();
     tracing::info!("{name} received");
+}
+
+/// `run --once`: every active parser once, one line each (and its first-contact decision).
+async fn run_once(
+    config: &Config,
+    pool: &sqlx::PgPool,
+    tokens: &crate::auth::TokenSources,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> ExitCode {
+    let reports = crate::runtime::supervisor::run_once(config, pool, tokens, cancel).await;
+    let mut failed = false;
+    for report in &reports {
+        match &report.result {
+            Ok(once) => {
+                let s = &once.outcomes;
+                println!(
+                    "{}: {} created, {} appended, {} held, {} duplicate, {} quarantined",
+                    report.parser, s.created, s.appended, s.held, s.duplicate, s.quarantined
+                );
+                if let Some(first) = &once.first_contact {
+                    println!("{}: first contact: {first}", report.parser);
+                }
+            }
+            Err(e) => {
+                failed = true;
+                println!("{}: failed: {e}", report.parser);
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The configured listen address, for the log.
+fn http_listen(config: &Config) -> String {
+    config
+        .http
+        .as_ref()
+        .map(|h| h.listen.to_string())
+        .unwrap_or_default()
 }

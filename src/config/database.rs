@@ -1,8 +1,9 @@
-//! `[database]`: the Postgres URL (or `MAIL2TICKET_DATABASE_URL`) and the pool size.
+//! `[database]`: the Postgres URL (or `MAIL2TICKET_DATABASE_URL`) and the pool size;
+//! `[http]`: the operations listener.
 
 use super::problems::Problems;
-use super::raw::RawDatabase;
-use super::{DATABASE_URL_ENV, DatabaseConfig};
+use super::raw::{RawDatabase, RawHttp};
+use super::{DATABASE_URL_ENV, DatabaseConfig, HttpConfig};
 use secrecy::SecretString;
 use std::path::Path;
 
@@ -40,4 +41,38 @@ pub(super) fn validate_database(
         url,
         max_connections,
     })
+}
+
+/// Checks `[http]`: a parseable address, and a token unless it listens on loopback only
+/// (the status names mailboxes and errors; a network should not read it unasked).
+pub(super) fn validate_http(
+    raw: Option<RawHttp>,
+    config_dir: &Path,
+    problems: &mut Problems,
+) -> Option<HttpConfig> {
+    let raw = raw?;
+    let Ok(listen) = raw.listen.trim().parse::<std::net::SocketAddr>() else {
+        let message = format!(
+            "{:?} is not an address and port such as \"127.0.0.1:9187\"",
+            raw.listen
+        );
+        problems.add("http.listen", None, message);
+        return None;
+    };
+    let token = match raw.token.map(|t| t.resolve(config_dir)) {
+        None => None,
+        Some(Ok(token)) => Some(token),
+        Some(Err(e)) => {
+            problems.add("http.token", None, e);
+            return None;
+        }
+    };
+    if token.is_none() && !listen.ip().is_loopback() {
+        problems.add(
+            "http.token",
+            None,
+            format!("missing: {listen} is reachable from the network; set token = {{ env = \"MAIL2TICKET_HTTP_TOKEN\" }} or listen on 127.0.0.1"),
+        );
+    }
+    Some(HttpConfig { listen, token })
 }

@@ -59,6 +59,17 @@ pub struct Config {
     /// `[secrets] key`: encrypts the refresh tokens of delegated credentials in the
     /// database. Required when a delegated credential exists.
     pub secrets_key: Option<SecretString>,
+    /// `[http]`: the status and health listener; off when absent.
+    pub http: Option<HttpConfig>,
+}
+
+/// `[http]`: where the operations endpoints listen, and the bearer token they require.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Address and port (`127.0.0.1:9187`).
+    pub listen: std::net::SocketAddr,
+    /// When set, every endpoint but `/livez` and `/readyz` needs `Authorization: Bearer`.
+    pub token: Option<SecretString>,
 }
 
 /// `[database]`: the Postgres that holds tickets.
@@ -215,6 +226,8 @@ pub struct ParserConfig {
     pub keep_raw: bool,
     /// What to do on the server with a message once its rows are committed.
     pub after: AfterIngest,
+    /// A mailbox with no successful pass or completed wait for this long is `stale`.
+    pub stale_after: std::time::Duration,
     /// Which of the messages already in the folder at first contact become tickets.
     pub start_at: StartAt,
     /// How often to look for new mail when the server has no IDLE.
@@ -387,6 +400,7 @@ impl Config {
             parsers::validate_parsers(&raw.parser, &credentials, &config_dir, &mut problems);
         let secrets_key =
             credentials::validate_secrets(raw.secrets, &credentials, &config_dir, &mut problems);
+        let http = database::validate_http(raw.http, &config_dir, &mut problems);
         if !problems.list.is_empty() {
             return Err(ConfigError {
                 path: path.to_path_buf(),
@@ -399,6 +413,7 @@ impl Config {
             credentials,
             parsers,
             secrets_key,
+            http,
         })
     }
 

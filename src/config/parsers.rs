@@ -47,6 +47,7 @@ pub(super) fn validate_parsers(
             max_attachment_size: rules.max_attachment_size,
             keep_raw: p.keep_raw,
             after: rules.after,
+            stale_after: Duration::from_secs(p.stale_after.unwrap_or(1200)),
             start_at: rules.start_at,
             poll_interval: Duration::from_secs(p.poll_interval.unwrap_or(60)),
             ticket_tag: rules.ticket_tag,
@@ -148,10 +149,12 @@ fn check_rules(p: &RawParser, table: &mut Table) -> Rules {
         p.start_at.as_deref().map(StartAt::parse),
         StartAt::Unseen,
     );
-    for (field, value) in [
+    let durations = [
         ("poll_interval", p.poll_interval),
         ("sender_window", p.sender_window),
-    ] {
+        ("stale_after", p.stale_after),
+    ];
+    for (field, value) in durations {
         if value == Some(0) {
             table.add(field, "must be at least 1 (seconds)");
         }

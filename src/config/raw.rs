@@ -15,6 +15,14 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) parser: Vec<Spanned<RawParser>>,
     pub(super) secrets: Option<RawSecrets>,
+    pub(super) http: Option<RawHttp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttp {
+    pub(super) listen: String,
+    pub(super) token: Option<SecretSource>,
 }
 
 #[derive(Deserialize)]
@@ -74,6 +82,7 @@ pub(super) struct RawParser {
     #[serde(default = "yes")]
     pub(super) keep_raw: bool,
     pub(super) after: Option<String>,
+    pub(super) stale_after: Option<u64>,
     pub(super) start_at: Option<String>,
     pub(super) poll_interval: Option<u64>,
     pub(super) ticket_tag: Option<String>,

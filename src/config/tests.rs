@@ -286,6 +286,29 @@ fn start_at_values() {
 }
 
 #[test]
+fn http_listens_on_loopback_or_with_a_token() {
+    let with = |http: &str| format!("{GOOD}\n[http]\n{http}\n");
+    let c = load(&with("listen = \"127.0.0.1:9187\"")).unwrap();
+    let http = c.http.unwrap();
+    assert_eq!(http.listen.port(), 9187);
+    assert!(http.token.is_none());
+    let err = load(&with("listen = \"0.0.0.0:9187\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("http.token") && err.contains("MAIL2TICKET_HTTP_TOKEN"),
+        "{err}"
+    );
+    let c = load(&with("listen = \"0.0.0.0:9187\"\ntoken = \"t0ken-value\"")).unwrap();
+    assert!(!format!("{c:?}").contains("t0ken-value"));
+    let err = load(&with("listen = \"everywhere\""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("http.listen"), "{err}");
+    assert!(load(GOOD).unwrap().http.is_none());
+}
+
+#[test]
 fn byte_sizes() {
     assert_eq!(parse_byte_size("35 MB").unwrap(), 35 << 20);
     assert_eq!(parse_byte_size("512KiB").unwrap(), 512 << 10);

@@ -1,4 +1,6 @@
-//! Operating the daemon: `doctor` (step-by-step diagnosis of each mailbox) and logging.
+//! Operating the daemon: `doctor` (step-by-step diagnosis of each mailbox), the HTTP
+//! endpoints (health, status) and logging.
 
 pub mod doctor;
+pub mod http;
 pub mod logging;

@@ -17,6 +17,7 @@
 
 use crate::config::ParserConfig;
 use crate::pipeline::{self, Arrival, Incoming, Pipeline};
+use crate::runtime::state::{MailboxState, Registry};
 use crate::source::imap::first_contact::FirstContact;
 use crate::source::{MailSource, Pending, SourceError, SourceSession, WaitEnd};
 use crate::store::StoreError;
@@ -85,16 +86,19 @@ pub struct Poller<S: MailSource> {
     pipeline: Pipeline,
     pool: PgPool,
     source: S,
+    /// Where the loop reports what it is doing.
+    states: Registry,
 }
 
 impl<S: MailSource> Poller<S> {
-    /// The loop of `parser` over `source`.
-    pub fn new(parser: Arc<ParserConfig>, pool: PgPool, source: S) -> Self {
+    /// The loop of `parser` over `source`, reporting its state to `states`.
+    pub fn new(parser: Arc<ParserConfig>, pool: PgPool, source: S, states: Registry) -> Self {
         Poller {
             pipeline: Pipeline::from(parser.as_ref()),
             parser,
             pool,
             source,
+            states,
         }
     }
 
@@ -126,6 +130,7 @@ impl<S: MailSource> Poller<S> {
         on_progress: &(dyn Fn() + Sync),
     ) -> Result<(), PollError> {
         while !cancel.is_cancelled() {
+            self.states.set(&self.parser.name, MailboxState::Connecting);
             let mut session = self.source.open().await?;
             let result = self.serve(&mut session, cancel, on_progress).await;
             session.close().await;
@@ -146,7 +151,7 @@ impl<S: MailSource> Poller<S> {
         on_progress();
         while !cancel.is_cancelled() {
             match session.wait(cancel).await? {
-                WaitEnd::Changed => {}
+                WaitEnd::Changed => self.states.ok(&self.parser.name),
                 WaitEnd::Cancelled => break,
                 WaitEnd::Renew => {
                     // Exchange ends sessions whose token has expired.
@@ -169,6 +174,7 @@ impl<S: MailSource> Poller<S> {
         on_progress: &(dyn Fn() + Sync),
     ) -> Result<Option<FirstContact>, PollError> {
         let (name, key) = (&self.parser.name, self.source.cursor_key());
+        self.states.set(name, MailboxState::Fetching);
         let mut conn = self.pool.acquire().await?;
         let saved = mailbox::load(&mut conn, name, key).await?;
         let listing = session.list(saved.as_ref().map(|s| &s.cursor)).await?;
@@ -182,6 +188,7 @@ impl<S: MailSource> Poller<S> {
         if !listing.pending.is_empty() {
             tracing::info!(messages = listing.pending.len(), "new mail");
         }
+        self.states.backlog(name, listing.pending.len() as u64);
         let mut rest = listing.pending.as_slice();
         while !rest.is_empty() && !cancel.is_cancelled() {
             let failures = trouble
@@ -214,6 +221,10 @@ impl<S: MailSource> Poller<S> {
                     .await?;
                 on_progress();
             }
+        }
+        if !cancel.is_cancelled() {
+            self.states.ok(name);
+            self.states.set(name, MailboxState::Idle);
         }
         Ok(listing.first_contact)
     }
@@ -334,12 +345,25 @@ impl<S: MailSource> Poller<S> {
         items: &[Incoming<'_>],
         last: &Pending,
     ) -> Result<Vec<pipeline::Outcome>, PollError> {
-        let mut tx = self.pool.begin().await?;
-        let outcomes = pipeline::store_batch(&mut tx, &self.pipeline, items).await?;
-        let key = self.source.cursor_key();
-        mailbox::save(&mut tx, &self.parser.name, key, &last.after).await?;
-        tx.commit().await?;
-        Ok(outcomes)
+        let stored = async {
+            let mut tx = self.pool.begin().await?;
+            let outcomes = pipeline::store_batch(&mut tx, &self.pipeline, items).await?;
+            let key = self.source.cursor_key();
+            mailbox::save(&mut tx, &self.parser.name, key, &last.after).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(outcomes)
+        };
+        match stored.await {
+            Ok(outcomes) => {
+                self.states.committed(&self.parser.name, &outcomes);
+                Ok(outcomes)
+            }
+            Err(e) => {
+                self.states
+                    .not_stored(&self.parser.name, items.len() as u64);
+                Err(e.into())
+            }
+        }
     }
 }
 

@@ -2,4 +2,5 @@
 //! loop where the exactly-once rules live.
 
 pub mod mailbox;
+pub mod state;
 pub mod supervisor;

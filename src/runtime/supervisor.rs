@@ -10,6 +10,8 @@ use crate::auth::TokenSources;
 use crate::config::ParserConfig;
 use crate::config::{Config, ParserAuth, ParserStatus};
 use crate::runtime::mailbox::{OnceStats, PollError, Poller};
+use crate::runtime::state::{Failure, MailboxState, Registry};
+use crate::source::SourceError;
 use crate::source::imap::ImapSource;
 use backon::BackoffBuilder;
 use futures::FutureExt;
@@ -54,6 +56,7 @@ fn pollers(
     config: &Config,
     pool: &PgPool,
     tokens: &TokenSources,
+    states: &Registry,
 ) -> Vec<Result<MailboxPoller, (String, String)>> {
     config
         .parsers
@@ -61,8 +64,9 @@ fn pollers(
         .filter(|p| p.status == ParserStatus::Active)
         .map(|p| {
             let parser = Arc::new(p.clone());
+            states.register(&parser);
             let source = source_of(&parser, tokens).map_err(|e| (p.name.clone(), e))?;
-            Ok(Poller::new(parser, pool.clone(), source))
+            Ok(Poller::new(parser, pool.clone(), source, states.clone()))
         })
         .collect()
 }
@@ -79,7 +83,7 @@ pub async fn run_once(
     tokens: &TokenSources,
     cancel: &CancellationToken,
 ) -> Vec<OnceReport> {
-    let tasks: Vec<_> = pollers(config, pool, tokens)
+    let tasks: Vec<_> = pollers(config, pool, tokens, &Registry::default())
         .into_iter()
         .map(|poller| {
             let cancel = cancel.clone();
@@ -131,8 +135,20 @@ pub async fn run(
     tokens: &TokenSources,
     cancel: &CancellationToken,
 ) {
+    run_observed(config, pool, tokens, &Registry::default(), cancel).await
+}
+
+/// [`run`], reporting every mailbox's state to `states`, and the supervisor's own
+/// heartbeat (its loop turns every [`HEARTBEAT`]) for `/livez`.
+pub async fn run_observed(
+    config: &Config,
+    pool: &PgPool,
+    tokens: &TokenSources,
+    states: &Registry,
+    cancel: &CancellationToken,
+) {
     let tracker = TaskTracker::new();
-    for poller in pollers(config, pool, tokens) {
+    for poller in pollers(config, pool, tokens, states) {
         let cancel = cancel.clone();
         match poller {
             Err((parser, e)) => {
@@ -140,15 +156,51 @@ pub async fn run(
             }
             Ok(poller) => {
                 let span = mailbox_span(poller.name());
-                tracker.spawn(async move { supervise(poller, cancel).await }.instrument(span));
+                let states = states.clone();
+                let task = async move { supervise(poller, states, cancel).await };
+                tracker.spawn(task.instrument(span));
             }
         }
     }
     tracker.close();
-    tracker.wait().await;
+    states.beat();
+    let all_stopped = tracker.wait();
+    tokio::pin!(all_stopped);
+    loop {
+        tokio::select! {
+            _ = &mut all_stopped => break,
+            _ = tokio::time::sleep(HEARTBEAT) => states.beat(),
+        }
+    }
 }
 
-async fn supervise(poller: MailboxPoller, cancel: CancellationToken) {
+/// How often the supervisor's own loop turns (and proves it with a heartbeat).
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// What to do about a failure, when the error says.
+fn fix_for(error: &PollError) -> Option<String> {
+    use crate::auth::AuthError;
+    use crate::source::imap::ImapError;
+    let fix = match error {
+        PollError::Source(SourceError::Auth(AuthError::NeedsLogin { command, .. })) => {
+            format!("sign in again: {command}")
+        }
+        PollError::Source(SourceError::Auth(AuthError::Entra {
+            aadsts: Some(code), ..
+        })) => crate::auth::entra_hint(*code).trim().trim_start_matches("Fix: ").to_string(),
+        PollError::Source(SourceError::Imap(ImapError::AuthRejected { .. })) => {
+            "the mailbox refused the login: give the app (or user) FullAccess on it and check the address; mail2ticket doctor names the cause".to_string()
+        }
+        PollError::Source(SourceError::Imap(ImapError::NotConnected { .. })) => {
+            "give FullAccess on the mailbox and enable IMAP for it (Set-CASMailbox -ImapEnabled $true)".to_string()
+        }
+        PollError::Store(_) => "check that Postgres runs and [database] url".to_string(),
+        _ => return None,
+    };
+    (!fix.is_empty()).then_some(fix)
+}
+
+async fn supervise(poller: MailboxPoller, states: Registry, cancel: CancellationToken) {
     let progressed = AtomicBool::new(false);
     let new_backoff = || {
         backon::ExponentialBuilder::default()
@@ -186,11 +238,23 @@ async fn supervise(poller: MailboxPoller, cancel: CancellationToken) {
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, retry_in_s = delay.as_secs_f32(), "poller failed");
+            let needs_login = matches!(
+                e,
+                PollError::Source(SourceError::Auth(crate::auth::AuthError::NeedsLogin { .. }))
+            );
+            let failure = Failure {
+                error: e.to_string(),
+                fix: fix_for(e),
+                retry_at: chrono::Utc::now() + delay,
+                needs_login,
+            };
+            states.failed(poller.name(), failure);
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = cancel.cancelled() => break,
         }
     }
+    states.set(poller.name(), MailboxState::Stopped);
     tracing::info!("poller stopped");
 }

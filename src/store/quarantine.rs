@@ -220,3 +220,15 @@ pub async fn pending_quarantine_ids(
     .fetch_all(&mut *conn)
     .await?)
 }
+
+/// Rows not replayed yet, per parser (held and quarantined messages waiting for a person).
+pub async fn pending_counts(
+    conn: &mut PgConnection,
+) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "select parser, count(*) from quarantine where replayed_at is null group by parser",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}

@@ -58,6 +58,7 @@ fn check_config_accepts_the_example_file() {
         .env("SUPPORT_IMAP_PASSWORD", "example-password")
         .env("HELPDESK_PASSWORD", "example-password")
         .env("MAIL2TICKET_KEY", "example-key-0123456789abcdef0123456789")
+        .env("MAIL2TICKET_HTTP_TOKEN", "example-http-token")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -8,5 +8,6 @@ mod first_day;
 mod fuzz;
 mod golden;
 mod ingest;
+mod operations;
 mod support;
 mod threading;

@@ -232,7 +232,7 @@ impl SourceSession for ImapMailbox {
     }
 
     /// IDLE when offered (at most [`IDLE_LIMIT`]), else NOOP after `poll_interval`; either
-    /// way no longer than until the session must be renewed.
+    /// way no longer than until the session must be renewed, nor half of `stale_after`.
     async fn wait(&mut self, cancel: &CancellationToken) -> Result<WaitEnd, SourceError> {
         let until_renewal = self
             .renew_at
@@ -241,6 +241,8 @@ impl SourceSession for ImapMailbox {
         if until_renewal.is_zero() {
             return Ok(WaitEnd::Renew);
         }
+        // A wait completes well within stale_after, so a healthy mailbox is never stale.
+        let until_renewal = until_renewal.min(self.parser.stale_after / 2);
         if self.supports_idle {
             let session = self.session.take().ok_or(ImapError::ConnectionLost {
                 step: "IDLE",

@@ -1,0 +1,222 @@
+//! The operations endpoints (axum), off unless `[http]` is configured:
+//! - `/livez`: 200 while the supervisor's own loop turns, 503 when it is stuck;
+//! - `/readyz`: 200 when the database answers a query within 2 s, 503 otherwise;
+//! - `/healthz`: for monitoring systems: 200 when every active mailbox is `idle` or
+//!   `fetching` and no credential fails, else 503 with the issues;
+//! - `/status.json`: every mailbox and credential, with states, errors and fixes.
+//!
+//! With `[http] token`, every endpoint but `/livez` and `/readyz` needs
+//! `Authorization: Bearer <token>`, compared in constant time.
+
+use crate::auth::{CredentialStatus, TokenSources};
+use crate::config::HttpConfig;
+use crate::runtime::state::{MailboxStatus, Registry};
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+/// The supervisor is stuck when its heartbeat is older than this.
+const LIVENESS_LIMIT: Duration = Duration::from_secs(10);
+/// `/readyz` waits this long for the database.
+const READINESS_LIMIT: Duration = Duration::from_secs(2);
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct Ops {
+    /// Every mailbox's state and the supervisor's heartbeat.
+    pub states: Registry,
+    /// Every credential's token cache.
+    pub tokens: TokenSources,
+    /// The database.
+    pub pool: sqlx::PgPool,
+    /// When this process started.
+    pub started_at: DateTime<Utc>,
+}
+
+struct App {
+    ops: Ops,
+    token: Option<SecretString>,
+}
+
+/// Binds the listener (so a port in use fails the start, not later).
+pub async fn bind(http: &HttpConfig) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(http.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} ([http] listen): {e}", http.listen))
+}
+
+/// Serves the endpoints on `listener` until `cancel` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    http: &HttpConfig,
+    ops: Ops,
+    cancel: CancellationToken,
+) {
+    let app = Arc::new(App {
+        ops,
+        token: http.token.clone(),
+    });
+    let guarded = axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/status.json", get(status_json))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    let router = axum::Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .merge(guarded)
+        .with_state(app);
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "the HTTP listener stopped");
+    }
+}
+
+/// 401 unless the request carries the configured bearer token.
+async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &app.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let matches: bool = given
+            .as_bytes()
+            .ct_eq(expected.expose_secret().as_bytes())
+            .into();
+        if !matches {
+            let challenge = [(header::WWW_AUTHENTICATE, "Bearer")];
+            return (
+                StatusCode::UNAUTHORIZED,
+                challenge,
+                "bearer token required\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn livez(State(app): State<Arc<App>>) -> Response {
+    let beat = app.ops.states.last_beat();
+    let fresh =
+        beat.is_some_and(|at| (Utc::now() - at).to_std().unwrap_or_default() < LIVENESS_LIMIT);
+    if fresh {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        let text = "the supervisor's loop has not turned for 10 s\n";
+        (StatusCode::SERVICE_UNAVAILABLE, text).into_response()
+    }
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let query = sqlx::query("select 1").execute(&app.ops.pool);
+    match tokio::time::timeout(READINESS_LIMIT, query).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(Err(e)) => {
+            let text = format!(
+                "the database failed: {}\n",
+                crate::store::StoreError::from(e)
+            );
+            (StatusCode::SERVICE_UNAVAILABLE, text).into_response()
+        }
+        Err(_) => {
+            let text = "the database did not answer within 2 s\n";
+            (StatusCode::SERVICE_UNAVAILABLE, text).into_response()
+        }
+    }
+}
+
+/// One thing that keeps `/healthz` from being healthy.
+#[derive(Serialize)]
+struct Issue {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parser: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credential: Option<String>,
+    state: String,
+    reason: Option<String>,
+    since: Option<DateTime<Utc>>,
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let mut issues: Vec<Issue> = app
+        .ops
+        .states
+        .snapshot()
+        .into_iter()
+        .filter(|m| !m.state.is_up())
+        .map(|m| Issue {
+            parser: Some(m.parser),
+            credential: None,
+            state: m.state.as_str().to_string(),
+            reason: m.last_error,
+            since: Some(m.since),
+        })
+        .collect();
+    for c in app.ops.tokens.statuses().await {
+        if c.state != "ok" {
+            issues.push(Issue {
+                parser: None,
+                credential: Some(c.name),
+                state: c.state.to_string(),
+                reason: c.reason,
+                since: None,
+            });
+        }
+    }
+    let healthy = issues.is_empty();
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"healthy": healthy, "issues": issues}))).into_response()
+}
+
+/// A mailbox in `/status.json`: its state and the rows waiting in quarantine.
+#[derive(Serialize)]
+struct MailboxView {
+    #[serde(flatten)]
+    status: MailboxStatus,
+    quarantine_pending: i64,
+}
+
+async fn status_json(State(app): State<Arc<App>>) -> Response {
+    let pending = async {
+        let mut conn = app.ops.pool.acquire().await?;
+        crate::store::quarantine::pending_counts(&mut conn).await
+    };
+    // The status must show even while the database is down: counts then read 0.
+    let pending = pending.await.unwrap_or_default();
+    let mailboxes: Vec<MailboxView> = app
+        .ops
+        .states
+        .snapshot()
+        .into_iter()
+        .map(|status| MailboxView {
+            quarantine_pending: pending.get(&status.parser).copied().unwrap_or(0),
+            status,
+        })
+        .collect();
+    let credentials: Vec<CredentialStatus> = app.ops.tokens.statuses().await;
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at": app.ops.started_at,
+        "mailboxes": mailboxes,
+        "credentials": credentials,
+    }))
+    .into_response()
+}

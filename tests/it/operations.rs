@@ -1,0 +1,152 @@
+//! The operations endpoints of the real daemon (the binary), against Dovecot, the token
+//! endpoint and Postgres: status codes, JSON fields, the bearer token, an ungranted
+//! mailbox named by `/healthz`, counts equal to the database's, and `/readyz` while the
+//! database is down.
+
+use crate::daemon::message;
+use crate::support::KillOnDrop;
+use crate::support::env::{NOT_GRANTED, SHARED_A, SHARED_B, TestEnv, binary, wait_for};
+use crate::support::postgres::free_port;
+use crate::support::proxy::CuttingProxy;
+use serde_json::Value;
+use std::time::Duration;
+
+const TOKEN: &str = "ops-token-0123456789";
+
+/// An HTTP client (with the crypto provider the program installs).
+fn client() -> reqwest::Client {
+    mail2ticket::auth::http_client().unwrap()
+}
+
+/// `GET url` with an optional bearer token: the status and the body.
+async fn get(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut request = client().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// The mailbox `parser` in a `/status.json` document.
+fn mailbox<'a>(status: &'a Value, parser: &str) -> &'a Value {
+    status["mailboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["parser"] == parser)
+        .unwrap_or_else(|| panic!("no {parser} in {status}"))
+}
+
+#[tokio::test]
+async fn the_endpoints_show_every_mailbox_and_enforce_the_token() {
+    let s = TestEnv::mail().await;
+    for n in 0..3 {
+        s.dovecot().deliver(SHARED_A, &message(n, SHARED_A));
+    }
+    s.dovecot().deliver(SHARED_B, &message(1, SHARED_B));
+    // The database through a proxy, to take it away later.
+    let port: u16 =
+        s.db.url
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+    let db_proxy = CuttingProxy::start(port, usize::MAX).await;
+    let db_url =
+        s.db.url
+            .replace(&format!(":{port}/"), &format!(":{}/", db_proxy.port));
+    let http_port = free_port();
+    let parsers = [
+        s.ssl("support", SHARED_A),
+        s.ssl("sales", SHARED_B),
+        s.ssl("finance", NOT_GRANTED),
+    ];
+    let text = s.config_toml(&parsers).replace(&s.db.url, &db_url)
+        + &format!("\n[http]\nlisten = \"127.0.0.1:{http_port}\"\ntoken = \"{TOKEN}\"\n");
+    let (path, _) = s.write_config("ops.toml", &text);
+    let _daemon = KillOnDrop(binary(&["run", "--config"]).arg(&path).spawn().unwrap());
+    let base = format!("http://127.0.0.1:{http_port}");
+    let status_url = format!("{base}/status.json");
+
+    // Wait until the granted mailboxes are idle with their mail and finance has failed.
+    wait_for(Duration::from_secs(60), || async {
+        let Ok(response) = client().get(&status_url).bearer_auth(TOKEN).send().await else {
+            return false;
+        };
+        let status: Value = response.json().await.unwrap();
+        mailbox(&status, "support")["messages_total"]["created"] == 3
+            && mailbox(&status, "sales")["state"] == "idle"
+            && mailbox(&status, "finance")["state"] == "backoff"
+    })
+    .await;
+
+    assert_eq!(get(&format!("{base}/livez"), None).await.0, 200);
+    assert_eq!(get(&format!("{base}/readyz"), None).await.0, 200);
+    assert_eq!(get(&format!("{base}/healthz"), None).await.0, 401);
+    assert_eq!(get(&status_url, Some("wrong-token")).await.0, 401);
+
+    let (code, body) = get(&format!("{base}/healthz"), Some(TOKEN)).await;
+    assert_eq!(code, 503, "{body}");
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["healthy"], false);
+    let issues = health["issues"].as_array().unwrap();
+    assert_eq!(issues.len(), 1, "{body}");
+    assert_eq!(issues[0]["parser"], "finance");
+    assert_eq!(issues[0]["state"], "backoff");
+    assert!(
+        issues[0]["reason"].as_str().unwrap().contains("refused"),
+        "{body}"
+    );
+
+    let (code, body) = get(&status_url, Some(TOKEN)).await;
+    assert_eq!(code, 200);
+    assert!(!body.contains("s3cret") && !body.contains(TOKEN), "{body}");
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    let support = mailbox(&status, "support");
+    assert_eq!(support["email"], SHARED_A);
+    assert_eq!(support["source"], "imap");
+    assert_eq!(support["state"], "idle");
+    assert_eq!(support["backlog"], 0);
+    assert!(support["last_ok_at"].is_string() && support["last_error"].is_null());
+    let stored = s
+        .count("select count(*) from tickets where parser = 'support'")
+        .await;
+    assert_eq!(support["messages_total"]["created"], stored);
+    let finance = mailbox(&status, "finance");
+    assert!(
+        finance["fix"].as_str().unwrap().contains("FullAccess"),
+        "{finance}"
+    );
+    assert!(finance["retry_at"].is_string() && finance["last_error_at"].is_string());
+    let credential = &status["credentials"][0];
+    assert_eq!(
+        (
+            &credential["name"],
+            &credential["type"],
+            &credential["state"]
+        ),
+        (
+            &Value::from("app"),
+            &Value::from("client_credentials"),
+            &Value::from("ok")
+        )
+    );
+    assert!(credential["token_expires_at"].is_string(), "{credential}");
+
+    // The database goes away: not ready, though alive.
+    db_proxy.set_down(true);
+    let (code, body) = get(&format!("{base}/readyz"), None).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(get(&format!("{base}/livez"), None).await.0, 200);
+    db_proxy.set_down(false);
+    wait_for(Duration::from_secs(20), || async {
+        get(&format!("{base}/readyz"), None).await.0 == 200
+    })
+    .await;
+}
