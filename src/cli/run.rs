@@ -82,6 +82,7 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
         return run_once(config, &pool, &tokens, &cancel).await;
     }
     let states = crate::runtime::state::Registry::default();
+    let notifier = std::sync::Arc::new(crate::ops::systemd::Notifier::new(states.clone()));
     if let Some(http) = &config.http {
         let listener = match crate::ops::http::bind(http).await {
             Ok(listener) => listener,
@@ -105,12 +106,14 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
         let tokens = tokens.clone();
         let config = config.clone();
         let states = states.clone();
+        let notifier = notifier.clone();
         tokio::spawn(async move {
             let supervisor = crate::runtime::supervisor::run_observed;
-            supervisor(&config, &config_pool, &tokens, &states, &cancel).await
+            supervisor(&config, &config_pool, &tokens, &states, &*notifier, &cancel).await
         })
     };
     cancel.cancelled().await;
+    notifier.stopping();
     tracing::info!("shutting down: finishing the messages in flight");
     match tokio::time::timeout(SHUTDOWN_DEADLINE, supervisor).await {
         Ok(_) => {

@@ -1,6 +1,7 @@
 //! Operating the daemon: `doctor` (step-by-step diagnosis of each mailbox), the HTTP
-//! endpoints (health, status) and logging.
+//! endpoints (health, status), systemd notify and logging.
 
 pub mod doctor;
 pub mod http;
 pub mod logging;
+pub mod systemd;

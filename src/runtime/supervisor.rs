@@ -135,7 +135,22 @@ pub async fn run(
     tokens: &TokenSources,
     cancel: &CancellationToken,
 ) {
-    run_observed(config, pool, tokens, &Registry::default(), cancel).await
+    run_observed(config, pool, tokens, &Registry::default(), &(), cancel).await
+}
+
+/// What the process around the supervisor hears from its loop (systemd's notify protocol):
+/// called from the loop itself, so a hung loop falls silent.
+pub trait Heartbeat: Sync {
+    /// Every active mailbox's task was started.
+    fn started(&self);
+    /// The loop turned (every [`HEARTBEAT`]).
+    fn beat(&self);
+}
+
+/// Nobody listens.
+impl Heartbeat for () {
+    fn started(&self) {}
+    fn beat(&self) {}
 }
 
 /// [`run`], reporting every mailbox's state to `states`, and the supervisor's own
@@ -145,6 +160,7 @@ pub async fn run_observed(
     pool: &PgPool,
     tokens: &TokenSources,
     states: &Registry,
+    heartbeat: &dyn Heartbeat,
     cancel: &CancellationToken,
 ) {
     let tracker = TaskTracker::new();
@@ -164,12 +180,16 @@ pub async fn run_observed(
     }
     tracker.close();
     states.beat();
+    heartbeat.started();
     let all_stopped = tracker.wait();
     tokio::pin!(all_stopped);
     loop {
         tokio::select! {
             _ = &mut all_stopped => break,
-            _ = tokio::time::sleep(HEARTBEAT) => states.beat(),
+            _ = tokio::time::sleep(HEARTBEAT) => {
+                states.beat();
+                heartbeat.beat();
+            }
         }
     }
 }

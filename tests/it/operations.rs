@@ -150,3 +150,59 @@ async fn the_endpoints_show_every_mailbox_and_enforce_the_token() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn systemd_hears_ready_watchdog_status_and_stopping() {
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
+    let socket_path = s.dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let (path, _) = s.write_config("notify.toml", &s.config_toml(&[s.ssl("support", SHARED_A)]));
+    let child = binary(&["run", "--config"])
+        .arg(&path)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _daemon = KillOnDrop(child);
+    let mut heard = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let receive = async {
+        // READY, then at least two watchdog pings (every second) and an idle status.
+        while !(heard.iter().any(|m: &String| m == "READY=1")
+            && heard.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2
+            && heard
+                .iter()
+                .any(|m| m.starts_with("STATUS=1 mailboxes: 1 idle")))
+        {
+            let n = socket.recv(&mut buf).await.unwrap();
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            heard.extend(text.lines().map(str::to_string));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), receive)
+        .await
+        .unwrap_or_else(|_| panic!("heard only {heard:?}"));
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stopping = async {
+        loop {
+            let n = socket.recv(&mut buf).await.unwrap();
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "STOPPING=1")
+            {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("STOPPING=1 on SIGTERM");
+}
