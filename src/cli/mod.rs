@@ -9,6 +9,7 @@ use crate::store;
 mod ingest;
 mod quarantine;
 mod run;
+mod status;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -88,6 +89,16 @@ enum Command {
         #[command(subcommand)]
         action: QuarantineAction,
     },
+    /// Show a running daemon's mailboxes and credentials (from its /status.json); exit 0
+    /// when healthy, 1 when not (or unreachable).
+    Status {
+        /// The daemon's [http] address.
+        #[arg(long, default_value = "http://127.0.0.1:9187")]
+        url: String,
+        /// The [http] token, if one is set.
+        #[arg(long, env = "MAIL2TICKET_HTTP_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Turn raw RFC 5322 messages (files, directories, or stdin) into tickets.
     Ingest {
         #[command(flatten)]
@@ -162,6 +173,7 @@ impl Command {
     /// The configuration file every command reads.
     fn config_path(&self) -> &Path {
         match self {
+            Command::Status { .. } => unreachable!("status reads no configuration"),
             Command::CheckConfig(c) | Command::Migrate(c) => &c.config,
             Command::Run { config, .. }
             | Command::Doctor { config, .. }
@@ -177,6 +189,9 @@ impl Command {
 }
 
 async fn run(command: Command) -> ExitCode {
+    if let Command::Status { url, token } = &command {
+        return status::status_command(url, token.as_deref()).await;
+    }
     let config = match load_config(command.config_path()) {
         Ok(c) => c,
         Err(code) => return code,
@@ -220,6 +235,7 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
+        Command::Status { .. } => unreachable!("handled above"),
         Command::Ingest { parser, files, .. } => {
             ingest::ingest_command(&config, &parser, files).await
         }

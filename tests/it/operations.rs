@@ -139,6 +139,35 @@ async fn the_endpoints_show_every_mailbox_and_enforce_the_token() {
     );
     assert!(credential["token_expires_at"].is_string(), "{credential}");
 
+    // The same for a person on a shell: exit 1 while finance fails, and 401 named.
+    let (out, refused) = {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || {
+            let status = |token: &str| {
+                binary(&["status", "--url", &base, "--token", token])
+                    .output()
+                    .unwrap()
+            };
+            (status(TOKEN), status("wrong"))
+        })
+        .await
+        .unwrap()
+    };
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("support") && l.contains("idle"))
+            && table
+                .lines()
+                .any(|l| l.starts_with("finance") && l.contains("backoff"))
+            && table.contains("not healthy"),
+        "{table}"
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+
     // The database goes away: not ready, though alive.
     db_proxy.set_down(true);
     let (code, body) = get(&format!("{base}/readyz"), None).await;
