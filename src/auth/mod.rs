@@ -245,6 +245,12 @@ impl TokenSource {
             }
             Flow::Delegated(delegated) => self.refresh(delegated).await,
         };
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        let labels = [
+            ("credential", self.name.clone()),
+            ("result", outcome.to_string()),
+        ];
+        metrics::counter!("mail2ticket_token_requests_total", &labels).increment(1);
         match result {
             Ok(response) => {
                 tracing::info!(expires_in_s = response.expires_in, "got an access token");

@@ -91,7 +91,15 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
                 return ExitCode::from(EXIT_FAILED);
             }
         };
+        let metrics = match crate::ops::metrics::install() {
+            Ok(handle) => handle,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        };
         let ops = crate::ops::http::Ops {
+            metrics,
             states: states.clone(),
             tokens: tokens.clone(),
             pool: pool.clone(),

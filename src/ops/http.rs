@@ -3,7 +3,8 @@
 //! - `/readyz`: 200 when the database answers a query within 2 s, 503 otherwise;
 //! - `/healthz`: for monitoring systems: 200 when every active mailbox is `idle` or
 //!   `fetching` and no credential fails, else 503 with the issues;
-//! - `/status.json`: every mailbox and credential, with states, errors and fixes.
+//! - `/status.json`: every mailbox and credential, with states, errors and fixes;
+//! - `/metrics`: Prometheus text ([`super::metrics`]).
 //!
 //! With `[http] token`, every endpoint but `/livez` and `/readyz` needs
 //! `Authorization: Bearer <token>`, compared in constant time.
@@ -41,6 +42,8 @@ pub struct Ops {
     pub pool: sqlx::PgPool,
     /// When this process started.
     pub started_at: DateTime<Utc>,
+    /// The metrics recorder's handle.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 struct App {
@@ -69,6 +72,7 @@ pub async fn serve(
     let guarded = axum::Router::new()
         .route("/healthz", get(healthz))
         .route("/status.json", get(status_json))
+        .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     let router = axum::Router::new()
         .route("/livez", get(livez))
@@ -194,13 +198,26 @@ struct MailboxView {
     quarantine_pending: i64,
 }
 
-async fn status_json(State(app): State<Arc<App>>) -> Response {
+/// Rows waiting in quarantine per parser; empty while the database is down (the status
+/// must show then too).
+async fn quarantine_pending(app: &App) -> std::collections::HashMap<String, i64> {
     let pending = async {
         let mut conn = app.ops.pool.acquire().await?;
         crate::store::quarantine::pending_counts(&mut conn).await
     };
-    // The status must show even while the database is down: counts then read 0.
-    let pending = pending.await.unwrap_or_default();
+    pending.await.unwrap_or_default()
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    let pending = quarantine_pending(&app).await;
+    let ops = &app.ops;
+    let text = super::metrics::render(&ops.metrics, &ops.states, &ops.tokens, &pending).await;
+    let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
+    (content_type, text).into_response()
+}
+
+async fn status_json(State(app): State<Arc<App>>) -> Response {
+    let pending = quarantine_pending(&app).await;
     let mailboxes: Vec<MailboxView> = app
         .ops
         .states

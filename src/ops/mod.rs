@@ -4,4 +4,5 @@
 pub mod doctor;
 pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod systemd;

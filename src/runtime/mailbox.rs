@@ -345,6 +345,7 @@ impl<S: MailSource> Poller<S> {
         items: &[Incoming<'_>],
         last: &Pending,
     ) -> Result<Vec<pipeline::Outcome>, PollError> {
+        let started = std::time::Instant::now();
         let stored = async {
             let mut tx = self.pool.begin().await?;
             let outcomes = pipeline::store_batch(&mut tx, &self.pipeline, items).await?;
@@ -355,6 +356,17 @@ impl<S: MailSource> Poller<S> {
         };
         match stored.await {
             Ok(outcomes) => {
+                metrics::histogram!("mail2ticket_batch_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                let now = chrono::Utc::now();
+                let name = self.parser.name.clone();
+                for item in items {
+                    if let Arrival::At(arrived) = item.arrival {
+                        let waited = (now - arrived).to_std().unwrap_or_default();
+                        metrics::histogram!("mail2ticket_ingest_latency_seconds", "parser" => name.clone())
+                            .record(waited.as_secs_f64());
+                    }
+                }
                 self.states.committed(&self.parser.name, &outcomes);
                 Ok(outcomes)
             }

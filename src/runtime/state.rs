@@ -230,15 +230,21 @@ impl Registry {
         self.update(parser, |m| {
             for outcome in outcomes {
                 let totals = &mut m.messages_total;
-                match outcome {
-                    Outcome::Created { .. } => totals.created += 1,
-                    Outcome::Appended { .. } => totals.appended += 1,
-                    Outcome::Held { .. } => totals.held += 1,
+                let (count, name) = match outcome {
+                    Outcome::Created { .. } => (&mut totals.created, "created"),
+                    Outcome::Appended { .. } => (&mut totals.appended, "appended"),
+                    Outcome::Held { .. } => (&mut totals.held, "held"),
                     Outcome::Duplicate { .. } | Outcome::DuplicateQuarantined { .. } => {
-                        totals.duplicate += 1
+                        (&mut totals.duplicate, "duplicate")
                     }
-                    Outcome::Quarantined { .. } => totals.quarantined += 1,
-                }
+                    Outcome::Quarantined { .. } => (&mut totals.quarantined, "quarantined"),
+                };
+                *count += 1;
+                let labels = [
+                    ("parser", parser.to_string()),
+                    ("outcome", name.to_string()),
+                ];
+                metrics::counter!("mail2ticket_messages_total", &labels).increment(1);
             }
             m.backlog = m.backlog.saturating_sub(outcomes.len() as u64);
         });
@@ -247,6 +253,11 @@ impl Registry {
     /// Counts messages whose batch the database refused to commit.
     pub fn not_stored(&self, parser: &str, messages: u64) {
         self.update(parser, |m| m.messages_total.failed += messages);
+        let labels = [
+            ("parser", parser.to_string()),
+            ("outcome", "failed".to_string()),
+        ];
+        metrics::counter!("mail2ticket_messages_total", &labels).increment(messages);
     }
 
     fn update(&self, parser: &str, change: impl FnOnce(&mut MailboxStatus)) {

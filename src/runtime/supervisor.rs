@@ -197,6 +197,29 @@ pub async fn run_observed(
 /// How often the supervisor's own loop turns (and proves it with a heartbeat).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// The step a pass failed at, for `mail2ticket_poll_errors_total` (a fixed set).
+fn failed_step(error: &PollError) -> &'static str {
+    use crate::source::imap::ImapError;
+    match error {
+        PollError::Source(SourceError::Auth(_)) => "token",
+        PollError::Source(SourceError::Imap(e)) => match e {
+            ImapError::Connect { .. } | ImapError::Tls { .. } => "connect",
+            ImapError::AuthRejected { .. } => "login",
+            ImapError::Select { .. } | ImapError::NotConnected { .. } => "select",
+            ImapError::Command { step, .. } | ImapError::Timeout { step, .. }
+                if ["STORE", "MOVE", "EXPUNGE", "COPY"]
+                    .iter()
+                    .any(|s| step.contains(s)) =>
+            {
+                "settle"
+            }
+            _ => "fetch",
+        },
+        PollError::Store(_) => "store",
+        PollError::Panicked(_) => "fetch",
+    }
+}
+
 /// What to do about a failure, when the error says.
 fn fix_for(error: &PollError) -> Option<String> {
     use crate::auth::AuthError;
@@ -269,6 +292,11 @@ async fn supervise(poller: MailboxPoller, states: Registry, cancel: Cancellation
                 needs_login,
             };
             states.failed(poller.name(), failure);
+            let labels = [
+                ("parser", poller.name().to_string()),
+                ("step", failed_step(e).to_string()),
+            ];
+            metrics::counter!("mail2ticket_poll_errors_total", &labels).increment(1);
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

@@ -139,6 +139,74 @@ async fn the_endpoints_show_every_mailbox_and_enforce_the_token() {
     );
     assert!(credential["token_expires_at"].is_string(), "{credential}");
 
+    // Prometheus: counters equal the database's rows, gauges the states.
+    assert_eq!(get(&format!("{base}/metrics"), None).await.0, 401);
+    let (code, metrics) = get(&format!("{base}/metrics"), Some(TOKEN)).await;
+    assert_eq!(code, 200);
+    let value = |name: &str, labels: &[&str]| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+            .or_else(|| {
+                metrics
+                    .lines()
+                    .find(|l| labels.is_empty() && l.starts_with(&format!("{name} ")))
+            })
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let created = r#"outcome="created""#;
+    assert_eq!(
+        value(
+            "mail2ticket_messages_total",
+            &[r#"parser="support""#, created]
+        ),
+        stored as f64
+    );
+    assert_eq!(
+        value(
+            "mail2ticket_messages_total",
+            &[r#"parser="sales""#, created]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value("mail2ticket_mailbox_up", &[r#"parser="support""#]),
+        1.0
+    );
+    assert_eq!(
+        value("mail2ticket_mailbox_up", &[r#"parser="finance""#]),
+        0.0
+    );
+    let backoff = [r#"parser="finance""#, r#"state="backoff""#];
+    assert_eq!(value("mail2ticket_mailbox_state", &backoff), 1.0);
+    assert!(
+        value(
+            "mail2ticket_poll_errors_total",
+            &[r#"parser="finance""#, r#"step="login""#]
+        ) >= 1.0
+    );
+    let token_ok = [r#"credential="app""#, r#"result="ok""#];
+    assert_eq!(value("mail2ticket_token_requests_total", &token_ok), 1.0);
+    let latency = value(
+        "mail2ticket_ingest_latency_seconds_count",
+        &[r#"parser="support""#],
+    );
+    assert_eq!(latency, stored as f64);
+    assert_eq!(
+        value(
+            "mail2ticket_credential_needs_login",
+            &[r#"credential="app""#]
+        ),
+        0.0
+    );
+    assert!(value("mail2ticket_build_info", &[]) == 1.0);
+    assert!(value("process_resident_memory_bytes", &[]) > 1e6);
+
     // The same for a person on a shell: exit 1 while finance fails, and 401 named.
     let (out, refused) = {
         let base = base.clone();
