@@ -83,31 +83,8 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
     }
     let states = crate::runtime::state::Registry::default();
     let notifier = std::sync::Arc::new(crate::ops::systemd::Notifier::new(states.clone()));
-    if let Some(http) = &config.http {
-        let listener = match crate::ops::http::bind(http).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_FAILED);
-            }
-        };
-        let metrics = match crate::ops::metrics::install() {
-            Ok(handle) => handle,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_FAILED);
-            }
-        };
-        let ops = crate::ops::http::Ops {
-            metrics,
-            states: states.clone(),
-            tokens: tokens.clone(),
-            pool: pool.clone(),
-            started_at: chrono::Utc::now(),
-        };
-        let (http, cancel) = (http.clone(), cancel.clone());
-        tokio::spawn(async move { crate::ops::http::serve(listener, &http, ops, cancel).await });
-        tracing::info!(listen = %http_listen(config), "operations endpoints listening");
+    if let Err(code) = start_http(config, &states, &tokens, &pool, &cancel).await {
+        return code;
     }
     let supervisor = {
         let (config_pool, cancel) = (pool.clone(), cancel.clone());
@@ -190,11 +167,32 @@ async fn run_once(
     }
 }
 
-/// The configured listen address, for the log.
-fn http_listen(config: &Config) -> String {
-    config
-        .http
-        .as_ref()
-        .map(|h| h.listen.to_string())
-        .unwrap_or_default()
+/// Starts the operations endpoints when `[http]` is configured (metrics recorder, listener).
+async fn start_http(
+    config: &Config,
+    states: &crate::runtime::state::Registry,
+    tokens: &crate::auth::TokenSources,
+    pool: &sqlx::PgPool,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), ExitCode> {
+    let Some(http) = &config.http else {
+        return Ok(());
+    };
+    let fail = |e: String| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_FAILED)
+    };
+    let listener = crate::ops::http::bind(http).await.map_err(fail)?;
+    let metrics = crate::ops::metrics::install().map_err(fail)?;
+    let ops = crate::ops::http::Ops {
+        metrics,
+        states: states.clone(),
+        tokens: tokens.clone(),
+        pool: pool.clone(),
+        started_at: chrono::Utc::now(),
+    };
+    tracing::info!(listen = %http.listen, "operations endpoints listening");
+    let (http, cancel) = (http.clone(), cancel.clone());
+    tokio::spawn(async move { crate::ops::http::serve(listener, &http, ops, cancel).await });
+    Ok(())
 }

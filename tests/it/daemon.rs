@@ -347,20 +347,7 @@ async fn oauthbearer_is_used_when_the_server_offers_only_that() {
 #[tokio::test]
 async fn the_daemon_survives_a_database_outage() {
     let s = TestEnv::mail().await;
-    let port: u16 =
-        s.db.url
-            .rsplit_once(':')
-            .unwrap()
-            .1
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-    let proxy = CuttingProxy::start(port, usize::MAX).await;
-    let db_via_proxy =
-        s.db.url
-            .replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
+    let (proxy, db_via_proxy) = s.database_via_proxy().await;
     let text = s
         .config_toml(&[s.ssl("support", SHARED_A)])
         .replace(&s.db.url, &db_via_proxy);

@@ -7,7 +7,6 @@ use crate::daemon::message;
 use crate::support::KillOnDrop;
 use crate::support::env::{NOT_GRANTED, SHARED_A, SHARED_B, TestEnv, binary, wait_for};
 use crate::support::postgres::free_port;
-use crate::support::proxy::CuttingProxy;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -46,20 +45,7 @@ async fn the_endpoints_show_every_mailbox_and_enforce_the_token() {
     }
     s.dovecot().deliver(SHARED_B, &message(1, SHARED_B));
     // The database through a proxy, to take it away later.
-    let port: u16 =
-        s.db.url
-            .rsplit_once(':')
-            .unwrap()
-            .1
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-    let db_proxy = CuttingProxy::start(port, usize::MAX).await;
-    let db_url =
-        s.db.url
-            .replace(&format!(":{port}/"), &format!(":{}/", db_proxy.port));
+    let (db_proxy, db_url) = s.database_via_proxy().await;
     let http_port = free_port();
     let parsers = [
         s.ssl("support", SHARED_A),

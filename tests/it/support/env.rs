@@ -150,6 +150,28 @@ impl TestEnv {
         Daemon::start(config, &self.db.pool)
     }
 
+    /// A proxy in front of this test's database (to play an outage with
+    /// [`set_down`](super::proxy::CuttingProxy::set_down)) and the database URL through it.
+    pub async fn database_via_proxy(&self) -> (super::proxy::CuttingProxy, String) {
+        let port: u16 = self
+            .db
+            .url
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let proxy = super::proxy::CuttingProxy::start(port, usize::MAX).await;
+        let url = self
+            .db
+            .url
+            .replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
+        (proxy, url)
+    }
+
     /// The value of a `select count(*) ...`.
     pub async fn count(&self, sql: &'static str) -> i64 {
         sqlx::query_scalar::<_, i64>(sql)
