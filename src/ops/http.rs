@@ -4,7 +4,8 @@
 //! - `/healthz`: for monitoring systems: 200 when every active mailbox is `idle` or
 //!   `fetching` and no credential fails, else 503 with the issues;
 //! - `/status.json`: every mailbox and credential, with states, errors and fixes;
-//! - `/metrics`: Prometheus text ([`super::metrics`]).
+//! - `/metrics`: Prometheus text ([`super::metrics`]);
+//! - `/status`: the same for a person, as HTML ([`super::status_page`]).
 //!
 //! With `[http] token`, every endpoint but `/livez` and `/readyz` needs
 //! `Authorization: Bearer <token>`, compared in constant time.
@@ -73,6 +74,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/status.json", get(status_json))
         .route("/metrics", get(metrics_text))
+        .route("/status", get(status_page))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     let router = axum::Router::new()
         .route("/livez", get(livez))
@@ -214,6 +216,21 @@ async fn metrics_text(State(app): State<Arc<App>>) -> Response {
     let text = super::metrics::render(&ops.metrics, &ops.states, &ops.tokens, &pending).await;
     let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
     (content_type, text).into_response()
+}
+
+async fn status_page(State(app): State<Arc<App>>) -> Response {
+    let pending = quarantine_pending(&app).await;
+    let mailboxes = app.ops.states.snapshot();
+    let credentials = app.ops.tokens.statuses().await;
+    let page = super::status_page::render(&mailboxes, &credentials, &pending, app.ops.started_at);
+    let headers = [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'",
+        ),
+    ];
+    (headers, page).into_response()
 }
 
 async fn status_json(State(app): State<Arc<App>>) -> Response {

@@ -5,4 +5,5 @@ pub mod doctor;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod status_page;
 pub mod systemd;

@@ -7,6 +7,7 @@ use crate::daemon::message;
 use crate::support::KillOnDrop;
 use crate::support::env::{NOT_GRANTED, SHARED_A, SHARED_B, TestEnv, binary, wait_for};
 use crate::support::postgres::free_port;
+use crate::support::proxy::CuttingProxy;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -46,11 +47,16 @@ async fn the_endpoints_show_every_mailbox_and_enforce_the_token() {
     s.dovecot().deliver(SHARED_B, &message(1, SHARED_B));
     // The database through a proxy, to take it away later.
     let (db_proxy, db_url) = s.database_via_proxy().await;
+    // The ungranted mailbox's server answers with markup in its error (attacker-controlled).
+    let script = b"<script>document.title='pwned'</script>";
+    let dovecot_port = s.dovecot().imap_port;
+    let scripted =
+        CuttingProxy::start_rewriting(dovecot_port, b"Authentication failed", script).await;
     let http_port = free_port();
     let parsers = [
         s.ssl("support", SHARED_A),
         s.ssl("sales", SHARED_B),
-        s.ssl("finance", NOT_GRANTED),
+        s.plain_via("finance", NOT_GRANTED, scripted.port),
     ];
     let text = s.config_toml(&parsers).replace(&s.db.url, &db_url)
         + &format!("\n[http]\nlisten = \"127.0.0.1:{http_port}\"\ntoken = \"{TOKEN}\"\n");
@@ -221,6 +227,34 @@ async fn the_endpoints_show_every_mailbox_and_enforce_the_token() {
     );
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+
+    // The page, rendered by a real browser: every mailbox with its state, the error as text.
+    let (code, page) = get(&format!("{base}/status"), Some(TOKEN)).await;
+    assert_eq!(code, 200);
+    let file = s.write_file("status.html", &page);
+    let profile = s.dir.path().join("chromium-profile");
+    let dom = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("file://{}", file.display()))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for (parser, state) in [
+        ("support", "idle"),
+        ("sales", "idle"),
+        ("finance", "backoff"),
+    ] {
+        let row = format!("<tr class=\"{state}\"><td>{parser}</td>");
+        assert!(dom.contains(&row), "{row} in {dom}");
+    }
+    assert!(dom.contains("<title>mail2ticket status</title>"), "{dom}");
+    assert!(dom.contains("&lt;script&gt;document.title"), "{dom}");
+    assert!(!dom.contains("<script"), "{dom}");
 
     // The database goes away: not ready, though alive.
     db_proxy.set_down(true);
