@@ -181,7 +181,7 @@ impl<S: MailSource> Poller<S> {
         let mut trouble = saved.and_then(|s| s.trouble);
         if let Some(cursor) = &listing.save_first {
             // Recorded at once: a first contact's choice holds whatever happens next.
-            mailbox::save(&mut conn, name, key, cursor).await?;
+            mailbox::save_start(&mut conn, name, key, cursor).await?;
             trouble = None;
         }
         drop(conn);

@@ -66,10 +66,9 @@ pub async fn load(
     ))
 }
 
-/// Records the cursor; call it in the transaction that stored the messages it covers. A
-/// failed-fetch counter survives only while it is ahead of the cursor in the same
-/// UIDVALIDITY; a first-contact choice only while its end is ahead.
-pub async fn save(
+/// Records the cursor a pass starts from (a first contact, with what `start_at` chose, or
+/// a reset after a UIDVALIDITY change, without): the failed-fetch counter is cleared.
+pub async fn save_start(
     conn: &mut PgConnection,
     parser: &str,
     key: &str,
@@ -86,14 +85,7 @@ pub async fn save(
          values ($1, $2, $3, $4, now(), $5, $6)
          on conflict (parser, folder) do update
          set uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, updated_at = now(),
-             fetch_trouble_uid = case
-               when mailbox_state.uidvalidity = excluded.uidvalidity
-                and mailbox_state.fetch_trouble_uid > excluded.last_uid
-               then mailbox_state.fetch_trouble_uid end,
-             fetch_failures = case
-               when mailbox_state.uidvalidity = excluded.uidvalidity
-                and mailbox_state.fetch_trouble_uid > excluded.last_uid
-               then mailbox_state.fetch_failures else 0 end,
+             fetch_trouble_uid = null, fetch_failures = 0,
              backlog_until = excluded.backlog_until, backlog_uids = excluded.backlog_uids",
     )
     .bind(parser)
@@ -102,6 +94,51 @@ pub async fn save(
     .bind(last_uid)
     .bind(backlog.map(|b| b.until))
     .bind(backlog.map(|b| b.uids.as_slice()))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Records progress; call it in the transaction that stored the messages it covers. A
+/// failed-fetch counter and the first-contact choice survive only while they are ahead of
+/// the cursor (the choice is never rewritten, only dropped once passed).
+pub async fn save(
+    conn: &mut PgConnection,
+    parser: &str,
+    key: &str,
+    cursor: &Cursor,
+) -> Result<(), StoreError> {
+    let Cursor::Imap {
+        uidvalidity,
+        last_uid,
+        ..
+    } = cursor;
+    sqlx::query(
+        "insert into mailbox_state (parser, folder, uidvalidity, last_uid, updated_at)
+         values ($1, $2, $3, $4, now())
+         on conflict (parser, folder) do update
+         set uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, updated_at = now(),
+             fetch_trouble_uid = case
+               when mailbox_state.uidvalidity = excluded.uidvalidity
+                and mailbox_state.fetch_trouble_uid > excluded.last_uid
+               then mailbox_state.fetch_trouble_uid end,
+             fetch_failures = case
+               when mailbox_state.uidvalidity = excluded.uidvalidity
+                and mailbox_state.fetch_trouble_uid > excluded.last_uid
+               then mailbox_state.fetch_failures else 0 end,
+             backlog_until = case
+               when mailbox_state.uidvalidity = excluded.uidvalidity
+                and mailbox_state.backlog_until > excluded.last_uid
+               then mailbox_state.backlog_until end,
+             backlog_uids = case
+               when mailbox_state.uidvalidity = excluded.uidvalidity
+                and mailbox_state.backlog_until > excluded.last_uid
+               then mailbox_state.backlog_uids end",
+    )
+    .bind(parser)
+    .bind(key)
+    .bind(uidvalidity)
+    .bind(last_uid)
     .execute(&mut *conn)
     .await?;
     Ok(())

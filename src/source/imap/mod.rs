@@ -16,7 +16,6 @@ pub use session::{FolderStatus, IdleEnd, ImapSession, Listed, uid_set};
 use crate::auth::{AccessToken, TokenSource};
 use crate::config::{AfterIngest, ParserAuth, ParserConfig};
 use crate::source::{Cursor, Listing, MailSource, Pending, SourceError, SourceSession, WaitEnd};
-use crate::store::mailbox::Backlog;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -203,7 +202,7 @@ impl SourceSession for ImapMailbox {
         let folder = &self.parser.imap.folder;
         listing.pending = listed
             .into_iter()
-            .map(|m| pending(m, folder, uidvalidity, last_uid, &backlog))
+            .map(|m| pending(m, folder, uidvalidity, last_uid))
             .collect();
         Ok(listing)
     }
@@ -271,14 +270,10 @@ impl SourceSession for ImapMailbox {
     }
 }
 
-/// A listed message as the loop sees it: keyed by UID, with the cursor past it.
-fn pending(
-    m: Listed,
-    folder: &str,
-    uidvalidity: i64,
-    last_uid: i64,
-    backlog: &Option<Backlog>,
-) -> Pending {
+/// A listed message as the loop sees it: keyed by UID, with the cursor past it. That
+/// cursor carries no first-contact choice: the store keeps the saved one while it matters
+/// (copying a large choice into every message's cursor would cost memory and writes).
+fn pending(m: Listed, folder: &str, uidvalidity: i64, last_uid: i64) -> Pending {
     Pending {
         key: i64::from(m.uid),
         size: u64::from(m.size),
@@ -287,7 +282,7 @@ fn pending(
         after: Cursor::Imap {
             uidvalidity,
             last_uid: i64::from(m.uid).max(last_uid),
-            backlog: backlog.clone(),
+            backlog: None,
         },
     }
 }
