@@ -83,18 +83,37 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
     }
     let states = crate::runtime::state::Registry::default();
     let notifier = std::sync::Arc::new(crate::ops::systemd::Notifier::new(states.clone()));
-    if let Err(code) = start_http(config, &states, &tokens, &pool, &cancel).await {
+    let current = tokio::sync::watch::Sender::new(std::sync::Arc::new(config.clone()));
+    if let Err(code) = start_http(config, &current, &states, &tokens, &pool, &cancel).await {
         return code;
+    }
+    // Installed before READY=1: SIGHUP's default action would end the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let (reload_requests, mut reloads) = tokio::sync::mpsc::channel(1);
+    match hangup {
+        Ok(hangup) => drop(tokio::spawn(reload_on_sighup(hangup, reload_requests))),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler: reloading is off")
+        }
     }
     let supervisor = {
         let (config_pool, cancel) = (pool.clone(), cancel.clone());
         let tokens = tokens.clone();
-        let config = config.clone();
         let states = states.clone();
         let notifier = notifier.clone();
         tokio::spawn(async move {
             let supervisor = crate::runtime::supervisor::run_observed;
-            supervisor(&config, &config_pool, &tokens, &states, &*notifier, &cancel).await
+            let (pool, notifier) = (&config_pool, &*notifier);
+            supervisor(
+                &current,
+                pool,
+                &tokens,
+                &states,
+                notifier,
+                &mut reloads,
+                &cancel,
+            )
+            .await
         })
     };
     cancel.cancelled().await;
@@ -111,6 +130,21 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
                 SHUTDOWN_DEADLINE.as_secs()
             );
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Asks the supervisor to reload the configuration file on every SIGHUP (`systemctl
+/// reload`). Signals that arrive while a reload is pending are merged into it.
+async fn reload_on_sighup(
+    mut hangup: tokio::signal::unix::Signal,
+    requests: tokio::sync::mpsc::Sender<()>,
+) {
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received");
+        match requests.try_send(()) {
+            Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => break,
         }
     }
 }
@@ -170,6 +204,7 @@ async fn run_once(
 /// Starts the operations endpoints when `[http]` is configured (metrics recorder, listener).
 async fn start_http(
     config: &Config,
+    current: &tokio::sync::watch::Sender<std::sync::Arc<Config>>,
     states: &crate::runtime::state::Registry,
     tokens: &crate::auth::TokenSources,
     pool: &sqlx::PgPool,
@@ -190,9 +225,10 @@ async fn start_http(
         tokens: tokens.clone(),
         pool: pool.clone(),
         started_at: chrono::Utc::now(),
+        config: current.subscribe(),
     };
     tracing::info!(listen = %http.listen, "operations endpoints listening");
-    let (http, cancel) = (http.clone(), cancel.clone());
-    tokio::spawn(async move { crate::ops::http::serve(listener, &http, ops, cancel).await });
+    let cancel = cancel.clone();
+    tokio::spawn(async move { crate::ops::http::serve(listener, ops, cancel).await });
     Ok(())
 }

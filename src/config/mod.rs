@@ -20,7 +20,7 @@ pub use problems::{ConfigError, ConfigProblem};
 
 use problems::{Problems, column_of, line_of};
 use raw::RawConfig;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -134,7 +134,7 @@ impl fmt::Debug for ClientCertificate {
 }
 
 /// `[[credential]]`: an OAuth identity. Many parsers may share one (one token cache).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CredentialConfig {
     /// Name parsers refer to.
     pub name: String,
@@ -200,7 +200,7 @@ pub enum ParserAuth {
 }
 
 /// `[[parser]]`: one mailbox read into tickets (an "Email Parser").
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ParserConfig {
     /// Unique name, the key of this parser's rows in the database.
     pub name: String,
@@ -337,7 +337,7 @@ pub enum Encryption {
 }
 
 /// `[parser.imap]`: where the mailbox lives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImapConfig {
     /// Server host name.
     pub host: String,
@@ -353,7 +353,59 @@ pub struct ImapConfig {
     pub allow_insecure: bool,
 }
 
+/// Equal secrets (for telling a changed configuration on reload; not an authentication
+/// check, so a plain comparison is enough).
+fn same_secret(a: &SecretString, b: &SecretString) -> bool {
+    a.expose_secret() == b.expose_secret()
+}
+
+impl PartialEq for ClientAuth {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ClientAuth::Public, ClientAuth::Public) => true,
+            (ClientAuth::Secret(a), ClientAuth::Secret(b)) => same_secret(a, b),
+            (ClientAuth::Certificate(a), ClientAuth::Certificate(b)) => {
+                a.thumbprint_s256 == b.thumbprint_s256
+                    && same_secret(&a.private_key_pem, &b.private_key_pem)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl PartialEq for PasswordUser {
+    fn eq(&self, other: &Self) -> bool {
+        self.username == other.username && same_secret(&self.password, &other.password)
+    }
+}
+
+impl PartialEq for ParserAuth {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ParserAuth::Credential(a), ParserAuth::Credential(b)) => a == b,
+            (ParserAuth::Password(a), ParserAuth::Password(b)) => same_secret(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl PartialEq for DatabaseConfig {
+    fn eq(&self, other: &Self) -> bool {
+        same_secret(&self.url, &other.url) && self.max_connections == other.max_connections
+    }
+}
+
 impl Config {
+    /// True when `other` holds the same `[secrets] key` (delegated credentials seal their
+    /// sign-in with it).
+    pub fn same_secrets_key(&self, other: &Config) -> bool {
+        match (&self.secrets_key, &other.secrets_key) {
+            (None, None) => true,
+            (Some(a), Some(b)) => same_secret(a, b),
+            _ => false,
+        }
+    }
+
     /// Reads, validates and resolves a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let fail = |message: String| ConfigError {

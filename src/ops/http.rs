@@ -8,10 +8,11 @@
 //! - `/status`: the same for a person, as HTML ([`super::status_page`]).
 //!
 //! With `[http] token`, every endpoint but `/livez` and `/readyz` needs
-//! `Authorization: Bearer <token>`, compared in constant time.
+//! `Authorization: Bearer <token>`, compared in constant time. The token is read from the
+//! configuration in force, so a reload that rotates it applies at once.
 
 use crate::auth::{CredentialStatus, TokenSources};
-use crate::config::HttpConfig;
+use crate::config::{Config, HttpConfig};
 use crate::runtime::state::{MailboxStatus, Registry};
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -19,7 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -45,11 +46,12 @@ pub struct Ops {
     pub started_at: DateTime<Utc>,
     /// The metrics recorder's handle.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The configuration in force (its `[http] token`), replaced by each reload.
+    pub config: tokio::sync::watch::Receiver<Arc<Config>>,
 }
 
 struct App {
     ops: Ops,
-    token: Option<SecretString>,
 }
 
 /// Binds the listener (so a port in use fails the start, not later).
@@ -60,16 +62,8 @@ pub async fn bind(http: &HttpConfig) -> Result<tokio::net::TcpListener, String> 
 }
 
 /// Serves the endpoints on `listener` until `cancel` fires.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    http: &HttpConfig,
-    ops: Ops,
-    cancel: CancellationToken,
-) {
-    let app = Arc::new(App {
-        ops,
-        token: http.token.clone(),
-    });
+pub async fn serve(listener: tokio::net::TcpListener, ops: Ops, cancel: CancellationToken) {
+    let app = Arc::new(App { ops });
     let guarded = axum::Router::new()
         .route("/healthz", get(healthz))
         .route("/status.json", get(status_json))
@@ -91,7 +85,14 @@ pub async fn serve(
 
 /// 401 unless the request carries the configured bearer token.
 async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    if let Some(expected) = &app.token {
+    let token = app
+        .ops
+        .config
+        .borrow()
+        .http
+        .as_ref()
+        .and_then(|h| h.token.clone());
+    if let Some(expected) = &token {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)

@@ -15,9 +15,15 @@ const LATENCY_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 
 /// One batch transaction.
 const COMMIT_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
+/// A gauge not set again for this long leaves the output: every live mailbox's and
+/// credential's gauges are set before each render, so only those of parsers and
+/// credentials removed by a reload go.
+const GAUGE_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the process-wide recorder (once, when `[http]` is configured).
 pub fn install() -> Result<PrometheusHandle, String> {
     PrometheusBuilder::new()
+        .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .set_buckets_for_metric(
             Matcher::Full("mail2ticket_ingest_latency_seconds".into()),
             LATENCY_BUCKETS,

@@ -1,8 +1,9 @@
 //! systemd's notify protocol for `Type=notify` (the `sd-notify` crate): `READY=1` once every
 //! mailbox's task started, `WATCHDOG=1` from the supervisor's own loop at half of
 //! `WATCHDOG_USEC` (so a hung supervisor stops the pings and systemd restarts it),
-//! `STATUS=` a one-line summary when it changes, `STOPPING=1` on shutdown. Without
-//! `NOTIFY_SOCKET` nothing is sent.
+//! `STATUS=` a one-line summary when it changes, `STOPPING=1` on shutdown, and
+//! `RELOADING=1` (with `MONOTONIC_USEC`, as `Type=notify-reload` requires) then `READY=1`
+//! around a reload. Without `NOTIFY_SOCKET` nothing is sent.
 
 use crate::runtime::state::{MailboxState, Registry};
 use crate::runtime::supervisor::Heartbeat;
@@ -49,6 +50,13 @@ impl Heartbeat for Notifier {
     fn started(&self) {
         send(&[NotifyState::Ready]);
         self.update_status();
+    }
+
+    fn reloading(&self) {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => send(&[NotifyState::Reloading, now]),
+            Err(_) => send(&[NotifyState::Reloading]),
+        }
     }
 
     fn beat(&self) {

@@ -1,6 +1,12 @@
 //! What each mailbox is doing, kept by the runtime as it happens (not parsed from logs), for
 //! the operations endpoints: its state and since when, its last success and last error
 //! with the likely fix, its backlog, and what became of its messages since start.
+//!
+//! The registry also announces changes in the log (in the mailbox's span), so that the log reads like the status
+//! page's history: a mailbox that starts failing (or changes how it fails, or needs a
+//! login, or goes stale) is logged once at `warn` with the reason and the fix, its
+//! recovery once at `info`, and while it keeps failing a reminder at most every
+//! [`REMINDER_EVERY`], not one line per retry (each retry is logged at `debug`).
 
 use crate::config::ParserConfig;
 use crate::pipeline::Outcome;
@@ -8,7 +14,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// While a mailbox keeps failing the same way, its log reminder comes this often at most.
+pub const REMINDER_EVERY: Duration = Duration::from_secs(600);
 
 /// A mailbox's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -114,11 +123,33 @@ pub struct MailboxStatus {
     pub stale_after: Duration,
 }
 
+/// A mailbox in the registry: what the endpoints show, and what the log was told.
+#[derive(Debug, Clone)]
+struct Entry {
+    status: MailboxStatus,
+    /// The problem last announced in the log, if it is not over.
+    announced: Option<Announced>,
+}
+
+/// A problem announced in the log, remembered so that it is not announced again on every
+/// retry.
+#[derive(Debug, Clone)]
+struct Announced {
+    /// What kind of problem: the state, and for failures the step that failed.
+    kind: String,
+    /// When the problem began.
+    since: DateTime<Utc>,
+    /// When it was last written to the log.
+    logged: Instant,
+    /// Failed attempts since it was last written to the log (for the reminder).
+    attempts: u32,
+}
+
 /// The states of every mailbox, shared by the runtime (which writes) and the endpoints
 /// (which read). Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
-    mailboxes: Arc<RwLock<BTreeMap<String, MailboxStatus>>>,
+    mailboxes: Arc<RwLock<BTreeMap<String, Entry>>>,
     /// When the supervisor's loop last turned (unix milliseconds; 0 = never).
     heartbeat: Arc<std::sync::atomic::AtomicI64>,
 }
@@ -139,9 +170,10 @@ impl Registry {
             .flatten()
     }
 
-    /// Adds (or resets) a mailbox in `starting`.
+    /// Adds a mailbox in `starting`; a mailbox restarted by a reload is reset but keeps
+    /// its counts since start (they match the metrics' counters, which never go down).
     pub fn register(&self, parser: &ParserConfig) {
-        let status = MailboxStatus {
+        let mut status = MailboxStatus {
             parser: parser.name.clone(),
             email: parser.email.clone(),
             source: "imap",
@@ -156,7 +188,20 @@ impl Registry {
             messages_total: MessageTotals::default(),
             stale_after: parser.stale_after,
         };
-        self.write().insert(parser.name.clone(), status);
+        let mut mailboxes = self.write();
+        if let Some(before) = mailboxes.get(&parser.name) {
+            status.messages_total = before.status.messages_total;
+        }
+        let entry = Entry {
+            status,
+            announced: None,
+        };
+        mailboxes.insert(parser.name.clone(), entry);
+    }
+
+    /// Forgets a mailbox whose parser was removed by a reload (once its task ended).
+    pub fn remove(&self, parser: &str) {
+        self.write().remove(parser);
     }
 
     /// Every mailbox, by name; a working one without success for `stale_after` is `stale`.
@@ -165,21 +210,35 @@ impl Registry {
         let mailboxes = self.mailboxes.read().expect("not poisoned");
         mailboxes
             .values()
-            .cloned()
+            .map(|entry| entry.status.clone())
             .map(|mut m| {
-                let reference = m.last_ok_at.unwrap_or(m.since);
-                let quiet = (now - reference).to_std().unwrap_or_default();
-                let working = matches!(
-                    m.state,
-                    MailboxState::Idle | MailboxState::Fetching | MailboxState::Connecting
-                );
-                if working && quiet > m.stale_after {
+                if let Some(since) = m.stale_since(now) {
                     m.state = MailboxState::Stale;
-                    m.since = reference + m.stale_after;
+                    m.since = since;
                 }
                 m
             })
             .collect()
+    }
+
+    /// Announces the mailboxes that went stale (called from the supervisor's loop).
+    pub fn announce_stale(&self) {
+        let now = Utc::now();
+        for entry in self.write().values_mut() {
+            if let Some(since) = entry.status.stale_since(now) {
+                let stale_after = entry.status.stale_after;
+                let quiet = (now - since).to_std().unwrap_or_default() + stale_after;
+                let reason = format!(
+                    "no successful pass or completed wait for {}s (stale_after = {})",
+                    quiet.as_secs(),
+                    stale_after.as_secs()
+                );
+                let fix = "the server or the network stopped answering without an error: check them; mail2ticket keeps retrying";
+                // Logged in the mailbox's span, as its own task logs.
+                let span = tracing::info_span!("mailbox", parser = %entry.status.parser);
+                span.in_scope(|| entry.announce("stale", &reason, Some(fix), since, false));
+            }
+        }
     }
 
     /// Records a state (its `since` moves only when the state changes).
@@ -197,10 +256,19 @@ impl Registry {
 
     /// Records a successful pass or completed wait: the error, if any, is over.
     pub fn ok(&self, parser: &str) {
-        self.update(parser, |m| {
+        self.update_entry(parser, |entry| {
+            let m = &mut entry.status;
             m.last_ok_at = Some(Utc::now());
             m.last_error = None;
             m.fix = None;
+            if let Some(problem) = entry.announced.take() {
+                let after = (Utc::now() - problem.since).to_std().unwrap_or_default();
+                tracing::info!(
+                    was = %problem.kind,
+                    after_s = after.as_secs(),
+                    "mailbox recovered"
+                );
+            }
         });
     }
 
@@ -212,7 +280,19 @@ impl Registry {
             MailboxState::Backoff
         };
         self.set(parser, state);
-        self.update(parser, |m| {
+        self.update_entry(parser, |entry| {
+            let kind = match state {
+                MailboxState::NeedsLogin => state.as_str().to_string(),
+                _ => format!("{} at {}", state.as_str(), failure.step),
+            };
+            entry.announce(
+                &kind,
+                &failure.error,
+                failure.fix.as_deref(),
+                Utc::now(),
+                true,
+            );
+            let m = &mut entry.status;
             m.last_error = Some(failure.error);
             m.last_error_at = Some(Utc::now());
             m.fix = failure.fix;
@@ -261,13 +341,71 @@ impl Registry {
     }
 
     fn update(&self, parser: &str, change: impl FnOnce(&mut MailboxStatus)) {
-        if let Some(m) = self.write().get_mut(parser) {
-            change(m);
+        self.update_entry(parser, |entry| change(&mut entry.status));
+    }
+
+    fn update_entry(&self, parser: &str, change: impl FnOnce(&mut Entry)) {
+        if let Some(entry) = self.write().get_mut(parser) {
+            change(entry);
         }
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, MailboxStatus>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Entry>> {
         self.mailboxes.write().expect("not poisoned")
+    }
+}
+
+impl MailboxStatus {
+    /// When a working mailbox became stale (no success for `stale_after`), if it is.
+    fn stale_since(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let reference = self.last_ok_at.unwrap_or(self.since);
+        let quiet = (now - reference).to_std().unwrap_or_default();
+        let working = matches!(
+            self.state,
+            MailboxState::Idle | MailboxState::Fetching | MailboxState::Connecting
+        );
+        (working && quiet > self.stale_after).then(|| reference + self.stale_after)
+    }
+}
+
+impl Entry {
+    /// Logs a problem of `kind` when it is new, or as a reminder when the last line about
+    /// it is [`REMINDER_EVERY`] old; otherwise only counts the attempt (when it is one).
+    fn announce(
+        &mut self,
+        kind: &str,
+        reason: &str,
+        fix: Option<&str>,
+        since: DateTime<Utc>,
+        attempt: bool,
+    ) {
+        let fix = fix.unwrap_or("-");
+        match &mut self.announced {
+            Some(known) if known.kind == kind => {
+                known.attempts += u32::from(attempt);
+                if known.logged.elapsed() >= REMINDER_EVERY {
+                    tracing::warn!(
+                        state = %kind,
+                        since = %known.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        attempts = known.attempts,
+                        fix,
+                        "mailbox still failing: {reason}"
+                    );
+                    known.logged = Instant::now();
+                    known.attempts = 0;
+                }
+            }
+            known => {
+                tracing::warn!(state = %kind, fix, "mailbox failing: {reason}");
+                let since = known.as_ref().map_or(since, |k| k.since);
+                *known = Some(Announced {
+                    kind: kind.to_string(),
+                    since,
+                    logged: Instant::now(),
+                    attempts: 0,
+                });
+            }
+        }
     }
 }
 
@@ -276,6 +414,9 @@ impl Registry {
 pub struct Failure {
     /// The error's text (secrets never reach errors).
     pub error: String,
+    /// The step that failed (`token`, `connect`, `login`, `select`, `fetch`, `store`,
+    /// `settle`): a change of step is a new problem in the log.
+    pub step: &'static str,
     /// What to do about it.
     pub fix: Option<String>,
     /// When the next attempt is due.
@@ -308,6 +449,7 @@ mod tests {
             "p",
             Failure {
                 error: "refused".into(),
+                step: "login",
                 fix: Some("grant FullAccess".into()),
                 retry_at: Utc::now(),
                 needs_login: false,
@@ -325,5 +467,78 @@ mod tests {
         quiet.set("p", MailboxState::Idle);
         std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(quiet.snapshot()[0].state, MailboxState::Stale);
+    }
+
+    /// The log lines written while `f` runs.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let into = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || into.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    fn failure(step: &'static str, needs_login: bool) -> Failure {
+        Failure {
+            error: format!("failed at {step}"),
+            step,
+            fix: Some("do this".into()),
+            retry_at: Utc::now(),
+            needs_login,
+        }
+    }
+
+    #[test]
+    fn a_change_of_state_is_logged_once_and_reminded_every_ten_minutes() {
+        let registry = Registry::default();
+        registry.register(&parser(1200));
+        let log = logged(|| {
+            for _ in 0..3 {
+                registry.failed("p", failure("login", false));
+            }
+        });
+        assert_eq!(log.matches("mailbox failing").count(), 1, "{log}");
+        assert!(log.contains("WARN") && log.contains("do this"), "{log}");
+
+        // Failing another way, or needing a login, is news.
+        let log = logged(|| {
+            registry.failed("p", failure("connect", false));
+            registry.failed("p", failure("token", true));
+            registry.failed("p", failure("token", true));
+        });
+        assert_eq!(log.matches("mailbox failing").count(), 2, "{log}");
+
+        // Ten minutes later, one reminder with the attempts since the last line.
+        registry.update_entry("p", |e| {
+            let problem = e.announced.as_mut().unwrap();
+            problem.logged = Instant::now() - REMINDER_EVERY - Duration::from_secs(1);
+        });
+        let log = logged(|| {
+            registry.failed("p", failure("token", true));
+            registry.failed("p", failure("token", true));
+        });
+        assert_eq!(log.matches("mailbox still failing").count(), 1, "{log}");
+        assert!(log.contains("attempts=2"), "{log}");
+
+        let log = logged(|| {
+            registry.ok("p");
+            registry.ok("p");
+        });
+        assert_eq!(log.matches("mailbox recovered").count(), 1, "{log}");
+        assert!(log.contains("INFO"), "{log}");
     }
 }

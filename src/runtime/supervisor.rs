@@ -16,9 +16,12 @@ use crate::source::imap::ImapSource;
 use backon::BackoffBuilder;
 use futures::FutureExt;
 use sqlx::PgPool;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -135,62 +138,219 @@ pub async fn run(
     tokens: &TokenSources,
     cancel: &CancellationToken,
 ) {
-    run_observed(config, pool, tokens, &Registry::default(), &(), cancel).await
+    let config = watch::Sender::new(Arc::new(config.clone()));
+    let (_no_reloads, mut reloads) = mpsc::channel(1);
+    let states = Registry::default();
+    run_observed(&config, pool, tokens, &states, &(), &mut reloads, cancel).await
 }
 
 /// What the process around the supervisor hears from its loop (systemd's notify protocol):
 /// called from the loop itself, so a hung loop falls silent.
 pub trait Heartbeat: Sync {
-    /// Every active mailbox's task was started.
+    /// Every active mailbox's task was started (also: a reload is done).
     fn started(&self);
     /// The loop turned (every [`HEARTBEAT`]).
     fn beat(&self);
+    /// A reload of the configuration begins.
+    fn reloading(&self);
 }
 
 /// Nobody listens.
 impl Heartbeat for () {
     fn started(&self) {}
     fn beat(&self) {}
+    fn reloading(&self) {}
 }
 
-/// [`run`], reporting every mailbox's state to `states`, and the supervisor's own
-/// heartbeat (its loop turns every [`HEARTBEAT`]) for `/livez`.
+/// [`run`], reporting every mailbox's state to `states` and the supervisor's own heartbeat
+/// (its loop turns every [`HEARTBEAT`]) for `/livez`, and reloading the configuration
+/// file whenever `reloads` asks (SIGHUP). `config` holds the configuration in force: a
+/// reload publishes the new one there (the operations endpoints read their token from it).
 pub async fn run_observed(
-    config: &Config,
+    config: &watch::Sender<Arc<Config>>,
     pool: &PgPool,
     tokens: &TokenSources,
     states: &Registry,
     heartbeat: &dyn Heartbeat,
+    reloads: &mut mpsc::Receiver<()>,
     cancel: &CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
-    for poller in pollers(config, pool, tokens, states) {
-        let cancel = cancel.clone();
-        match poller {
-            Err((parser, e)) => {
-                tracing::error!(parser = %parser, error = %e, "cannot start the poller")
-            }
-            Ok(poller) => {
-                let span = mailbox_span(poller.name());
-                let states = states.clone();
-                let task = async move { supervise(poller, states, cancel).await };
-                tracker.spawn(task.instrument(span));
-            }
-        }
+    let mut tasks = Tasks {
+        pool: pool.clone(),
+        tokens: tokens.clone(),
+        states: states.clone(),
+        cancel: cancel.clone(),
+        tracker: TaskTracker::new(),
+        running: HashMap::new(),
+        stopping: Vec::new(),
+    };
+    let first = config.borrow().clone();
+    for parser in first
+        .parsers
+        .iter()
+        .filter(|p| p.status == ParserStatus::Active)
+    {
+        tasks.start(parser);
     }
-    tracker.close();
     states.beat();
     heartbeat.started();
-    let all_stopped = tracker.wait();
-    tokio::pin!(all_stopped);
     loop {
         tokio::select! {
-            _ = &mut all_stopped => break,
+            _ = cancel.cancelled() => break,
+            Some(()) = reloads.recv() => {
+                heartbeat.reloading();
+                let result = tasks.reload(config);
+                let labels = [("result", if result.is_ok() { "ok" } else { "error" })];
+                metrics::counter!("mail2ticket_config_reloads_total", &labels).increment(1);
+                heartbeat.started();
+            }
             _ = tokio::time::sleep(HEARTBEAT) => {
                 states.beat();
                 heartbeat.beat();
+                states.announce_stale();
+                tasks.reap();
             }
         }
+    }
+    tasks.tracker.close();
+    tasks.tracker.wait().await;
+}
+
+/// The mailbox tasks of the daemon, started and stopped as the configuration says.
+struct Tasks {
+    pool: PgPool,
+    tokens: TokenSources,
+    states: Registry,
+    /// The daemon's shutdown; each task runs under a child of it.
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    /// The task of each running parser.
+    running: HashMap<String, Running>,
+    /// Tasks of removed parsers, finishing their batch in flight.
+    stopping: Vec<(String, JoinHandle<()>)>,
+}
+
+/// One parser's task.
+struct Running {
+    /// Stops this task only.
+    cancel: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl Tasks {
+    /// Starts the task of `parser`. If a task of the same name is still running or
+    /// stopping (a restart), the new one waits until it ended: a mailbox never has two
+    /// readers.
+    fn start(&mut self, parser: &ParserConfig) {
+        let name = parser.name.clone();
+        let previous = match self.running.remove(&name) {
+            Some(running) => {
+                running.cancel.cancel();
+                Some(running.handle)
+            }
+            None => self
+                .stopping
+                .iter()
+                .position(|(n, _)| *n == name)
+                .map(|i| self.stopping.swap_remove(i).1),
+        };
+        let parser = Arc::new(parser.clone());
+        let poller = match source_of(&parser, &self.tokens) {
+            Ok(source) => Poller::new(
+                parser.clone(),
+                self.pool.clone(),
+                source,
+                self.states.clone(),
+            ),
+            Err(e) => {
+                tracing::error!(parser = %name, error = %e, "cannot start the poller");
+                return;
+            }
+        };
+        if previous.is_none() {
+            self.states.register(&parser);
+        }
+        let (states, cancel) = (self.states.clone(), self.cancel.child_token());
+        let stop = cancel.clone();
+        let task = async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+                states.register(&parser);
+            }
+            supervise(poller, states, stop).await
+        };
+        let handle = self.tracker.spawn(task.instrument(mailbox_span(&name)));
+        self.running.insert(name, Running { cancel, handle });
+    }
+
+    /// Stops the task of `name` after its batch in flight; it leaves the registry once
+    /// it ended.
+    fn stop(&mut self, name: &str) {
+        if let Some(running) = self.running.remove(name) {
+            running.cancel.cancel();
+            self.stopping.push((name.to_string(), running.handle));
+        }
+    }
+
+    /// Forgets the removed parsers whose tasks have ended.
+    fn reap(&mut self) {
+        let states = &self.states;
+        self.stopping.retain(|(name, handle)| {
+            let ended = handle.is_finished();
+            if ended {
+                states.remove(name);
+            }
+            !ended
+        });
+    }
+
+    /// Reads the configuration file again and applies it (see [`super::reload`]). An
+    /// invalid file changes nothing: every problem is logged, the running configuration
+    /// stays.
+    fn reload(&mut self, current: &watch::Sender<Arc<Config>>) -> Result<(), ()> {
+        let old = current.borrow().clone();
+        tracing::info!(file = %old.path.display(), "reloading the configuration");
+        let mut new = match Config::load(&old.path) {
+            Ok(new) => new,
+            Err(e) => {
+                for line in e.to_string().lines() {
+                    tracing::error!("{line}");
+                }
+                tracing::error!("configuration not reloaded: the running configuration stays");
+                return Err(());
+            }
+        };
+        let changed = match self.tokens.reload(&old, &new) {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration not reloaded: the running configuration stays");
+                return Err(());
+            }
+        };
+        let plan = super::reload::plan(&old, &new, &changed);
+        for name in &plan.stop {
+            self.stop(name);
+        }
+        for name in plan.restart.iter().chain(&plan.start) {
+            if let Some(parser) = new.parser(name) {
+                self.start(&parser.clone());
+            }
+        }
+        for setting in &plan.needs_restart {
+            tracing::warn!(
+                file = %old.path.display(),
+                "{setting} changed: the running value stays until mail2ticket restarts"
+            );
+        }
+        // What only a restart applies stays as it runs, so the next reload compares with it.
+        new.database = old.database.clone();
+        match (&old.http, &mut new.http) {
+            (Some(running), Some(http)) => http.listen = running.listen,
+            (running, http) => http.clone_from(running),
+        }
+        tracing::info!("configuration reloaded: {}", plan.summary());
+        current.send_replace(Arc::new(new));
+        Ok(())
     }
 }
 
@@ -280,13 +440,15 @@ async fn supervise(poller: MailboxPoller, states: Registry, cancel: Cancellation
             },
         };
         if let Err(e) = &result {
-            tracing::error!(error = %e, retry_in_s = delay.as_secs_f32(), "poller failed");
+            // Every retry at debug; the registry logs the change of state (and reminders).
+            tracing::debug!(error = %e, retry_in_s = delay.as_secs_f32(), "poller failed");
             let needs_login = matches!(
                 e,
                 PollError::Source(SourceError::Auth(crate::auth::AuthError::NeedsLogin { .. }))
             );
             let failure = Failure {
                 error: e.to_string(),
+                step: failed_step(e),
                 fix: fix_for(e),
                 retry_at: chrono::Utc::now() + delay,
                 needs_login,

@@ -772,7 +772,7 @@ async fn a_running_daemon_refreshes_once_per_renewal_for_three_mailboxes() {
 }
 
 #[tokio::test]
-async fn the_daemon_logs_needs_login_on_every_retry_while_another_credential_tickets() {
+async fn the_daemon_logs_needs_login_once_while_it_retries_and_another_credential_tickets() {
     let bed = bed().await;
     let tables = bed.credential("user", "delegated", "app-public", "")
         + &bed.app_credential("app")
@@ -781,30 +781,41 @@ async fn the_daemon_logs_needs_login_on_every_retry_while_another_credential_tic
     let (path, _) = bed.write_config("daemon.toml", &tables);
     bed.dovecot()
         .deliver(SHARED_A, &message("daemon", SHARED_A));
-    let mut daemon = KillOnDrop(binary(&["run", "--config"]).arg(&path).spawn().unwrap());
+    // Every retry is logged at debug; the state change once at warn.
+    let mut daemon = KillOnDrop(
+        binary(&["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info,mail2ticket::runtime::supervisor=debug")
+            .spawn()
+            .unwrap(),
+    );
     let stderr = BufReader::new(daemon.0.stderr.take().unwrap());
-    // Count the "needs login" lines until two retries have been logged. The reader then
-    // closes the pipe: the daemon must carry on (and stop on SIGTERM) with its stderr gone.
+    // Read until three retries have been logged. The reader then closes the pipe: the
+    // daemon must carry on (and stop on SIGTERM) with its stderr gone.
     let reader = std::thread::spawn(move || {
-        let mut needs_login = 0;
+        let (mut announced, mut retries) = (0, 0);
         let mut seen = String::new();
         for line in stderr.lines() {
             let line = line.unwrap();
             if line.contains("needs login") && line.contains("mail2ticket login --config") {
-                needs_login += 1;
+                if line.contains("mailbox failing") {
+                    announced += 1;
+                } else if line.contains("poller failed") {
+                    retries += 1;
+                }
             }
             seen.push_str(&line);
             seen.push('\n');
-            if needs_login >= 2 {
+            if retries >= 3 {
                 break;
             }
         }
-        (needs_login, seen)
+        ((announced, retries), seen)
     });
     let (needs_login, seen) = tokio::task::spawn_blocking(move || reader.join().unwrap())
         .await
         .unwrap();
-    assert!(needs_login >= 2, "{seen}");
+    assert_eq!(needs_login, (1, 3), "{seen}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while bed.tickets("app-support").await < 1 {
         assert!(

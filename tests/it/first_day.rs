@@ -331,6 +331,7 @@ async fn a_link_that_keeps_dropping_retries_at_once_while_batches_commit() {
     let log_path = dir.path().join("stderr.log");
     let child = binary(&["run", "--config"])
         .arg(&path)
+        .env("RUST_LOG", "info,mail2ticket::runtime::supervisor=debug")
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();

@@ -38,6 +38,17 @@ fn mailbox<'a>(status: &'a Value, parser: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {parser} in {status}"))
 }
 
+/// The value of metric `name` on the line carrying every one of `labels`, if any.
+fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .or_else(|| {
+            text.lines()
+                .find(|l| labels.is_empty() && l.starts_with(&format!("{name} ")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
 #[tokio::test]
 async fn the_endpoints_show_every_mailbox_and_enforce_the_token() {
     let s = TestEnv::mail().await;
@@ -136,20 +147,8 @@ async fn the_endpoints_show_every_mailbox_and_enforce_the_token() {
     let (code, metrics) = get(&format!("{base}/metrics"), Some(TOKEN)).await;
     assert_eq!(code, 200);
     let value = |name: &str, labels: &[&str]| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
-            .or_else(|| {
-                metrics
-                    .lines()
-                    .find(|l| labels.is_empty() && l.starts_with(&format!("{name} ")))
-            })
+        metric(&metrics, name, labels)
             .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{metrics}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
     };
     let created = r#"outcome="created""#;
     assert_eq!(
@@ -322,4 +321,182 @@ async fn systemd_hears_ready_watchdog_status_and_stopping() {
     tokio::time::timeout(Duration::from_secs(10), stopping)
         .await
         .expect("STOPPING=1 on SIGTERM");
+}
+
+/// Sends `signal` to process `pid`.
+fn kill(signal: &str, pid: u32) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Everything heard on a notify socket, collected in the background.
+fn listen_for_notifications(
+    socket: tokio::net::UnixDatagram,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = heard.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf).await {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            into.lock()
+                .unwrap()
+                .extend(text.lines().map(str::to_string));
+        }
+    });
+    heard
+}
+
+#[tokio::test]
+async fn a_sighup_applies_a_new_file_and_a_broken_one_changes_nothing() {
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
+    for n in 0..2 {
+        s.dovecot().deliver(SHARED_B, &message(n, SHARED_B));
+    }
+    // Each mailbox through its own proxy, which counts the sessions opened.
+    let imap = s.dovecot().imap_port;
+    let support_link = CuttingProxy::start_passing(imap).await;
+    let sales_link = CuttingProxy::start_passing(imap).await;
+    let http_port = free_port();
+    let http = |token: &str| {
+        format!("\n[http]\nlisten = \"127.0.0.1:{http_port}\"\ntoken = \"{token}\"\n")
+    };
+    let support = || s.plain_via("support", SHARED_A, support_link.port);
+    let sales = || s.plain_via("sales", SHARED_B, sales_link.port);
+    let first = s.config_toml(&[support(), s.ssl("finance", NOT_GRANTED)]) + &http(TOKEN);
+    let path = s.write_file("reload.toml", &first);
+    let socket_path = s.dir.path().join("notify.sock");
+    let heard = listen_for_notifications(tokio::net::UnixDatagram::bind(&socket_path).unwrap());
+    let log_path = s.dir.path().join("stderr.log");
+    let child = binary(&["run", "--config"])
+        .arg(&path)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _daemon = KillOnDrop(child);
+    let base = format!("http://127.0.0.1:{http_port}");
+    let status = |token: &'static str| {
+        let url = format!("{base}/status.json");
+        async move {
+            let response = client().get(&url).bearer_auth(token).send().await.ok()?;
+            if response.status() != 200 {
+                return None;
+            }
+            response.json::<Value>().await.ok()
+        }
+    };
+    let state = |status: &Value, parser: &str| -> Option<String> {
+        status["mailboxes"]
+            .as_array()?
+            .iter()
+            .find(|m| m["parser"] == parser)
+            .map(|m| m["state"].as_str().unwrap().to_string())
+    };
+    wait_for(Duration::from_secs(60), || async {
+        status(TOKEN).await.is_some_and(|st| {
+            mailbox(&st, "support")["messages_total"]["created"] == 1
+                && state(&st, "support").as_deref() == Some("idle")
+                && state(&st, "finance").as_deref() == Some("backoff")
+        })
+    })
+    .await;
+    assert_eq!(support_link.connections(), 1);
+
+    // 1. Add sales, remove finance, rotate the HTTP token; support is not touched.
+    const ROTATED: &str = "rotated-token-9876543210";
+    s.write_file(
+        "reload.toml",
+        &(s.config_toml(&[support(), sales()]) + &http(ROTATED)),
+    );
+    kill("-HUP", pid);
+    wait_for(Duration::from_secs(60), || async {
+        status(ROTATED).await.is_some_and(|st| {
+            mailbox(&st, "sales")["messages_total"]["created"] == 2
+                && state(&st, "sales").as_deref() == Some("idle")
+                && state(&st, "finance").is_none()
+        })
+    })
+    .await;
+    assert!(status(TOKEN).await.is_none(), "the old token still works");
+    let st = status(ROTATED).await.unwrap();
+    assert_eq!(state(&st, "support").as_deref(), Some("idle"));
+    assert_eq!(mailbox(&st, "support")["messages_total"]["created"], 1);
+    assert_eq!(
+        support_link.connections(),
+        1,
+        "support's session was closed"
+    );
+    let notifications = heard.lock().unwrap().clone();
+    let reloading = notifications.iter().position(|m| m == "RELOADING=1");
+    let ready_again = notifications.iter().rposition(|m| m == "READY=1");
+    assert!(
+        matches!((reloading, ready_again), (Some(r), Some(a)) if r < a)
+            && notifications
+                .iter()
+                .any(|m| m.starts_with("MONOTONIC_USEC=")),
+        "{notifications:?}"
+    );
+    // The removed parser's gauges leave /metrics; the reload is counted.
+    let metrics_url = format!("{base}/metrics");
+    wait_for(Duration::from_secs(20), || async {
+        let (_, text) = get(&metrics_url, Some(ROTATED)).await;
+        metric(&text, "mail2ticket_mailbox_up", &[r#"parser="finance""#]).is_none()
+            && metric(&text, "mail2ticket_mailbox_up", &[r#"parser="sales""#]) == Some(1.0)
+    })
+    .await;
+    let (_, text) = get(&metrics_url, Some(ROTATED)).await;
+    let reloads = |result: &str| {
+        let label = format!("result=\"{result}\"");
+        metric(&text, "mail2ticket_config_reloads_total", &[&label])
+    };
+    assert_eq!(reloads("ok"), Some(1.0), "{text}");
+
+    // 2. A changed parser restarts (a new session); the unchanged one keeps its own.
+    let changed = s.config_toml(&[support(), sales().with("stale_after = 900")]) + &http(ROTATED);
+    s.write_file("reload.toml", &changed);
+    kill("-HUP", pid);
+    wait_for(Duration::from_secs(30), || async {
+        sales_link.connections() == 2
+            && status(ROTATED)
+                .await
+                .is_some_and(|st| state(&st, "sales").as_deref() == Some("idle"))
+    })
+    .await;
+    assert_eq!(support_link.connections(), 1);
+
+    // 3. A broken file: every problem logged with its line, nothing changes.
+    let broken = changed.replace("stale_after = 900", "stale_after = 900\nafter = \"shred\"")
+        + "[[parser]]\nname = \"late\"\nemail = \"late@example.test\"\ncredential = \"nope\"\n[parser.imap]\nhost = \"127.0.0.1\"\n";
+    s.write_file("reload.toml", &broken);
+    kill("-HUP", pid);
+    wait_for(Duration::from_secs(20), || async {
+        let (_, text) = get(&metrics_url, Some(ROTATED)).await;
+        metric(
+            &text,
+            "mail2ticket_config_reloads_total",
+            &[r#"result="error""#],
+        ) == Some(1.0)
+    })
+    .await;
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let problem_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("reload.toml:") && (l.contains("shred") || l.contains("nope")))
+        .collect();
+    assert_eq!(problem_lines.len(), 2, "{log}");
+    let st = status(ROTATED).await.unwrap();
+    assert_eq!(st["mailboxes"].as_array().unwrap().len(), 2, "{st}");
+    assert_eq!(state(&st, "support").as_deref(), Some("idle"));
+    assert_eq!(state(&st, "sales").as_deref(), Some("idle"));
+    assert_eq!(
+        (support_link.connections(), sales_link.connections()),
+        (1, 2)
+    );
+    assert!(!log.contains("s3cret") && !log.contains(ROTATED), "{log}");
 }

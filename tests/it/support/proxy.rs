@@ -3,7 +3,8 @@
 //! a FETCH", "the link drops every few seconds"),
 //! or every connection whose server data carries a marker ("this message never comes
 //! through"), can rewrite the server's answers (to play Exchange's error texts),
-//! records what clients sent (to check which commands a client used), and can play an
+//! records what clients sent (to check which commands a client used), counts connections
+//! (to check that a session stayed open), and can play an
 //! outage (every connection cut, new ones refused) until told to recover.
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ pub struct CuttingProxy {
     /// The port to connect to instead of the server's.
     pub port: u16,
     cuts: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
     sent_by_clients: Arc<std::sync::Mutex<Vec<u8>>>,
     down: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -28,6 +30,8 @@ enum Cut {
     EveryAfter(usize),
     /// Every connection, as soon as the server's data holds this marker.
     OnMarker(Vec<u8>),
+    /// Never; everything passes unchanged.
+    Pass,
     /// Never; the server's `from` bytes are replaced by `to` (within one read).
     Rewrite(Vec<u8>, Vec<u8>),
 }
@@ -51,6 +55,11 @@ impl CuttingProxy {
         Self::start_with(target, Cut::OnMarker(marker.to_vec())).await
     }
 
+    /// Forwards to `127.0.0.1:target`, cutting nothing (to count connections).
+    pub async fn start_passing(target: u16) -> CuttingProxy {
+        Self::start_with(target, Cut::Pass).await
+    }
+
     /// Forwards to `127.0.0.1:target`, replacing `from` with `to` in what the server sends
     /// (plain IMAP only; a short `from` arrives within one read).
     pub async fn start_rewriting(target: u16, from: &[u8], to: &[u8]) -> CuttingProxy {
@@ -61,6 +70,8 @@ impl CuttingProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cuts = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let accepting = accepted.clone();
         let armed = Arc::new(AtomicBool::new(true));
         let counter = cuts.clone();
         let sent_by_clients = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -73,6 +84,7 @@ impl CuttingProxy {
                 if *outage.borrow() {
                     continue; // refused: dropped at once
                 }
+                accepting.fetch_add(1, Ordering::SeqCst);
                 let (cut, marker, rewrite) = match &rule {
                     Cut::FirstAfter(n) => (
                         armed.swap(false, Ordering::SeqCst).then_some(*n),
@@ -82,6 +94,7 @@ impl CuttingProxy {
                     Cut::EveryAfter(n) => (Some(*n), None, None),
                     Cut::OnMarker(m) => (None, Some(m.clone()), None),
                     Cut::Rewrite(from, to) => (None, None, Some((from.clone(), to.clone()))),
+                    Cut::Pass => (None, None, None),
                 };
                 let counter = counter.clone();
                 let recorder = recorder.clone();
@@ -149,6 +162,7 @@ impl CuttingProxy {
         CuttingProxy {
             port,
             cuts,
+            accepted,
             sent_by_clients,
             down,
         }
@@ -163,6 +177,11 @@ impl CuttingProxy {
     /// Everything clients have sent so far, as text.
     pub fn client_traffic(&self) -> String {
         String::from_utf8_lossy(&self.sent_by_clients.lock().unwrap()).into_owned()
+    }
+
+    /// How many connections were passed on to the server.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// How many connections were cut.
