@@ -118,6 +118,20 @@ impl TokenSource {
     }
 }
 
+impl TokenSource {
+    /// A resource server said this token itself is invalid (Microsoft Graph's 401, where a
+    /// missing permission is a 403 instead): it is dropped, so the next
+    /// [`token`](Self::token) call fetches a new one.
+    pub async fn token_rejected(&self, token: &AccessToken) {
+        let mut cache = self.cache.lock().await;
+        if is_current(&cache, token) {
+            cache.token = None;
+            cache.evidence = Evidence::default();
+            cache.replacing = true;
+        }
+    }
+}
+
 /// True when `token` is the one in the cache.
 fn is_current(cache: &Cache, token: &AccessToken) -> bool {
     cache

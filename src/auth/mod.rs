@@ -580,6 +580,16 @@ impl TokenSources {
         current.get_for(name, &credential.scope).ok().flatten()
     }
 
+    /// The cache of that credential for Microsoft Graph (its `graph_scope`).
+    pub fn graph(&self, name: &str) -> Option<Arc<TokenSource>> {
+        let current = self.current();
+        let credential = current.credentials.get(name)?;
+        current
+            .get_for(name, &credential.graph_scope)
+            .ok()
+            .flatten()
+    }
+
     /// The cache of that credential for `scope` (made on first use); `None` for an unknown
     /// credential.
     pub fn get_for(&self, name: &str, scope: &str) -> Result<Option<Arc<TokenSource>>, AuthError> {

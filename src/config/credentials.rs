@@ -61,6 +61,13 @@ pub(super) fn validate_credentials(
             );
         }
         let (authority, scope) = authority_and_scope(c, &key, at, problems);
+        let graph_scope = c.graph_scope.clone().unwrap_or_else(|| {
+            match c.kind {
+                CredentialKind::ClientCredentials => DEFAULT_GRAPH_APP_SCOPE,
+                CredentialKind::Password | CredentialKind::Delegated => DEFAULT_GRAPH_USER_SCOPE,
+            }
+            .to_string()
+        });
         out.push(CredentialConfig {
             name: c.name.clone(),
             kind: c.kind,
@@ -70,6 +77,7 @@ pub(super) fn validate_credentials(
             user,
             authority,
             scope,
+            graph_scope,
             redirect_port: c.redirect_port.unwrap_or(0),
         });
     }

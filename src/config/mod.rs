@@ -36,6 +36,13 @@ pub const DEFAULT_PASSWORD_SCOPE: &str = "https://outlook.office.com/IMAP.Access
 /// Default scope of a delegated sign-in: IMAP as the user, plus a refresh token.
 pub const DEFAULT_DELEGATED_SCOPE: &str =
     "https://outlook.office.com/IMAP.AccessAsUser.All offline_access";
+/// Default scope of app-only tokens for Microsoft Graph.
+pub const DEFAULT_GRAPH_APP_SCOPE: &str = "https://graph.microsoft.com/.default";
+/// Default scope of user tokens for Microsoft Graph (shared mailboxes need `.Shared`).
+pub const DEFAULT_GRAPH_USER_SCOPE: &str =
+    "https://graph.microsoft.com/Mail.ReadWrite.Shared offline_access";
+/// Default Microsoft Graph endpoint.
+pub const DEFAULT_GRAPH_BASE_URL: &str = "https://graph.microsoft.com/v1.0";
 /// Shortest `[secrets] key` accepted, in bytes.
 pub const MIN_SECRETS_KEY_LEN: usize = 32;
 /// Default largest attachment whose content is stored: 25 MiB.
@@ -150,8 +157,10 @@ pub struct CredentialConfig {
     pub user: Option<PasswordUser>,
     /// Token endpoint base, e.g. `https://login.microsoftonline.com`.
     pub authority: String,
-    /// Requested scope.
+    /// Requested scope (for IMAP).
     pub scope: String,
+    /// Requested scope for Microsoft Graph.
+    pub graph_scope: String,
     /// Loopback port `mail2ticket login` listens on for the redirect (0: any free port).
     pub redirect_port: u16,
 }
@@ -238,8 +247,38 @@ pub struct ParserConfig {
     pub max_tickets_per_sender: u32,
     /// The window of the loop protection.
     pub sender_window: std::time::Duration,
-    /// The IMAP server.
-    pub imap: ImapConfig,
+    /// Where the mail comes from: an IMAP server or Microsoft Graph.
+    pub source: SourceConfig,
+}
+
+/// A parser's mail source: exactly one of `[parser.imap]` and `[parser.graph]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceConfig {
+    /// `[parser.imap]`.
+    Imap(ImapConfig),
+    /// `[parser.graph]`.
+    Graph(GraphConfig),
+}
+
+impl SourceConfig {
+    /// `imap` or `graph` (for status pages and metrics).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Imap(_) => "imap",
+            SourceConfig::Graph(_) => "graph",
+        }
+    }
+}
+
+/// `[parser.graph]`: a mailbox read through Microsoft Graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraphConfig {
+    /// A well-known folder name (`inbox`, `archive`, ...) or a path (`Inbox/Support`).
+    pub folder: String,
+    /// The Graph endpoint, without a trailing slash (national clouds and tests change it).
+    pub base_url: String,
+    /// Time between change rounds.
+    pub poll_interval: std::time::Duration,
 }
 
 /// `after`: what happens on the IMAP server to a message whose rows are committed.

@@ -1,7 +1,8 @@
-//! `[[parser]]`: one mailbox each, with its IMAP server, its login and its rules.
+//! `[[parser]]`: one mailbox each, with its source (an IMAP server or Microsoft Graph), its
+//! login and its rules.
 
 use super::problems::{Problems, Table};
-use super::raw::{RawImap, RawParser};
+use super::raw::{RawGraph, RawImap, RawParser};
 use super::*;
 use std::collections::HashSet;
 use std::path::Path;
@@ -31,9 +32,11 @@ pub(super) fn validate_parsers(
         }
         let username = check_identity(p, &mut table);
         let auth = parser_auth(p, credentials, config_dir, &mut table);
-        let imap = check_imap(&p.imap, config_dir, &mut table);
+        let source = check_source(p, &auth, config_dir, &mut table);
         let rules = check_rules(p, &mut table);
-        let Some(auth) = auth else { continue };
+        let (Some(auth), Some(source)) = (auth, source) else {
+            continue;
+        };
         out.push(ParserConfig {
             name,
             email: p.email.trim().to_string(),
@@ -53,7 +56,7 @@ pub(super) fn validate_parsers(
             ticket_tag: rules.ticket_tag,
             max_tickets_per_sender: p.max_tickets_per_sender.unwrap_or(20),
             sender_window: Duration::from_secs(p.sender_window.unwrap_or(600)),
-            imap,
+            source,
         });
     }
     out
@@ -175,6 +178,58 @@ fn check_rules(p: &RawParser, table: &mut Table) -> Rules {
         after,
         start_at,
         ticket_tag,
+    }
+}
+
+/// Exactly one of `[parser.imap]` and `[parser.graph]`; Graph needs a credential.
+fn check_source(
+    p: &RawParser,
+    auth: &Option<ParserAuth>,
+    config_dir: &Path,
+    table: &mut Table,
+) -> Option<SourceConfig> {
+    match (&p.imap, &p.graph) {
+        (Some(imap), None) => Some(SourceConfig::Imap(check_imap(imap, config_dir, table))),
+        (None, Some(graph)) => {
+            if matches!(auth, Some(ParserAuth::Password(_))) {
+                table.add("password", "a [parser.graph] mailbox signs in with a credential (credential = \"...\"), not an IMAP password");
+            }
+            Some(SourceConfig::Graph(check_graph(graph, table)))
+        }
+        (Some(_), Some(_)) => {
+            table.add("graph", "a parser reads one mailbox: keep either [parser.imap] or [parser.graph]");
+            None
+        }
+        (None, None) => {
+            table.add("imap", "missing: add [parser.imap] (host = ...) or [parser.graph] (Microsoft Graph)");
+            None
+        }
+    }
+}
+
+/// `[parser.graph]`: the folder and the endpoint (https, or http to loopback for tests).
+fn check_graph(graph: &RawGraph, table: &mut Table) -> GraphConfig {
+    if graph.folder.trim().is_empty() || graph.folder.split('/').any(|part| part.trim().is_empty()) {
+        table.add("graph.folder", "must be a well-known folder name such as \"inbox\" or a path such as \"Inbox/Support\"");
+    }
+    let base_url = graph
+        .base_url
+        .clone()
+        .unwrap_or_else(|| DEFAULT_GRAPH_BASE_URL.to_string())
+        .trim_end_matches('/')
+        .to_string();
+    match url::Url::parse(&base_url) {
+        Ok(url) if url.scheme() == "https" => {}
+        Ok(url) if url.scheme() == "http" && url.host_str().is_some_and(is_loopback) => {}
+        _ => table.add("graph.base_url", format!("{base_url:?} must be an https URL such as {DEFAULT_GRAPH_BASE_URL} (plain http only to loopback)")),
+    }
+    if graph.poll_interval == Some(0) {
+        table.add("graph.poll_interval", "must be at least 1 (seconds)");
+    }
+    GraphConfig {
+        folder: graph.folder.trim().to_string(),
+        base_url,
+        poll_interval: Duration::from_secs(graph.poll_interval.unwrap_or(30)),
     }
 }
 

@@ -58,6 +58,7 @@ pub(super) struct RawCredential {
     pub(super) password: Option<SecretSource>,
     pub(super) authority: Option<String>,
     pub(super) scope: Option<String>,
+    pub(super) graph_scope: Option<String>,
     pub(super) redirect_port: Option<u16>,
 }
 
@@ -88,7 +89,21 @@ pub(super) struct RawParser {
     pub(super) ticket_tag: Option<String>,
     pub(super) max_tickets_per_sender: Option<u32>,
     pub(super) sender_window: Option<u64>,
-    pub(super) imap: RawImap,
+    pub(super) imap: Option<RawImap>,
+    pub(super) graph: Option<RawGraph>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGraph {
+    #[serde(default = "default_graph_folder")]
+    pub(super) folder: String,
+    pub(super) base_url: Option<String>,
+    pub(super) poll_interval: Option<u64>,
+}
+
+fn default_graph_folder() -> String {
+    "inbox".to_string()
 }
 
 fn default_status() -> ParserStatus {

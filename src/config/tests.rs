@@ -33,9 +33,12 @@ fn load(text: &str) -> Result<Config, ConfigError> {
 fn good_config_gets_defaults() {
     let c = load(GOOD).unwrap();
     let p = &c.parsers[0];
-    assert_eq!(p.imap.port, 993);
-    assert_eq!(p.imap.encryption, Encryption::Ssl);
-    assert_eq!(p.imap.folder, "INBOX");
+    let SourceConfig::Imap(imap) = &p.source else {
+        panic!("an IMAP parser")
+    };
+    assert_eq!(imap.port, 993);
+    assert_eq!(imap.encryption, Encryption::Ssl);
+    assert_eq!(imap.folder, "INBOX");
     assert!(p.add_attachments);
     assert!(!p.add_ccs);
     assert_eq!(p.status, ParserStatus::Active);
@@ -315,4 +318,30 @@ fn byte_sizes() {
     assert_eq!(parse_byte_size("100").unwrap(), 100);
     assert!(parse_byte_size("12 parsecs").is_err());
     assert!(parse_byte_size("MB").is_err());
+}
+
+#[test]
+fn a_graph_parser_needs_a_credential_and_one_source() {
+    let base = "[database]\nurl = \"postgres://x/y\"\n[[credential]]\nname = \"app\"\ntype = \"client_credentials\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+    let graph = format!("{base}[[parser]]\nname = \"g\"\nemail = \"g@x.test\"\ncredential = \"app\"\n[parser.graph]\nfolder = \"Inbox/Support\"\n");
+    let config = Config::from_toml(Path::new("t.toml"), &graph).unwrap();
+    let SourceConfig::Graph(g) = &config.parsers[0].source else {
+        panic!("a Graph parser")
+    };
+    assert_eq!((g.folder.as_str(), g.base_url.as_str()), ("Inbox/Support", DEFAULT_GRAPH_BASE_URL));
+    assert_eq!(g.poll_interval, std::time::Duration::from_secs(30));
+    assert_eq!(config.credentials[0].graph_scope, DEFAULT_GRAPH_APP_SCOPE);
+
+    let both = format!("{graph}[parser.imap]\nhost = \"h\"\n");
+    let err = Config::from_toml(Path::new("t.toml"), &both).unwrap_err().to_string();
+    assert!(err.contains("parser[0].graph") && err.contains("either"), "{err}");
+    let neither = format!("{base}[[parser]]\nname = \"g\"\nemail = \"g@x.test\"\ncredential = \"app\"\n");
+    let err = Config::from_toml(Path::new("t.toml"), &neither).unwrap_err().to_string();
+    assert!(err.contains("[parser.graph]"), "{err}");
+    let password = graph.replace("credential = \"app\"", "password = \"pw\"");
+    let err = Config::from_toml(Path::new("t.toml"), &password).unwrap_err().to_string();
+    assert!(err.contains("parser[0].password"), "{err}");
+    let insecure = graph.replace("folder = \"Inbox/Support\"", "base_url = \"http://graph.example.com/v1.0\"");
+    let err = Config::from_toml(Path::new("t.toml"), &insecure).unwrap_err().to_string();
+    assert!(err.contains("parser[0].graph.base_url"), "{err}");
 }

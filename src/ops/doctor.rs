@@ -3,7 +3,7 @@
 //! It prints no secret and no whole token: only claims that say who the token is for.
 
 use crate::auth::{AuthError, TokenSources, entra_hint};
-use crate::config::{Config, CredentialKind, ParserAuth, ParserConfig};
+use crate::config::{Config, CredentialKind, ImapConfig, ParserAuth, ParserConfig, SourceConfig};
 use crate::source::imap::first_contact;
 use crate::source::imap::{self, ImapError, Login};
 use secrecy::ExposeSecret;
@@ -23,7 +23,7 @@ pub struct Step {
 }
 
 impl Step {
-    fn ok(name: impl Into<String>, detail: impl Into<String>) -> Step {
+    pub(super) fn ok(name: impl Into<String>, detail: impl Into<String>) -> Step {
         Step {
             ok: true,
             name: name.into(),
@@ -32,7 +32,7 @@ impl Step {
         }
     }
 
-    fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Step {
+    pub(super) fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Step {
         let fix = fix.into();
         Step {
             ok: false,
@@ -70,6 +70,7 @@ enum Check {
 /// What the checks so far have opened.
 struct Checkup<'a> {
     parser: &'a ParserConfig,
+    imap: &'a ImapConfig,
     tokens: &'a TokenSources,
     connection: Option<imap::Connection>,
     session: Option<imap::ImapSession>,
@@ -82,8 +83,16 @@ pub async fn check_parser(parser: &ParserConfig, tokens: &TokenSources) -> Vec<S
         "config",
         format!("mailbox {} as {}", parser.email, parser.login_user()),
     )];
+    let imap = match &parser.source {
+        SourceConfig::Imap(imap) => imap,
+        SourceConfig::Graph(graph) => {
+            steps.extend(super::doctor_graph::check(parser, graph, tokens).await);
+            return steps;
+        }
+    };
     let mut checkup = Checkup {
         parser,
+        imap,
         tokens,
         connection: None,
         session: None,
@@ -118,7 +127,7 @@ impl Checkup<'_> {
     }
 
     async fn dns(&mut self) -> Step {
-        let imap = &self.parser.imap;
+        let imap = self.imap;
         match tokio::net::lookup_host((imap.host.as_str(), imap.port)).await {
             Ok(addrs) => {
                 let addrs: Vec<String> = addrs.map(|a| a.ip().to_string()).collect();
@@ -133,7 +142,7 @@ impl Checkup<'_> {
     }
 
     async fn connect(&mut self) -> Step {
-        let imap = &self.parser.imap;
+        let imap = self.imap;
         let started = Instant::now();
         match imap::connect(imap).await {
             Ok(c) => {
@@ -227,7 +236,7 @@ impl Checkup<'_> {
     }
 
     async fn select(&mut self) -> Step {
-        let folder = &self.parser.imap.folder;
+        let folder = &self.imap.folder;
         let session = self.session.as_mut().expect("login ran first");
         match session.select(folder).await {
             Ok(status) => {
@@ -253,7 +262,7 @@ impl Checkup<'_> {
 
     /// Read-only: what the policy would take if the folder were met for the first time.
     async fn start_at(&mut self) -> Step {
-        let (folder, start_at) = (&self.parser.imap.folder, self.parser.start_at);
+        let (folder, start_at) = (&self.imap.folder, self.parser.start_at);
         let session = self.session.as_mut().expect("login ran first");
         let status = self.status.as_ref().expect("select ran first");
         match first_contact::choose(session, folder, status, start_at).await {
@@ -274,7 +283,7 @@ impl Checkup<'_> {
 }
 
 /// What to do about a failed token request.
-fn token_fix(e: &AuthError) -> String {
+pub(super) fn token_fix(e: &AuthError) -> String {
     match e {
         AuthError::Entra {
             aadsts: Some(code), ..

@@ -2,6 +2,7 @@
 //! endpoints (health, status), systemd notify and logging.
 
 pub mod doctor;
+mod doctor_graph;
 pub mod http;
 pub mod logging;
 pub mod metrics;

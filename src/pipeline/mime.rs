@@ -297,6 +297,13 @@ pub fn clean(s: &str) -> String {
     }
 }
 
+/// The key a Message-ID is stored under (as [`parse`] stores it), for a Message-ID a
+/// source reports before the message is downloaded; `None` when it would be stored under
+/// a made-up key instead (empty or too long).
+pub fn stored_message_id(id: &str) -> Option<String> {
+    normalize_id(id).filter(|id| id.len() <= MAX_MESSAGE_ID_LEN)
+}
+
 pub(super) fn normalize_id(id: &str) -> Option<String> {
     let id: String = clean(id)
         .trim()

@@ -19,7 +19,8 @@ use crate::config::ParserConfig;
 use crate::pipeline::{self, Arrival, Incoming, Pipeline};
 use crate::runtime::state::{MailboxState, Registry};
 use crate::source::imap::first_contact::FirstContact;
-use crate::source::{MailSource, Pending, SourceError, SourceSession, WaitEnd};
+use crate::source::{Fetched, MailSource, Pending, SourceError, SourceSession, WaitEnd};
+use std::collections::HashSet;
 use crate::store::StoreError;
 use crate::store::mailbox::{self, FetchTrouble};
 use sqlx::PgPool;
@@ -184,14 +185,38 @@ impl<S: MailSource> Poller<S> {
             mailbox::save_start(&mut conn, name, key, cursor).await?;
             trouble = None;
         }
+        // Messages whose Message-ID the source told and that are stored already (a Graph
+        // round returns a message again when it changed, e.g. once marked read) are not
+        // downloaded again; only the cursor moves past them.
+        let ids: Vec<&str> = listing
+            .pending
+            .iter()
+            .filter_map(|m| m.message_id.as_deref())
+            .collect();
+        let known = if ids.is_empty() {
+            HashSet::new()
+        } else {
+            crate::store::tickets::stored_message_ids(&mut conn, name, &ids).await?
+        };
         drop(conn);
-        if !listing.pending.is_empty() {
-            tracing::info!(messages = listing.pending.len(), "new mail");
+        let new = listing.pending.len() - listing.pending.iter().filter(|m| is_known(m, &known)).count();
+        if new > 0 {
+            tracing::info!(messages = new, "new mail");
         }
-        self.states.backlog(name, listing.pending.len() as u64);
+        self.states.backlog(name, new as u64);
         let mut rest = listing.pending.as_slice();
         while !rest.is_empty() && !cancel.is_cancelled() {
+            // Stored already: only the cursor moves (so a failing message is always first).
+            let stored = rest.iter().take_while(|m| is_known(m, &known)).count();
+            if stored > 0 {
+                let (passed, tail) = rest.split_at(stored);
+                self.store_batch(session, passed, &known, stats, None, false)
+                    .await?;
+                rest = tail;
+                continue;
+            }
             let failures = trouble
+                .as_ref()
                 .filter(|t| t.key == rest[0].key)
                 .map_or(0, |t| t.failures);
             if failures >= GIVE_UP_AFTER {
@@ -206,7 +231,7 @@ impl<S: MailSource> Poller<S> {
             let isolating = failures >= ISOLATE_AFTER;
             if isolating {
                 tracing::warn!(
-                    key = batch[0].key,
+                    key = %batch[0].key,
                     failures,
                     "fetches starting here failed repeatedly: fetching these messages one at a time"
                 );
@@ -217,12 +242,16 @@ impl<S: MailSource> Poller<S> {
                 vec![batch]
             };
             for chunk in chunks {
-                self.store_batch(session, chunk, stats, trouble, isolating)
+                self.store_batch(session, chunk, &known, stats, trouble.as_ref(), isolating)
                     .await?;
                 on_progress();
             }
         }
         if !cancel.is_cancelled() {
+            if let Some(cursor) = &listing.save_after {
+                let mut conn = self.pool.acquire().await?;
+                mailbox::save(&mut conn, name, key, cursor).await?;
+            }
             self.states.ok(name);
             self.states.set(name, MailboxState::Idle);
         }
@@ -233,11 +262,11 @@ impl<S: MailSource> Poller<S> {
     /// abandoned). A message failing alone while isolating starts just below the limit.
     async fn record_fetch_failure(
         &self,
-        batch: &[Pending],
-        trouble: Option<FetchTrouble>,
+        batch: &[&Pending],
+        trouble: Option<&FetchTrouble>,
         isolating: bool,
     ) {
-        let key = batch[0].key;
+        let key = batch[0].key.clone();
         let failures = match trouble {
             Some(t) if t.key == key => t.failures + 1,
             _ if isolating => ISOLATE_AFTER + 1,
@@ -245,19 +274,22 @@ impl<S: MailSource> Poller<S> {
         };
         let saved = async {
             let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
-            let trouble = FetchTrouble { key, failures };
+            let trouble = FetchTrouble {
+                key: key.clone(),
+                failures,
+            };
             let cursor_key = self.source.cursor_key();
             mailbox::save_fetch_trouble(&mut conn, &self.parser.name, cursor_key, trouble).await
         };
         match saved.await {
             Ok(()) => {
                 tracing::warn!(
-                    key,
+                    key = %key,
                     failures,
                     "the server failed to return the messages from here on"
                 )
             }
-            Err(e) => tracing::warn!(key, error = %e, "cannot record a failed fetch"),
+            Err(e) => tracing::warn!(key = %key, error = %e, "cannot record a failed fetch"),
         }
     }
 
@@ -290,49 +322,54 @@ impl<S: MailSource> Poller<S> {
         let outcomes = self
             .commit(&[incoming(message, &raw, Some(&reason))], message)
             .await?;
-        tracing::error!(key = message.key, failures, outcome = ?outcomes[0],
+        tracing::error!(key = %message.key, failures, outcome = ?outcomes[0],
             "gave up on a message the server does not return; quarantined, left in the mailbox");
         stats.count(&outcomes[0]);
         // The session may have died with the header fetch: reconnect (progress is saved).
         header.map(|_| ()).map_err(PollError::from)
     }
 
-    /// Fetches, stores and settles one batch.
+    /// Fetches, stores and settles one batch (messages in `known` are stored already:
+    /// only the cursor moves past them).
     async fn store_batch(
         &self,
         session: &mut S::Session,
         batch: &[Pending],
+        known: &HashSet<String>,
         stats: &mut PollStats,
-        trouble: Option<FetchTrouble>,
+        trouble: Option<&FetchTrouble>,
         isolating: bool,
     ) -> Result<(), PollError> {
         let max = self.parser.max_message_size;
-        let raws = match fetch_batch(session, batch, max).await {
-            Ok(raws) => raws,
+        let fresh: Vec<&Pending> = batch.iter().filter(|m| !is_known(m, known)).collect();
+        let fetched = match fetch_batch(session, &fresh, max).await {
+            Ok(fetched) => fetched,
             Err(e) => {
-                self.record_fetch_failure(batch, trouble, isolating).await;
+                self.record_fetch_failure(&fresh, trouble, isolating).await;
                 return Err(e.into());
             }
         };
-        let reasons: Vec<Option<String>> = batch
+        let items: Vec<Incoming> = fresh
             .iter()
-            .map(|m| (m.size > max).then(|| too_large(m, max)))
-            .collect();
-        let items: Vec<Incoming> = batch
-            .iter()
-            .zip(&raws)
-            .zip(&reasons)
-            .map(|((m, raw), reason)| incoming(m, raw, reason.as_deref()))
+            .zip(&fetched)
+            .map(|(m, (raw, reason))| incoming(m, raw, reason.as_deref()))
             .collect();
         let last = batch.last().expect("a batch is never empty");
         for outcome in self.commit(&items, last).await? {
             tracing::debug!(?outcome, "stored");
             stats.count(&outcome);
         }
-        tracing::info!(messages = batch.len(), key = last.key, "committed");
+        if !fresh.is_empty() {
+            tracing::info!(messages = fresh.len(), key = %last.key, "committed");
+        }
         // Only now, with the rows committed, may the messages leave the "new" state.
         // Oversized messages stay on the server untouched.
-        let done: Vec<&Pending> = batch.iter().filter(|m| m.size <= max).collect();
+        let done: Vec<&Pending> = fresh
+            .iter()
+            .zip(&fetched)
+            .filter(|(_, (_, too_large))| too_large.is_none())
+            .map(|(m, _)| *m)
+            .collect();
         if !done.is_empty() {
             session.settle(&done).await?;
         }
@@ -390,30 +427,56 @@ fn incoming<'a>(message: &Pending, raw: &'a [u8], header_only: Option<&'a str>) 
 }
 
 /// Why a message is only kept by its header.
-fn too_large(message: &Pending, max: u64) -> String {
+fn too_large(message: &Pending, size: u64, max: u64) -> String {
+    let counted = if size > message.size {
+        format!("more than {size} bytes (cut off while downloading)")
+    } else {
+        format!("{size} bytes (by the server's count)")
+    };
     format!(
-        "message is {} bytes (by the server's count), over max_message_size ({max} bytes); only its header is kept here, the message stays in the mailbox ({})",
-        message.size, message.location
+        "message is {counted}, over max_message_size ({max} bytes); only its header is kept here, the message stays in the mailbox ({})",
+        message.location
     )
 }
 
-/// Fetches a batch, in order: whole messages, and only the header of those over `max`.
+/// Fetches a batch, in order: whole messages, and only the header of those over `max`
+/// (by the listed size, or found while downloading), with the reason.
 async fn fetch_batch<T: SourceSession>(
     session: &mut T,
-    batch: &[Pending],
+    batch: &[&Pending],
     max: u64,
-) -> Result<Vec<Vec<u8>>, SourceError> {
-    let whole: Vec<&Pending> = batch.iter().filter(|m| m.size <= max).collect();
-    let mut bodies = session.fetch(&whole).await?.into_iter();
-    let mut raws = Vec::with_capacity(batch.len());
+) -> Result<Vec<(Vec<u8>, Option<String>)>, SourceError> {
+    let whole: Vec<&Pending> = batch.iter().copied().filter(|m| m.size <= max).collect();
+    let mut bodies = if whole.is_empty() {
+        Vec::new().into_iter()
+    } else {
+        session.fetch(&whole, max).await?.into_iter()
+    };
+    let mut fetched = Vec::with_capacity(batch.len());
     for message in batch {
-        if message.size > max {
-            raws.push(session.fetch_header(message).await?);
+        let size = if message.size > max {
+            message.size
         } else {
-            raws.push(bodies.next().expect("fetch returns one body per message"));
-        }
+            match bodies.next().expect("fetch returns one result per message") {
+                Fetched::Whole(raw) => {
+                    fetched.push((raw, None));
+                    continue;
+                }
+                Fetched::TooLarge { at_least } => at_least,
+            }
+        };
+        let header = session.fetch_header(message).await?;
+        fetched.push((header, Some(too_large(message, size, max))));
     }
-    Ok(raws)
+    Ok(fetched)
+}
+
+/// True when the source told the message's Message-ID and it is stored already.
+fn is_known(message: &Pending, known: &HashSet<String>) -> bool {
+    message
+        .message_id
+        .as_ref()
+        .is_some_and(|id| known.contains(id))
 }
 
 /// The next batch: up to [`BATCH_MESSAGES`] messages and [`BATCH_BYTES`] (always at least
@@ -441,8 +504,9 @@ mod tests {
         sizes
             .iter()
             .map(|&(key, size)| Pending {
-                key,
+                key: key.to_string(),
                 size,
+                message_id: None,
                 arrived: None,
                 location: format!("UID {key}"),
                 after: Cursor::Imap {

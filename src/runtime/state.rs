@@ -98,7 +98,7 @@ pub struct MailboxStatus {
     pub parser: String,
     /// The mailbox's address.
     pub email: String,
-    /// Where its mail comes from (`imap`).
+    /// Where its mail comes from (`imap` or `graph`).
     pub source: &'static str,
     /// What it is doing.
     pub state: MailboxState,
@@ -176,7 +176,7 @@ impl Registry {
         let mut status = MailboxStatus {
             parser: parser.name.clone(),
             email: parser.email.clone(),
-            source: "imap",
+            source: parser.source.kind(),
             state: MailboxState::Starting,
             since: Utc::now(),
             last_ok_at: None,

@@ -12,6 +12,8 @@ use crate::config::{Config, ParserAuth, ParserStatus};
 use crate::runtime::mailbox::{OnceStats, PollError, Poller};
 use crate::runtime::state::{Failure, MailboxState, Registry};
 use crate::source::SourceError;
+use crate::config::SourceConfig;
+use crate::source::graph::{GraphClient, GraphSource};
 use crate::source::imap::ImapSource;
 use backon::BackoffBuilder;
 use futures::FutureExt;
@@ -27,7 +29,39 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 /// The loop of one parser, over the parser's mail source.
-type MailboxPoller = Poller<ImapSource>;
+enum MailboxPoller {
+    /// `[parser.imap]`.
+    Imap(Poller<ImapSource>),
+    /// `[parser.graph]`.
+    Graph(Poller<GraphSource>),
+}
+
+impl MailboxPoller {
+    fn name(&self) -> &str {
+        match self {
+            MailboxPoller::Imap(p) => p.name(),
+            MailboxPoller::Graph(p) => p.name(),
+        }
+    }
+
+    async fn run_once(&self, cancel: &CancellationToken) -> Result<OnceStats, PollError> {
+        match self {
+            MailboxPoller::Imap(p) => p.run_once(cancel).await,
+            MailboxPoller::Graph(p) => p.run_once(cancel).await,
+        }
+    }
+
+    async fn run(
+        &self,
+        cancel: &CancellationToken,
+        on_progress: &(dyn Fn() + Sync),
+    ) -> Result<(), PollError> {
+        match self {
+            MailboxPoller::Imap(p) => p.run(cancel, on_progress).await,
+            MailboxPoller::Graph(p) => p.run(cancel, on_progress).await,
+        }
+    }
+}
 
 /// Longest wait between two attempts of a failing poller.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -41,18 +75,40 @@ pub struct OnceReport {
     pub result: Result<OnceStats, String>,
 }
 
-/// The mail source of a parser.
-fn source_of(parser: &Arc<ParserConfig>, tokens: &TokenSources) -> Result<ImapSource, String> {
-    let tokens = match &parser.auth {
-        ParserAuth::Credential(name) => Some(tokens.get(name).ok_or_else(|| {
-            format!(
-                "parser {:?} names an unknown credential {name:?}",
-                parser.name
-            )
-        })?),
-        ParserAuth::Password(_) => None,
+/// The loop of a parser over its mail source: this is where a kind of source is chosen.
+fn poller_of(
+    parser: &Arc<ParserConfig>,
+    pool: &PgPool,
+    tokens: &TokenSources,
+    states: &Registry,
+) -> Result<MailboxPoller, String> {
+    let unknown = |name: &str| {
+        format!(
+            "parser {:?} names an unknown credential {name:?}",
+            parser.name
+        )
     };
-    Ok(ImapSource::new(parser.clone(), tokens))
+    let (pool, states) = (pool.clone(), states.clone());
+    match (&parser.source, &parser.auth) {
+        (SourceConfig::Imap(imap), auth) => {
+            let tokens = match auth {
+                ParserAuth::Credential(name) => Some(tokens.get(name).ok_or_else(|| unknown(name))?),
+                ParserAuth::Password(_) => None,
+            };
+            let source = ImapSource::new(parser.clone(), imap.clone(), tokens);
+            Ok(MailboxPoller::Imap(Poller::new(parser.clone(), pool, source, states)))
+        }
+        (SourceConfig::Graph(graph), ParserAuth::Credential(name)) => {
+            let tokens = tokens.graph(name).ok_or_else(|| unknown(name))?;
+            let client = GraphClient::new(&graph.base_url, name, tokens).map_err(|e| e.to_string())?;
+            let source = GraphSource::new(parser.clone(), graph.clone(), client);
+            Ok(MailboxPoller::Graph(Poller::new(parser.clone(), pool, source, states)))
+        }
+        (SourceConfig::Graph(_), ParserAuth::Password(_)) => Err(format!(
+            "parser {:?}: a Graph mailbox needs a credential",
+            parser.name
+        )),
+    }
 }
 
 fn pollers(
@@ -68,8 +124,7 @@ fn pollers(
         .map(|p| {
             let parser = Arc::new(p.clone());
             states.register(&parser);
-            let source = source_of(&parser, tokens).map_err(|e| (p.name.clone(), e))?;
-            Ok(Poller::new(parser, pool.clone(), source, states.clone()))
+            poller_of(&parser, pool, tokens, states).map_err(|e| (p.name.clone(), e))
         })
         .collect()
 }
@@ -255,13 +310,8 @@ impl Tasks {
                 .map(|i| self.stopping.swap_remove(i).1),
         };
         let parser = Arc::new(parser.clone());
-        let poller = match source_of(&parser, &self.tokens) {
-            Ok(source) => Poller::new(
-                parser.clone(),
-                self.pool.clone(),
-                source,
-                self.states.clone(),
-            ),
+        let poller = match poller_of(&parser, &self.pool, &self.tokens, &self.states) {
+            Ok(poller) => poller,
             Err(e) => {
                 tracing::error!(parser = %name, error = %e, "cannot start the poller");
                 return;
@@ -375,8 +425,31 @@ fn failed_step(error: &PollError) -> &'static str {
             }
             _ => "fetch",
         },
+        PollError::Source(SourceError::Graph(e)) => {
+            use crate::source::graph::GraphError;
+            match e {
+                GraphError::Unreachable { step, .. }
+                | GraphError::Api { step, .. }
+                | GraphError::Throttled { step, .. }
+                | GraphError::Unexpected { step, .. } => graph_step(step),
+                GraphError::ForeignLink { .. } => "fetch",
+            }
+        }
         PollError::Store(_) => "store",
         PollError::Panicked(_) => "fetch",
+    }
+}
+
+/// The metric step of a Graph request.
+fn graph_step(step: &str) -> &'static str {
+    if step.contains("folder") {
+        "select"
+    } else if step.contains("marking") || step.contains("moving") || step.contains("deleting") {
+        "settle"
+    } else if step == "setup" || step == "token" {
+        "connect"
+    } else {
+        "fetch"
     }
 }
 

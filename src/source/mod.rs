@@ -8,6 +8,7 @@
 //! the commit, failed-fetch isolation and give-up) live once, in `runtime::mailbox`.
 //! A new source implements the two traits here and is chosen in `runtime::supervisor`.
 
+pub mod graph;
 pub mod imap;
 
 use crate::auth::AuthError;
@@ -31,22 +32,46 @@ pub enum Cursor {
         /// The first-contact choice, while `last_uid` is below its end.
         backlog: Option<Backlog>,
     },
+    /// Microsoft Graph: where the delta round goes on, and when the mailbox was first met.
+    Graph {
+        /// The `@odata.nextLink` or `@odata.deltaLink` to resume from; `None` starts a round
+        /// from the beginning (first contact, or after `410 Gone`).
+        link: Option<String>,
+        /// When mail2ticket first met the folder: `start_at` decides about older mail.
+        first_contact_at: DateTime<Utc>,
+    },
 }
 
 /// A message waiting in the mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
-    /// Identifies the message in the source (IMAP: its UID); failed fetches are counted
-    /// against it.
-    pub key: i64,
-    /// Its size in bytes, as the server reports it.
+    /// Identifies the message in the source (IMAP: its UID; Graph: its immutable id);
+    /// failed fetches are counted against it.
+    pub key: String,
+    /// Its size in bytes, as the server reports it (0: unknown until downloaded).
     pub size: u64,
+    /// Its Message-ID (normalized, without brackets), when the source knows it before
+    /// downloading: a message already stored is then not downloaded again.
+    pub message_id: Option<String>,
     /// When the server received it (loop protection counts by it), if known.
     pub arrived: Option<DateTime<Utc>>,
     /// Where it is, for people (IMAP: folder, UID and UIDVALIDITY).
     pub location: String,
     /// The cursor once this message (and every one before it) is done.
     pub after: Cursor,
+}
+
+/// A downloaded message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// Its raw bytes.
+    Whole(Vec<u8>),
+    /// The download passed the size limit and was cut off (sources that cannot tell the
+    /// size before downloading); only the header is kept.
+    TooLarge {
+        /// Bytes received before the cut.
+        at_least: u64,
+    },
 }
 
 /// What a session found pending.
@@ -57,6 +82,10 @@ pub struct Listing {
     /// A cursor to save before reading (first contact, or a reset such as a UIDVALIDITY
     /// change); `None` when the saved cursor still holds.
     pub save_first: Option<Cursor>,
+    /// A cursor to save once every pending message is done (Graph: the round's
+    /// `deltaLink`, past messages that were not taken); `None` when the last message's
+    /// cursor says all.
+    pub save_after: Option<Cursor>,
     /// What `start_at` decided, when this was the first contact.
     pub first_contact: Option<crate::source::imap::first_contact::FirstContact>,
 }
@@ -81,6 +110,9 @@ pub enum SourceError {
     /// IMAP failed.
     #[error(transparent)]
     Imap(#[from] imap::ImapError),
+    /// Microsoft Graph failed.
+    #[error(transparent)]
+    Graph(#[from] graph::GraphError),
 }
 
 impl SourceError {
@@ -89,6 +121,7 @@ impl SourceError {
         match self {
             SourceError::Auth(e) => e.retry_after(),
             SourceError::Imap(_) => None,
+            SourceError::Graph(e) => e.retry_after(),
         }
     }
 }
@@ -113,11 +146,13 @@ pub trait SourceSession: Send {
         saved: Option<&Cursor>,
     ) -> impl Future<Output = Result<Listing, SourceError>> + Send;
 
-    /// The raw bytes of these messages, in order; fails unless every one comes back.
+    /// These messages, in order (each whole, or found over `max_size` bytes while
+    /// downloading); fails unless every one comes back.
     fn fetch(
         &mut self,
         messages: &[&Pending],
-    ) -> impl Future<Output = Result<Vec<Vec<u8>>, SourceError>> + Send;
+        max_size: u64,
+    ) -> impl Future<Output = Result<Vec<Fetched>, SourceError>> + Send;
 
     /// The header section of one message (what is kept of one too large to download).
     fn fetch_header(

@@ -17,10 +17,11 @@ pub struct Backlog {
 }
 
 /// Failed fetches counted against one message (see `migrations/0005_fetch_trouble.sql`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchTrouble {
-    /// The key of the first message of the fetch that failed (IMAP: its UID).
-    pub key: i64,
+    /// The key of the first message of the fetch that failed (IMAP: its UID; Graph: its
+    /// id).
+    pub key: String,
     /// How many fetches starting there failed.
     pub failures: i32,
 }
@@ -34,59 +35,94 @@ pub struct Saved {
     pub trouble: Option<FetchTrouble>,
 }
 
+/// One `mailbox_state` row.
+#[derive(sqlx::FromRow)]
+struct Row {
+    source: String,
+    uidvalidity: i64,
+    last_uid: i64,
+    fetch_trouble_uid: Option<i64>,
+    fetch_trouble_key: Option<String>,
+    fetch_failures: i32,
+    backlog_until: Option<i64>,
+    backlog_uids: Option<Vec<i64>>,
+    delta_link: Option<String>,
+    first_contact_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// The saved cursor of (parser, key), if one was ever recorded (one read per pass).
 pub async fn load(
     conn: &mut PgConnection,
     parser: &str,
     key: &str,
 ) -> Result<Option<Saved>, StoreError> {
-    type Row = (i64, i64, Option<i64>, i32, Option<i64>, Option<Vec<i64>>);
     let row: Option<Row> = sqlx::query_as(
-        "select uidvalidity, last_uid, fetch_trouble_uid, fetch_failures, backlog_until, backlog_uids
+        "select source, uidvalidity, last_uid, fetch_trouble_uid, fetch_trouble_key, fetch_failures,
+                backlog_until, backlog_uids, delta_link, first_contact_at
          from mailbox_state where parser = $1 and folder = $2",
     )
     .bind(parser)
     .bind(key)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(
-        |(uidvalidity, last_uid, trouble_key, failures, until, uids)| Saved {
+    Ok(row.map(|r| {
+        let failures = r.fetch_failures;
+        if r.source == "graph" {
+            return Saved {
+                cursor: Cursor::Graph {
+                    link: r.delta_link,
+                    first_contact_at: r.first_contact_at.unwrap_or_default(),
+                },
+                trouble: r.fetch_trouble_key.map(|key| FetchTrouble { key, failures }),
+            };
+        }
+        let last_uid = r.last_uid;
+        Saved {
             cursor: Cursor::Imap {
-                uidvalidity,
+                uidvalidity: r.uidvalidity,
                 last_uid,
-                backlog: until
+                backlog: r
+                    .backlog_until
                     .filter(|until| *until > last_uid)
                     .map(|until| Backlog {
                         until,
-                        uids: uids.unwrap_or_default(),
+                        uids: r.backlog_uids.unwrap_or_default(),
                     }),
             },
-            trouble: trouble_key.map(|key| FetchTrouble { key, failures }),
-        },
-    ))
+            trouble: r.fetch_trouble_uid.map(|uid| FetchTrouble {
+                key: uid.to_string(),
+                failures,
+            }),
+        }
+    }))
 }
 
 /// Records the cursor a pass starts from (a first contact, with what `start_at` chose, or
-/// a reset after a UIDVALIDITY change, without): the failed-fetch counter is cleared.
+/// a reset after a UIDVALIDITY change or a lost Graph sync state, without): the
+/// failed-fetch counter is cleared.
 pub async fn save_start(
     conn: &mut PgConnection,
     parser: &str,
     key: &str,
     cursor: &Cursor,
 ) -> Result<(), StoreError> {
-    let Cursor::Imap {
-        uidvalidity,
-        last_uid,
-        backlog,
-    } = cursor;
+    let (uidvalidity, last_uid, backlog) = match cursor {
+        Cursor::Imap {
+            uidvalidity,
+            last_uid,
+            backlog,
+        } => (uidvalidity, last_uid, backlog),
+        Cursor::Graph { .. } => return save_graph(conn, parser, key, cursor, true).await,
+    };
     let backlog = backlog.as_ref().filter(|b| b.until > *last_uid);
     sqlx::query(
         "insert into mailbox_state (parser, folder, uidvalidity, last_uid, updated_at, backlog_until, backlog_uids)
          values ($1, $2, $3, $4, now(), $5, $6)
          on conflict (parser, folder) do update
-         set uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, updated_at = now(),
-             fetch_trouble_uid = null, fetch_failures = 0,
-             backlog_until = excluded.backlog_until, backlog_uids = excluded.backlog_uids",
+         set source = 'imap', uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid,
+             updated_at = now(), fetch_trouble_uid = null, fetch_trouble_key = null, fetch_failures = 0,
+             backlog_until = excluded.backlog_until, backlog_uids = excluded.backlog_uids,
+             delta_link = null, first_contact_at = null",
     )
     .bind(parser)
     .bind(key)
@@ -108,11 +144,14 @@ pub async fn save(
     key: &str,
     cursor: &Cursor,
 ) -> Result<(), StoreError> {
-    let Cursor::Imap {
-        uidvalidity,
-        last_uid,
-        ..
-    } = cursor;
+    let (uidvalidity, last_uid) = match cursor {
+        Cursor::Imap {
+            uidvalidity,
+            last_uid,
+            ..
+        } => (uidvalidity, last_uid),
+        Cursor::Graph { .. } => return save_graph(conn, parser, key, cursor, false).await,
+    };
     sqlx::query(
         "insert into mailbox_state (parser, folder, uidvalidity, last_uid, updated_at)
          values ($1, $2, $3, $4, now())
@@ -144,6 +183,43 @@ pub async fn save(
     Ok(())
 }
 
+/// A Graph cursor: the link and the first-contact time. A start clears the failed-fetch
+/// counter; progress keeps it (Graph ids have no order to tell whether it was passed; a
+/// counter for a message no longer first in line is never used).
+async fn save_graph(
+    conn: &mut PgConnection,
+    parser: &str,
+    key: &str,
+    cursor: &Cursor,
+    start: bool,
+) -> Result<(), StoreError> {
+    let Cursor::Graph {
+        link,
+        first_contact_at,
+    } = cursor
+    else {
+        unreachable!("called for Graph cursors")
+    };
+    sqlx::query(
+        "insert into mailbox_state (parser, folder, source, uidvalidity, last_uid, updated_at, delta_link, first_contact_at)
+         values ($1, $2, 'graph', 0, 0, now(), $3, $4)
+         on conflict (parser, folder) do update
+         set source = 'graph', uidvalidity = 0, last_uid = 0, updated_at = now(),
+             delta_link = excluded.delta_link, first_contact_at = excluded.first_contact_at,
+             fetch_trouble_uid = null, backlog_until = null, backlog_uids = null,
+             fetch_trouble_key = case when $5 then null else mailbox_state.fetch_trouble_key end,
+             fetch_failures = case when $5 then 0 else mailbox_state.fetch_failures end",
+    )
+    .bind(parser)
+    .bind(key)
+    .bind(link)
+    .bind(first_contact_at)
+    .bind(start)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Records a failed fetch; call it outside the batch's transaction (which is abandoned).
 pub async fn save_fetch_trouble(
     conn: &mut PgConnection,
@@ -152,13 +228,17 @@ pub async fn save_fetch_trouble(
     trouble: FetchTrouble,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "update mailbox_state set fetch_trouble_uid = $3, fetch_failures = $4, updated_at = now()
+        "update mailbox_state
+         set fetch_trouble_uid = case when source = 'imap' then $3 end,
+             fetch_trouble_key = case when source = 'graph' then $5 end,
+             fetch_failures = $4, updated_at = now()
          where parser = $1 and folder = $2",
     )
     .bind(parser)
     .bind(key)
-    .bind(trouble.key)
+    .bind(trouble.key.parse::<i64>().ok())
     .bind(trouble.failures)
+    .bind(&trouble.key)
     .execute(&mut *conn)
     .await?;
     Ok(())

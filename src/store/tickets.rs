@@ -272,3 +272,23 @@ pub async fn message_ticket(
     .fetch_optional(&mut *conn)
     .await?)
 }
+
+/// Which of `message_ids` this parser has stored already, as a ticket message or in
+/// quarantine (one query for a whole listing).
+pub async fn stored_message_ids(
+    conn: &mut PgConnection,
+    parser: &str,
+    message_ids: &[&str],
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "select message_id from ticket_messages where parser = $1 and message_id = any($2)
+         union
+         select message_id from quarantine
+          where parser = $1 and message_id = any($2) and replayed_at is null",
+    )
+    .bind(parser)
+    .bind(message_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}

@@ -14,8 +14,10 @@ pub use client::{COMMAND_TIMEOUT, Connection, ImapError, Io, Login, Stream, conn
 pub use session::{FolderStatus, IdleEnd, ImapSession, Listed, uid_set};
 
 use crate::auth::{AccessToken, TokenSource};
-use crate::config::{AfterIngest, ParserAuth, ParserConfig};
-use crate::source::{Cursor, Listing, MailSource, Pending, SourceError, SourceSession, WaitEnd};
+use crate::config::{AfterIngest, ImapConfig, ParserAuth, ParserConfig};
+use crate::source::{
+    Cursor, Fetched, Listing, MailSource, Pending, SourceError, SourceSession, WaitEnd,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -26,14 +28,25 @@ const IDLE_LIMIT: Duration = Duration::from_secs(25 * 60);
 /// One parser's IMAP folder.
 pub struct ImapSource {
     parser: Arc<ParserConfig>,
+    /// Its `[parser.imap]`.
+    imap: ImapConfig,
     /// The credential's token source (None for a password parser).
     tokens: Option<Arc<TokenSource>>,
 }
 
 impl ImapSource {
-    /// The source of `parser`; `tokens` is its credential's token source.
-    pub fn new(parser: Arc<ParserConfig>, tokens: Option<Arc<TokenSource>>) -> Self {
-        ImapSource { parser, tokens }
+    /// The source of `parser`, on the server `imap`; `tokens` is its credential's token
+    /// source.
+    pub fn new(
+        parser: Arc<ParserConfig>,
+        imap: ImapConfig,
+        tokens: Option<Arc<TokenSource>>,
+    ) -> Self {
+        ImapSource {
+            parser,
+            imap,
+            tokens,
+        }
     }
 
     /// Logs in with the parser's password, or with a token of its credential. A refused
@@ -44,7 +57,7 @@ impl ImapSource {
         let user = parser.login_user();
         let tokens = match (&parser.auth, &self.tokens) {
             (ParserAuth::Password(password), _) => {
-                let connection = connect(&parser.imap).await?;
+                let connection = connect(&self.imap).await?;
                 let session = connection.login(Login::Password { user, password }).await?;
                 return Ok((session, None));
             }
@@ -57,7 +70,7 @@ impl ImapSource {
             let token = tokens.token().await?;
             tokens.login_started(&token).await;
             let logged_in = async {
-                let connection = connect(&parser.imap).await?;
+                let connection = connect(&self.imap).await?;
                 let oauth = Login::OAuth {
                     user,
                     token: &token.secret,
@@ -90,7 +103,7 @@ impl MailSource for ImapSource {
     type Session = ImapMailbox;
 
     fn cursor_key(&self) -> &str {
-        &self.parser.imap.folder
+        &self.imap.folder
     }
 
     /// Logs in, creates the `after = "move:..."` folder, and asks whether IDLE is offered.
@@ -102,6 +115,7 @@ impl MailSource for ImapSource {
         let supports_idle = session.supports_idle().await?;
         Ok(ImapMailbox {
             parser: self.parser.clone(),
+            folder: self.imap.folder.clone(),
             session: Some(session),
             renew_at: token.map(|t| t.renew_at),
             supports_idle,
@@ -112,6 +126,8 @@ impl MailSource for ImapSource {
 /// A logged-in IMAP session on the parser's folder.
 pub struct ImapMailbox {
     parser: Arc<ParserConfig>,
+    /// The folder read.
+    folder: String,
     /// `None` only after a failed IDLE took the connection with it.
     session: Option<ImapSession>,
     /// When the token runs out (Exchange ends sessions whose token has expired).
@@ -133,7 +149,7 @@ impl ImapMailbox {
         &mut self,
         saved: Option<&Cursor>,
     ) -> Result<(Cursor, Option<Listing>), ImapError> {
-        let folder = self.parser.imap.folder.clone();
+        let folder = self.folder.clone();
         let status = self.session()?.select(&folder).await?;
         let uidvalidity = i64::from(status.uid_validity);
         match saved {
@@ -152,7 +168,8 @@ impl ImapMailbox {
                 };
                 Ok((fresh.clone(), Some(listing_saving(fresh, None))))
             }
-            None => {
+            // No IMAP cursor (another source's cursor counts as none): a first contact.
+            None | Some(Cursor::Graph { .. }) => {
                 let start_at = self.parser.start_at;
                 let start =
                     first_contact::choose(self.session()?, &folder, &status, start_at).await?;
@@ -177,6 +194,7 @@ fn listing_saving(cursor: Cursor, first_contact: Option<first_contact::FirstCont
     Listing {
         pending: Vec::new(),
         save_first: Some(cursor),
+        save_after: None,
         first_contact,
     }
 }
@@ -189,17 +207,21 @@ impl SourceSession for ImapMailbox {
         let mut listing = listing.unwrap_or_else(|| Listing {
             pending: Vec::new(),
             save_first: None,
+            save_after: None,
             first_contact: None,
         });
         let Cursor::Imap {
             uidvalidity,
             last_uid,
             backlog,
-        } = cursor;
+        } = cursor
+        else {
+            unreachable!("position returns an IMAP cursor")
+        };
         let (set, wanted) = first_contact::pending_set(last_uid, backlog.as_ref());
         let mut listed = self.session()?.pending_in(&set).await?;
         listed.retain(|m| wanted(m.uid));
-        let folder = &self.parser.imap.folder;
+        let folder = &self.folder;
         listing.pending = listed
             .into_iter()
             .map(|m| pending(m, folder, uidvalidity, last_uid))
@@ -207,10 +229,19 @@ impl SourceSession for ImapMailbox {
         Ok(listing)
     }
 
-    async fn fetch(&mut self, messages: &[&Pending]) -> Result<Vec<Vec<u8>>, SourceError> {
+    /// IMAP knows sizes before downloading: the loop asks only for messages within the
+    /// limit, so every one comes back whole.
+    async fn fetch(
+        &mut self,
+        messages: &[&Pending],
+        _max_size: u64,
+    ) -> Result<Vec<Fetched>, SourceError> {
         let uids: Vec<u32> = messages.iter().map(|m| uid(m)).collect();
         let fetched = self.session()?.fetch(&uids).await?;
-        Ok(fetched.into_iter().map(|(_, raw)| raw).collect())
+        Ok(fetched
+            .into_iter()
+            .map(|(_, raw)| Fetched::Whole(raw))
+            .collect())
     }
 
     async fn fetch_header(&mut self, message: &Pending) -> Result<Vec<u8>, SourceError> {
@@ -275,8 +306,9 @@ impl SourceSession for ImapMailbox {
 /// (copying a large choice into every message's cursor would cost memory and writes).
 fn pending(m: Listed, folder: &str, uidvalidity: i64, last_uid: i64) -> Pending {
     Pending {
-        key: i64::from(m.uid),
+        key: m.uid.to_string(),
         size: u64::from(m.size),
+        message_id: None,
         arrived: m.arrived,
         location: format!("folder {folder}; UID {}; UIDVALIDITY {uidvalidity}", m.uid),
         after: Cursor::Imap {
@@ -289,5 +321,5 @@ fn pending(m: Listed, folder: &str, uidvalidity: i64, last_uid: i64) -> Pending 
 
 /// The UID of a message this source listed.
 fn uid(message: &Pending) -> u32 {
-    u32::try_from(message.key).expect("IMAP keys are UIDs")
+    message.key.parse().expect("IMAP keys are UIDs")
 }

@@ -37,6 +37,8 @@ pub const TENANT: &str = "11111111-2222-3333-4444-555555555555";
 /// Key id in token headers and in Dovecot's key dictionary.
 pub const KID: &str = "k1";
 const APP_SCOPE: &str = "https://outlook.office365.com/.default";
+/// App-only scope of Microsoft Graph.
+pub const GRAPH_APP_SCOPE: &str = "https://graph.microsoft.com/.default";
 const IMAP_DELEGATED: &str = "https://outlook.office.com/IMAP.AccessAsUser.All";
 
 /// A certificate registered on an application.
@@ -67,6 +69,8 @@ pub struct App {
     /// The IMAP permission is configured (IMAP.AccessAsApp for app-only tokens); without
     /// it, tokens are issued without the role, as Entra does for an app that lacks it.
     pub imap_permission: bool,
+    /// The Graph application permission `Mail.ReadWrite` is granted (role in Graph tokens).
+    pub graph_permission: bool,
 }
 
 impl Default for App {
@@ -79,6 +83,7 @@ impl Default for App {
             public_client: false,
             consented: true,
             imap_permission: true,
+            graph_permission: true,
         }
     }
 }
@@ -390,6 +395,29 @@ fn app_token(state: &Shared, tenant: &str, client_id: &str, app: &App) -> Respon
     .into_response()
 }
 
+/// An app-only token for Microsoft Graph: aud `https://graph.microsoft.com`, the role
+/// `Mail.ReadWrite` when granted, and the same `mailboxes` claim (standing for RBAC for
+/// Applications scoping) that the test Graph endpoint enforces.
+fn graph_app_token(state: &Shared, tenant: &str, client_id: &str, app: &App) -> Response {
+    let (iat, exp) = times(state, app.lifetime);
+    let claims = json!({
+        "aud": "https://graph.microsoft.com",
+        "iss": format!("https://sts.windows.net/{tenant}/"),
+        "iat": iat, "nbf": iat, "exp": exp,
+        "appid": client_id, "idtyp": "app", "tid": tenant,
+        "roles": if app.graph_permission { json!(["Mail.ReadWrite"]) } else { json!([]) },
+        "ver": "1.0",
+        "mailboxes": grant_list(&app.mailboxes),
+    });
+    Json(json!({
+        "token_type": "Bearer",
+        "expires_in": app.lifetime,
+        "ext_expires_in": app.lifetime,
+        "access_token": sign(&state.key, &claims),
+    }))
+    .into_response()
+}
+
 /// A delegated token for `user`, with a new refresh token when offline_access was asked.
 fn user_token(
     state: &Shared,
@@ -613,6 +641,9 @@ async fn token(
         |code: u32, text: &str| aad_error(StatusCode::BAD_REQUEST, "invalid_grant", code, text);
     match grant.as_str() {
         "client_credentials" => {
+            if scope == GRAPH_APP_SCOPE {
+                return graph_app_token(&state, &tenant, &client_id, &app);
+            }
             if scope != APP_SCOPE {
                 return aad_error(
                     StatusCode::BAD_REQUEST,
