@@ -58,7 +58,10 @@ async fn main() {
         let tokens = mail2ticket::auth::TokenSources::from_config(&config, None).unwrap();
         let token = tokens.get("app").unwrap().token().await.unwrap();
         let started = Instant::now();
-        let mut session = imap::connect(&config.parsers[0].imap)
+        let mail2ticket::config::SourceConfig::Imap(server) = &config.parsers[0].source else {
+            unreachable!("an IMAP parser")
+        };
+        let mut session = imap::connect(server)
             .await
             .unwrap()
             .login(Login::OAuth {

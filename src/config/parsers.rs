@@ -197,11 +197,17 @@ fn check_source(
             Some(SourceConfig::Graph(check_graph(graph, table)))
         }
         (Some(_), Some(_)) => {
-            table.add("graph", "a parser reads one mailbox: keep either [parser.imap] or [parser.graph]");
+            table.add(
+                "graph",
+                "a parser reads one mailbox: keep either [parser.imap] or [parser.graph]",
+            );
             None
         }
         (None, None) => {
-            table.add("imap", "missing: add [parser.imap] (host = ...) or [parser.graph] (Microsoft Graph)");
+            table.add(
+                "imap",
+                "missing: add [parser.imap] (host = ...) or [parser.graph] (Microsoft Graph)",
+            );
             None
         }
     }
@@ -209,7 +215,8 @@ fn check_source(
 
 /// `[parser.graph]`: the folder and the endpoint (https, or http to loopback for tests).
 fn check_graph(graph: &RawGraph, table: &mut Table) -> GraphConfig {
-    if graph.folder.trim().is_empty() || graph.folder.split('/').any(|part| part.trim().is_empty()) {
+    if graph.folder.trim().is_empty() || graph.folder.split('/').any(|part| part.trim().is_empty())
+    {
         table.add("graph.folder", "must be a well-known folder name such as \"inbox\" or a path such as \"Inbox/Support\"");
     }
     let base_url = graph

@@ -323,25 +323,45 @@ fn byte_sizes() {
 #[test]
 fn a_graph_parser_needs_a_credential_and_one_source() {
     let base = "[database]\nurl = \"postgres://x/y\"\n[[credential]]\nname = \"app\"\ntype = \"client_credentials\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
-    let graph = format!("{base}[[parser]]\nname = \"g\"\nemail = \"g@x.test\"\ncredential = \"app\"\n[parser.graph]\nfolder = \"Inbox/Support\"\n");
+    let graph = format!(
+        "{base}[[parser]]\nname = \"g\"\nemail = \"g@x.test\"\ncredential = \"app\"\n[parser.graph]\nfolder = \"Inbox/Support\"\n"
+    );
     let config = Config::from_toml(Path::new("t.toml"), &graph).unwrap();
     let SourceConfig::Graph(g) = &config.parsers[0].source else {
         panic!("a Graph parser")
     };
-    assert_eq!((g.folder.as_str(), g.base_url.as_str()), ("Inbox/Support", DEFAULT_GRAPH_BASE_URL));
+    assert_eq!(
+        (g.folder.as_str(), g.base_url.as_str()),
+        ("Inbox/Support", DEFAULT_GRAPH_BASE_URL)
+    );
     assert_eq!(g.poll_interval, std::time::Duration::from_secs(30));
     assert_eq!(config.credentials[0].graph_scope, DEFAULT_GRAPH_APP_SCOPE);
 
     let both = format!("{graph}[parser.imap]\nhost = \"h\"\n");
-    let err = Config::from_toml(Path::new("t.toml"), &both).unwrap_err().to_string();
-    assert!(err.contains("parser[0].graph") && err.contains("either"), "{err}");
-    let neither = format!("{base}[[parser]]\nname = \"g\"\nemail = \"g@x.test\"\ncredential = \"app\"\n");
-    let err = Config::from_toml(Path::new("t.toml"), &neither).unwrap_err().to_string();
+    let err = Config::from_toml(Path::new("t.toml"), &both)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("parser[0].graph") && err.contains("either"),
+        "{err}"
+    );
+    let neither =
+        format!("{base}[[parser]]\nname = \"g\"\nemail = \"g@x.test\"\ncredential = \"app\"\n");
+    let err = Config::from_toml(Path::new("t.toml"), &neither)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("[parser.graph]"), "{err}");
     let password = graph.replace("credential = \"app\"", "password = \"pw\"");
-    let err = Config::from_toml(Path::new("t.toml"), &password).unwrap_err().to_string();
+    let err = Config::from_toml(Path::new("t.toml"), &password)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("parser[0].password"), "{err}");
-    let insecure = graph.replace("folder = \"Inbox/Support\"", "base_url = \"http://graph.example.com/v1.0\"");
-    let err = Config::from_toml(Path::new("t.toml"), &insecure).unwrap_err().to_string();
+    let insecure = graph.replace(
+        "folder = \"Inbox/Support\"",
+        "base_url = \"http://graph.example.com/v1.0\"",
+    );
+    let err = Config::from_toml(Path::new("t.toml"), &insecure)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("parser[0].graph.base_url"), "{err}");
 }

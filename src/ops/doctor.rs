@@ -32,7 +32,11 @@ impl Step {
         }
     }
 
-    pub(super) fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Step {
+    pub(super) fn fail(
+        name: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Step {
         let fix = fix.into();
         Step {
             ok: false,

@@ -14,16 +14,27 @@ use secrecy::ExposeSecret;
 /// The Graph chain of one parser; stops at the first failing step.
 pub async fn check(parser: &ParserConfig, graph: &GraphConfig, tokens: &TokenSources) -> Vec<Step> {
     let ParserAuth::Credential(name) = &parser.auth else {
-        return vec![Step::fail("token", "a Graph mailbox needs a credential", "set credential = \"...\"")];
+        return vec![Step::fail(
+            "token",
+            "a Graph mailbox needs a credential",
+            "set credential = \"...\"",
+        )];
     };
     let Some(source) = tokens.graph(name) else {
-        return vec![Step::fail("token", format!("no credential {name:?}"), "fix the parser's credential key")];
+        return vec![Step::fail(
+            "token",
+            format!("no credential {name:?}"),
+            "fix the parser's credential key",
+        )];
     };
     let token = match source.token().await {
         Ok(token) => token,
         Err(e) => return vec![Step::fail("token", e.to_string(), token_fix(&e))],
     };
-    let mut steps = vec![Step::ok("token", format!("from credential {name:?} for Microsoft Graph"))];
+    let mut steps = vec![Step::ok(
+        "token",
+        format!("from credential {name:?} for Microsoft Graph"),
+    )];
     let claims = match crate::auth::token_claims(token.secret.expose_secret()) {
         Ok(claims) => check_graph_claims(&claims, source.kind()),
         Err(e) => Step::ok("token claims", format!("not a JWT ({e}); not checked")),
@@ -98,7 +109,10 @@ pub fn check_graph_claims(claims: &serde_json::Value, kind: CredentialKind) -> S
         );
     }
     let mail = |p: &str| {
-        matches!(p, "Mail.Read" | "Mail.ReadWrite" | "Mail.Read.Shared" | "Mail.ReadWrite.Shared")
+        matches!(
+            p,
+            "Mail.Read" | "Mail.ReadWrite" | "Mail.Read.Shared" | "Mail.ReadWrite.Shared"
+        )
     };
     if kind == CredentialKind::ClientCredentials {
         let roles: Vec<&str> = claims["roles"]
@@ -106,7 +120,10 @@ pub fn check_graph_claims(claims: &serde_json::Value, kind: CredentialKind) -> S
             .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
             .unwrap_or_default();
         return match roles.iter().find(|r| mail(r)) {
-            Some(role) => Step::ok("token claims", format!("audience {aud}, role {role} (app-only)")),
+            Some(role) => Step::ok(
+                "token claims",
+                format!("audience {aud}, role {role} (app-only)"),
+            ),
             None => Step::fail(
                 "token claims",
                 format!("the token has no Mail role (roles: {roles:?})"),

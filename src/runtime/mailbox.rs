@@ -20,10 +20,10 @@ use crate::pipeline::{self, Arrival, Incoming, Pipeline};
 use crate::runtime::state::{MailboxState, Registry};
 use crate::source::imap::first_contact::FirstContact;
 use crate::source::{Fetched, MailSource, Pending, SourceError, SourceSession, WaitEnd};
-use std::collections::HashSet;
 use crate::store::StoreError;
 use crate::store::mailbox::{self, FetchTrouble};
 use sqlx::PgPool;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -199,7 +199,12 @@ impl<S: MailSource> Poller<S> {
             crate::store::tickets::stored_message_ids(&mut conn, name, &ids).await?
         };
         drop(conn);
-        let new = listing.pending.len() - listing.pending.iter().filter(|m| is_known(m, &known)).count();
+        let new = listing.pending.len()
+            - listing
+                .pending
+                .iter()
+                .filter(|m| is_known(m, &known))
+                .count();
         if new > 0 {
             tracing::info!(messages = new, "new mail");
         }
@@ -429,7 +434,7 @@ fn incoming<'a>(message: &Pending, raw: &'a [u8], header_only: Option<&'a str>) 
 /// Why a message is only kept by its header.
 fn too_large(message: &Pending, size: u64, max: u64) -> String {
     let counted = if size > message.size {
-        format!("more than {size} bytes (cut off while downloading)")
+        format!("at least {size} bytes (cut off while downloading)")
     } else {
         format!("{size} bytes (by the server's count)")
     };

@@ -8,11 +8,11 @@
 
 use crate::auth::TokenSources;
 use crate::config::ParserConfig;
+use crate::config::SourceConfig;
 use crate::config::{Config, ParserAuth, ParserStatus};
 use crate::runtime::mailbox::{OnceStats, PollError, Poller};
 use crate::runtime::state::{Failure, MailboxState, Registry};
 use crate::source::SourceError;
-use crate::config::SourceConfig;
 use crate::source::graph::{GraphClient, GraphSource};
 use crate::source::imap::ImapSource;
 use backon::BackoffBuilder;
@@ -92,17 +92,30 @@ fn poller_of(
     match (&parser.source, &parser.auth) {
         (SourceConfig::Imap(imap), auth) => {
             let tokens = match auth {
-                ParserAuth::Credential(name) => Some(tokens.get(name).ok_or_else(|| unknown(name))?),
+                ParserAuth::Credential(name) => {
+                    Some(tokens.get(name).ok_or_else(|| unknown(name))?)
+                }
                 ParserAuth::Password(_) => None,
             };
             let source = ImapSource::new(parser.clone(), imap.clone(), tokens);
-            Ok(MailboxPoller::Imap(Poller::new(parser.clone(), pool, source, states)))
+            Ok(MailboxPoller::Imap(Poller::new(
+                parser.clone(),
+                pool,
+                source,
+                states,
+            )))
         }
         (SourceConfig::Graph(graph), ParserAuth::Credential(name)) => {
             let tokens = tokens.graph(name).ok_or_else(|| unknown(name))?;
-            let client = GraphClient::new(&graph.base_url, name, tokens).map_err(|e| e.to_string())?;
+            let client =
+                GraphClient::new(&graph.base_url, name, tokens).map_err(|e| e.to_string())?;
             let source = GraphSource::new(parser.clone(), graph.clone(), client);
-            Ok(MailboxPoller::Graph(Poller::new(parser.clone(), pool, source, states)))
+            Ok(MailboxPoller::Graph(Poller::new(
+                parser.clone(),
+                pool,
+                source,
+                states,
+            )))
         }
         (SourceConfig::Graph(_), ParserAuth::Password(_)) => Err(format!(
             "parser {:?}: a Graph mailbox needs a credential",

@@ -73,7 +73,9 @@ pub async fn load(
                     link: r.delta_link,
                     first_contact_at: r.first_contact_at.unwrap_or_default(),
                 },
-                trouble: r.fetch_trouble_key.map(|key| FetchTrouble { key, failures }),
+                trouble: r
+                    .fetch_trouble_key
+                    .map(|key| FetchTrouble { key, failures }),
             };
         }
         let last_uid = r.last_uid;

@@ -618,7 +618,7 @@ async fn doctor_names_the_cause_of_each_sign_in_failure() {
             "badscope",
             "client_credentials",
             "app-secret",
-            "client_secret = \"app-s3cret\"\nscope = \"https://graph.microsoft.com/.default\""
+            "client_secret = \"app-s3cret\"\nscope = \"https://outlook.office365.com/IMAP.AccessAsApp\""
                 .into(),
             "AADSTS1002012",
         ),

@@ -7,6 +7,7 @@ mod daemon;
 mod first_day;
 mod fuzz;
 mod golden;
+mod graph;
 mod ingest;
 mod operations;
 mod support;

@@ -77,7 +77,9 @@ pub enum GraphError {
         reason: String,
     },
     /// A link pointing away from `base_url` (the token would go to another host).
-    #[error("Microsoft Graph sent a link to {link_origin}, not to {base_origin}; not followed (the token goes to base_url's host only)")]
+    #[error(
+        "Microsoft Graph sent a link to {link_origin}, not to {base_origin}; not followed (the token goes to base_url's host only)"
+    )]
     ForeignLink {
         /// Where the link pointed.
         link_origin: String,
@@ -114,19 +116,26 @@ impl GraphError {
 pub fn fix_for(status: u16, code: &str) -> Option<&'static str> {
     let code = code.to_ascii_lowercase();
     Some(match (status, code.as_str()) {
-        (_, "mailboxnotenabledforrestapi") => "this mailbox cannot be read through Graph (an on-premises or inactive mailbox, or not licensed for Exchange Online); use [parser.imap] or move it to Exchange Online",
-        (403, _) | (_, "erroraccessdenied") | (_, "accessdenied") => "grant the app the application permission Mail.ReadWrite with admin consent, and scope it to this mailbox with RBAC for Applications (New-ManagementScope, New-ManagementRoleAssignment -App <id> -Role \"Application Mail.ReadWrite\"; check with Test-ServicePrincipalAuthorization); for a delegated credential the user needs FullAccess and the scope Mail.ReadWrite.Shared",
+        (_, "mailboxnotenabledforrestapi") => {
+            "this mailbox cannot be read through Graph (an on-premises or inactive mailbox, or not licensed for Exchange Online); use [parser.imap] or move it to Exchange Online"
+        }
+        (403, _) | (_, "erroraccessdenied") | (_, "accessdenied") => {
+            "grant the app the application permission Mail.ReadWrite with admin consent, and scope it to this mailbox with RBAC for Applications (New-ManagementScope, New-ManagementRoleAssignment -App <id> -Role \"Application Mail.ReadWrite\"; check with Test-ServicePrincipalAuthorization); for a delegated credential the user needs FullAccess and the scope Mail.ReadWrite.Shared"
+        }
         (404, "errorinvaliduser") => "check the parser's email: no mailbox has that address",
-        (404, _) => "check the parser's email and [parser.graph] folder (a path such as \"Inbox/Support\" is looked up by display name)",
-        (401, _) => "the token is not valid for Graph: check the credential's graph_scope (https://graph.microsoft.com/.default for app-only) and the tenant",
+        (404, _) => {
+            "check the parser's email and [parser.graph] folder (a path such as \"Inbox/Support\" is looked up by display name)"
+        }
+        (401, _) => {
+            "the token is not valid for Graph: check the credential's graph_scope (https://graph.microsoft.com/.default for app-only) and the tenant"
+        }
         _ => return None,
     })
 }
 
 /// The concurrency limit of one credential, shared by all of its Graph parsers.
 fn slots_of(credential: &str) -> Arc<Semaphore> {
-    static SLOTS: LazyLock<Mutex<HashMap<String, Arc<Semaphore>>>> =
-        LazyLock::new(Mutex::default);
+    static SLOTS: LazyLock<Mutex<HashMap<String, Arc<Semaphore>>>> = LazyLock::new(Mutex::default);
     SLOTS
         .lock()
         .expect("not poisoned")
@@ -247,7 +256,10 @@ impl GraphClient {
             if status == StatusCode::UNAUTHORIZED && !token_retried {
                 token_retried = true;
                 self.tokens.token_rejected(&token).await;
-                tracing::warn!(step, "Graph refused the token (401); retrying once with a new one");
+                tracing::warn!(
+                    step,
+                    "Graph refused the token (401); retrying once with a new one"
+                );
                 continue;
             }
             if matches!(status.as_u16(), 429 | 503 | 504) {
@@ -267,7 +279,12 @@ impl GraphClient {
                     }
                     .into());
                 }
-                tracing::info!(step, status = status.as_u16(), wait_s = wait.as_secs_f32(), "Graph throttled the request; waiting as asked");
+                tracing::info!(
+                    step,
+                    status = status.as_u16(),
+                    wait_s = wait.as_secs_f32(),
+                    "Graph throttled the request; waiting as asked"
+                );
                 tokio::time::sleep(wait).await;
                 continue;
             }

@@ -11,8 +11,8 @@
 //!   Message-ID key keeps it free of duplicates, and messages already stored are not
 //!   downloaded again (Graph returns a message again whenever it changes, e.g. once it is
 //!   marked read).
-//! - **Which messages**: those that arrived (`receivedDateTime`) since the first contact,
-//!   and older ones that `start_at` takes (`all`; `unseen`: not `isRead`; a date: received
+//! - **Which messages**: those that arrived (`receivedDateTime`) since the first contact
+//!   (less five minutes for the clocks), and older ones that `start_at` takes (`all`; `unseen`: not `isRead`; a date: received
 //!   on or after it; `now`: none). Skipped messages are never touched.
 //! - **Download**: `$value` (the MIME), streamed and cut off past `max_message_size`; an
 //!   oversized message keeps only its `internetMessageHeaders`.
@@ -35,6 +35,10 @@ use serde::Deserialize;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// Mail received this long before the first contact counts as arriving after it: Graph
+/// gives times to the second, by Microsoft's clock, and the first contact is ours. Taking
+/// a message too many is safe; missing one is not.
+const CLOCK_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// Messages per delta page asked for.
 const PAGE_SIZE: u32 = 100;
 /// What the loop needs of each message.
@@ -143,7 +147,11 @@ async fn find_child(
         id: String,
     }
     let path = match parent {
-        Some(parent) => format!("users/{}/mailFolders/{}/childFolders", enc(user), enc(parent)),
+        Some(parent) => format!(
+            "users/{}/mailFolders/{}/childFolders",
+            enc(user),
+            enc(parent)
+        ),
         None => format!("users/{}/mailFolders", enc(user)),
     };
     let mut url = client.url(&path)?;
@@ -243,11 +251,12 @@ impl GraphMailbox {
         Ok(url)
     }
 
-    /// Whether a listed message is taken: it arrived since the first contact, or
+    /// Whether a listed message is taken: it arrived since the first contact (with
+    /// [`CLOCK_MARGIN`] for Graph's second-precision times and the two clocks), or
     /// `start_at` takes the older ones like it.
     fn takes(&self, item: &Item, first_contact_at: DateTime<Utc>) -> bool {
         let received = item.received.unwrap_or_else(Utc::now);
-        received >= first_contact_at
+        received >= first_contact_at - CLOCK_MARGIN
             || match self.parser.start_at {
                 StartAt::All => true,
                 StartAt::Now => false,
@@ -257,7 +266,11 @@ impl GraphMailbox {
     }
 
     fn message_url(&self, id: &str, suffix: &str) -> Result<url::Url, GraphError> {
-        let path = format!("users/{}/messages/{}{suffix}", enc(&self.parser.email), enc(id));
+        let path = format!(
+            "users/{}/messages/{}{suffix}",
+            enc(&self.parser.email),
+            enc(id)
+        );
         self.client.url(&path)
     }
 
@@ -268,10 +281,14 @@ impl GraphMailbox {
         let mut answer = self.client.send(step, Method::GET, url, &[], None).await?;
         let mut raw = Vec::new();
         loop {
-            let chunk = answer.response.chunk().await.map_err(|e| GraphError::Unreachable {
-                step,
-                reason: format!("the download was cut off after {} bytes: {e}", raw.len()),
-            })?;
+            let chunk = answer
+                .response
+                .chunk()
+                .await
+                .map_err(|e| GraphError::Unreachable {
+                    step,
+                    reason: format!("the download was cut off after {} bytes: {e}", raw.len()),
+                })?;
             let Some(chunk) = chunk else { break };
             raw.extend_from_slice(&chunk);
             if raw.len() as u64 > max_size {
@@ -342,7 +359,11 @@ impl SourceSession for GraphMailbox {
                 .collect();
             for (i, item) in taken.iter().enumerate() {
                 // The last taken message of a page hands over to the next page.
-                let resume = if i + 1 == taken.len() { next.clone() } else { Some(page_link.clone()) };
+                let resume = if i + 1 == taken.len() {
+                    next.clone()
+                } else {
+                    Some(page_link.clone())
+                };
                 pending.push(Pending {
                     key: item.id.clone(),
                     size: 0,
@@ -446,7 +467,11 @@ impl SourceSession for GraphMailbox {
                     None,
                 ),
             };
-            match self.client.send(step, method, url, &[], body.as_ref()).await {
+            match self
+                .client
+                .send(step, method, url, &[], body.as_ref())
+                .await
+            {
                 Ok(_) => {}
                 Err(SourceError::Graph(e)) if e.is_not_found() => {
                     tracing::info!(key = %message.key, "the message is gone already: nothing to settle");

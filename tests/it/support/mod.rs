@@ -3,6 +3,7 @@
 pub mod dovecot;
 pub mod entra;
 pub mod env;
+pub mod graph;
 pub mod postgres;
 pub mod proxy;
 

@@ -1,0 +1,218 @@
+//! Microsoft Graph mailboxes against the test Graph endpoint (`support::graph`), the test
+//! Entra and Postgres: delta rounds over several pages, exactly once, messages not
+//! downloaded twice, `start_at`, throttling, a lost sync state, cut downloads, oversized
+//! messages, each `after`, one credential serving IMAP and Graph, and doctor.
+
+use crate::daemon::message;
+use crate::support::env::{NOT_GRANTED, SHARED_A, SHARED_B, TestEnv, binary};
+use crate::support::graph::GraphFake;
+use chrono::{Duration as Days, Utc};
+use mail2ticket::config::Config;
+use std::path::Path;
+
+/// A third mailbox the app may read.
+const HELPDESK: &str = "helpdesk@example.test";
+
+/// The environment and a Graph endpoint holding the test mailboxes.
+async fn graph_env() -> (TestEnv, GraphFake) {
+    let s = TestEnv::granting(&[SHARED_A, SHARED_B, HELPDESK], 3599).await;
+    let graph = GraphFake::start(s.entra(), &[SHARED_A, SHARED_B, HELPDESK, NOT_GRANTED]).await;
+    (s, graph)
+}
+
+/// A `[[parser]]` reading `email` through Graph (`keys` go before `[parser.graph]`).
+fn graph_parser(name: &str, email: &str, graph: &GraphFake, keys: &str) -> String {
+    format!(
+        "\n[[parser]]\nname = \"{name}\"\nemail = \"{email}\"\ncredential = \"app\"\n{keys}\n[parser.graph]\nbase_url = \"{}\"\npoll_interval = 1\n",
+        graph.url
+    )
+}
+
+fn config(s: &TestEnv, parsers: &str) -> Config {
+    Config::from_toml(Path::new("graph.toml"), &(s.config_toml(&[]) + parsers)).unwrap()
+}
+
+/// `(created, quarantined)` of one parser's `run --once`, or its error.
+async fn run_once(s: &TestEnv, config: &Config, parser: &str) -> Result<(u64, u64), String> {
+    let reports = s.run_once(config).await;
+    let report = reports.iter().find(|r| r.parser == parser).unwrap();
+    report
+        .result
+        .as_ref()
+        .map(|once| (once.outcomes.created, once.outcomes.quarantined))
+        .map_err(Clone::clone)
+}
+
+#[tokio::test]
+async fn a_backlog_over_several_pages_is_stored_once_and_not_downloaded_again() {
+    let (s, graph) = graph_env().await;
+    let yesterday = Utc::now() - Days::days(1);
+    for n in 0..25 {
+        graph.deliver(SHARED_A, "inbox", &message(n, SHARED_A), false, yesterday);
+    }
+    // Read before the first contact: start_at = "unseen" leaves them alone.
+    for n in 100..103 {
+        graph.deliver(SHARED_A, "inbox", &message(n, SHARED_A), true, yesterday);
+    }
+    let config = config(&s, &graph_parser("support", SHARED_A, &graph, ""));
+    assert_eq!(run_once(&s, &config, "support").await, Ok((25, 0)));
+    assert!(graph.requests("delta") >= 3, "25 messages in pages of 10");
+    assert_eq!(graph.requests("$value"), 25);
+    assert_eq!(graph.requests("patch"), 25);
+    let inbox = graph.messages(SHARED_A, "inbox");
+    assert!(
+        inbox.iter().all(|(_, read)| *read),
+        "every message is read now"
+    );
+
+    // The next round returns the 25 again (they changed when marked read): they are
+    // recognised by Message-ID, neither downloaded nor marked again.
+    assert_eq!(run_once(&s, &config, "support").await, Ok((0, 0)));
+    assert_eq!(graph.requests("$value"), 25);
+    assert_eq!(graph.requests("patch"), 25);
+
+    // Mail that arrives later is taken, read or not; the old read mail still is not.
+    graph.deliver(
+        SHARED_A,
+        "inbox",
+        &message(200, SHARED_A),
+        false,
+        Utc::now(),
+    );
+    graph.deliver(SHARED_A, "inbox", &message(201, SHARED_A), true, Utc::now());
+    assert_eq!(run_once(&s, &config, "support").await, Ok((2, 0)));
+    assert_eq!(s.tickets("support").await.len(), 27);
+    let old_read = s
+        .count("select count(*) from ticket_messages where subject in ('Request 100', 'Request 101', 'Request 102')")
+        .await;
+    assert_eq!(old_read, 0);
+}
+
+#[tokio::test]
+async fn throttling_and_a_lost_sync_state_lose_and_duplicate_nothing() {
+    let (s, graph) = graph_env().await;
+    for n in 0..30 {
+        graph.deliver(SHARED_A, "inbox", &message(n, SHARED_A), false, Utc::now());
+    }
+    let config = config(
+        &s,
+        &graph_parser("support", SHARED_A, &graph, "start_at = \"all\""),
+    );
+    // Retry-After in seconds, then as an HTTP date: both waited out within the pass.
+    graph.throttle_next(3, "1");
+    assert_eq!(run_once(&s, &config, "support").await, Ok((30, 0)));
+    assert_eq!(graph.requests("throttled"), 3);
+    let soon = (Utc::now() + Days::seconds(1))
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    graph.throttle_next(1, &soon);
+    assert_eq!(run_once(&s, &config, "support").await, Ok((0, 0)));
+    assert_eq!(graph.requests("throttled"), 4);
+
+    // The sync state is lost: the round starts over; nothing is stored or fetched twice.
+    graph.lose_sync_state();
+    for n in 30..35 {
+        graph.deliver(SHARED_A, "inbox", &message(n, SHARED_A), false, Utc::now());
+    }
+    assert_eq!(run_once(&s, &config, "support").await, Ok((5, 0)));
+    assert_eq!(s.tickets("support").await.len(), 35);
+    assert_eq!(graph.requests("$value"), 35);
+}
+
+#[tokio::test]
+async fn cut_downloads_oversized_messages_and_every_after() {
+    let (s, graph) = graph_env().await;
+    for n in 0..3 {
+        graph.deliver(SHARED_A, "inbox", &message(n, SHARED_A), false, Utc::now());
+    }
+    let big = format!(
+        "From: a@example.com\r\nSubject: Huge\r\nMessage-ID: <huge@test>\r\n\r\n{}\r\n",
+        "x".repeat(20_000)
+    );
+    let huge = graph.deliver(SHARED_A, "inbox", big.as_bytes(), false, Utc::now());
+    for n in 0..2 {
+        graph.deliver(SHARED_B, "inbox", &message(n, SHARED_B), false, Utc::now());
+        graph.deliver(HELPDESK, "inbox", &message(n, HELPDESK), false, Utc::now());
+    }
+    graph.add_folder(SHARED_A, "inbox", "Done");
+    let parsers = graph_parser(
+        "support",
+        SHARED_A,
+        &graph,
+        "after = \"move:Inbox/Done\"\nmax_message_size = \"10 KB\"",
+    );
+    let split = parsers.len();
+    let parsers = parsers
+        + &graph_parser("sales", SHARED_B, &graph, "after = \"delete\"")
+        + &graph_parser("helpdesk", HELPDESK, &graph, "after = \"none\"");
+    let (support, others) = (config(&s, &parsers[..split]), config(&s, &parsers[split..]));
+
+    // The first download is cut off half way: that pass fails, nothing is lost.
+    graph.cut_next_downloads(1);
+    let first = run_once(&s, &support, "support").await;
+    assert!(first.is_err(), "{first:?}");
+    assert_eq!(run_once(&s, &support, "support").await, Ok((3, 1)));
+
+    // Moved after commit; the oversized one stays, unread, with its header quarantined.
+    let done: Vec<String> = graph
+        .messages(SHARED_A, "Done")
+        .into_iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(done.len(), 3);
+    assert_eq!(graph.messages(SHARED_A, "inbox"), vec![(huge, false)]);
+    let header_only = s
+        .count("select count(*) from quarantine where parser = 'support' and header_only and reason like '%at least%over max_message_size%' and convert_from(raw, 'UTF8') like '%Message-ID: <huge@test>%'")
+        .await;
+    assert_eq!(header_only, 1);
+    // Deleted (to Deleted Items), and left alone.
+    let reports = s.run_once(&others).await;
+    assert!(reports.iter().all(|r| r.result.is_ok()), "{reports:?}");
+    assert_eq!(s.tickets("sales").await.len(), 2);
+    assert!(graph.messages(SHARED_B, "inbox").is_empty());
+    assert_eq!(graph.messages(SHARED_B, "deleteditems").len(), 2);
+    assert_eq!(s.tickets("helpdesk").await.len(), 2);
+    assert!(
+        graph
+            .messages(HELPDESK, "inbox")
+            .iter()
+            .all(|(_, read)| !read)
+    );
+}
+
+#[tokio::test]
+async fn one_credential_serves_an_imap_and_a_graph_mailbox_and_doctor_explains_graph() {
+    let (s, graph) = graph_env().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
+    graph.deliver(SHARED_B, "inbox", &message(2, SHARED_B), false, Utc::now());
+    let text = s.config_toml(&[s.ssl("imap-support", SHARED_A)])
+        + &graph_parser("graph-sales", SHARED_B, &graph, "");
+    let config = Config::from_toml(Path::new("both.toml"), &text).unwrap();
+    let reports = s.run_once(&config).await;
+    for report in &reports {
+        let once = report.result.as_ref().unwrap();
+        assert_eq!(once.outcomes.created, 1, "{}", report.parser);
+    }
+    // One token per resource: Exchange (IMAP) and Graph.
+    assert_eq!(s.entra().requests_of("client_credentials"), 2);
+
+    let doctor_text = text + &graph_parser("graph-finance", NOT_GRANTED, &graph, "");
+    let (path, _) = s.write_config("doctor.toml", &doctor_text);
+    let out = tokio::task::spawn_blocking(move || {
+        binary(&["doctor", "--config"]).arg(&path).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let sales = crate::support::doctor_section(&report, "graph-sales");
+    assert!(
+        sales.contains("Mail.ReadWrite") && sales.contains("1 messages"),
+        "{sales}"
+    );
+    let finance = crate::support::doctor_section(&report, "graph-finance");
+    assert!(
+        finance.contains("ErrorAccessDenied") && finance.contains("New-ManagementRoleAssignment"),
+        "{finance}"
+    );
+}
