@@ -196,7 +196,11 @@ async fn one_credential_serves_an_imap_and_a_graph_mailbox_and_doctor_explains_g
     // One token per resource: Exchange (IMAP) and Graph.
     assert_eq!(s.entra().requests_of("client_credentials"), 2);
 
-    let doctor_text = text + &graph_parser("graph-finance", NOT_GRANTED, &graph, "");
+    graph.disable_rest(HELPDESK);
+    let doctor_text = text
+        + &graph_parser("graph-finance", NOT_GRANTED, &graph, "")
+        + &graph_parser("graph-nobody", "nobody@example.test", &graph, "")
+        + &graph_parser("graph-onprem", HELPDESK, &graph, "");
     let (path, _) = s.write_config("doctor.toml", &doctor_text);
     let out = tokio::task::spawn_blocking(move || {
         binary(&["doctor", "--config"]).arg(&path).output().unwrap()
@@ -215,4 +219,139 @@ async fn one_credential_serves_an_imap_and_a_graph_mailbox_and_doctor_explains_g
         finance.contains("ErrorAccessDenied") && finance.contains("New-ManagementRoleAssignment"),
         "{finance}"
     );
+    let nobody = crate::support::doctor_section(&report, "graph-nobody");
+    assert!(
+        nobody.contains("ErrorInvalidUser") && nobody.contains("check the parser's email"),
+        "{nobody}"
+    );
+    let onprem = crate::support::doctor_section(&report, "graph-onprem");
+    assert!(
+        onprem.contains("MailboxNotEnabledForRESTAPI") && onprem.contains("[parser.imap]"),
+        "{onprem}"
+    );
+}
+
+#[tokio::test]
+async fn one_credential_keeps_four_requests_in_flight_and_start_at_holds() {
+    let (s, graph) = graph_env().await;
+    let three_days_ago = Utc::now() - Days::days(3);
+    let yesterday = Utc::now() - Days::days(1);
+    for mailbox in [SHARED_A, SHARED_B, HELPDESK] {
+        for n in 0..3 {
+            graph.deliver(mailbox, "archive", &message(n, mailbox), true, yesterday);
+        }
+    }
+    // start_at = "now": nothing that is there already; a date: what arrived since.
+    for n in 10..13 {
+        graph.deliver(SHARED_A, "inbox", &message(n, SHARED_A), false, yesterday);
+    }
+    graph.deliver(
+        SHARED_B,
+        "inbox",
+        &message(20, SHARED_B),
+        false,
+        three_days_ago,
+    );
+    graph.deliver(SHARED_B, "inbox", &message(21, SHARED_B), false, yesterday);
+    graph.deliver(HELPDESK, "inbox", &message(30, HELPDESK), true, yesterday);
+    let day = (Utc::now() - Days::days(2)).format("%Y-%m-%d").to_string();
+    let all = "start_at = \"all\"";
+    let parsers = [
+        graph_parser("a-archive", SHARED_A, &graph, all),
+        graph_parser("b-archive", SHARED_B, &graph, all),
+        graph_parser("h-archive", HELPDESK, &graph, all),
+        graph_parser("a-inbox", SHARED_A, &graph, "start_at = \"now\""),
+        graph_parser(
+            "b-inbox",
+            SHARED_B,
+            &graph,
+            &format!("start_at = \"{day}\""),
+        ),
+        graph_parser("h-inbox", HELPDESK, &graph, "start_at = \"unseen\""),
+    ]
+    .map(|p| {
+        p.replace(
+            "[parser.graph]\n",
+            if p.contains("archive\"") {
+                "[parser.graph]\nfolder = \"archive\"\n"
+            } else {
+                "[parser.graph]\n"
+            },
+        )
+    })
+    .concat();
+    let config = config(&s, &parsers);
+    graph.slow_down(100);
+    let reports = s.run_once(&config).await;
+    let created = |parser: &str| {
+        let report = reports.iter().find(|r| r.parser == parser).unwrap();
+        report.result.as_ref().unwrap().outcomes.created
+    };
+    for parser in ["a-archive", "b-archive", "h-archive"] {
+        assert_eq!(created(parser), 3, "{parser}");
+    }
+    assert_eq!(
+        (created("a-inbox"), created("b-inbox"), created("h-inbox")),
+        (0, 1, 0)
+    );
+    let most = graph.most_in_flight();
+    assert!((2..=4).contains(&most), "{most} requests at once");
+    // Skipped messages are untouched.
+    assert!(
+        graph
+            .messages(SHARED_A, "inbox")
+            .iter()
+            .all(|(_, read)| !read)
+    );
+}
+
+#[tokio::test]
+async fn a_graph_mailbox_killed_mid_round_resumes_with_every_message_once() {
+    let (s, graph) = graph_env().await;
+    for n in 0..150 {
+        graph.deliver(SHARED_A, "inbox", &message(n, SHARED_A), false, Utc::now());
+    }
+    let text = s.config_toml(&[]) + &graph_parser("support", SHARED_A, &graph, "");
+    let (path, _) = s.write_config("graph-daemon.toml", &text);
+    graph.slow_down(20);
+    let daemon =
+        crate::support::KillOnDrop(binary(&["run", "--config"]).arg(&path).spawn().unwrap());
+    crate::support::env::wait_for(std::time::Duration::from_secs(60), || async {
+        s.count("select count(*) from tickets").await >= 30
+    })
+    .await;
+    drop(daemon); // kill -9
+    let stored = s.count("select count(*) from tickets").await;
+    assert!(stored < 150, "killed before the end ({stored})");
+    // A storm of 429s greets the new process: more than one request waits out.
+    graph.throttle_next(8, "1");
+    let _daemon =
+        crate::support::KillOnDrop(binary(&["run", "--config"]).arg(&path).spawn().unwrap());
+    crate::support::env::wait_for(std::time::Duration::from_secs(90), || async {
+        let n = s.count("select count(*) from tickets").await;
+        eprintln!(
+            "TICKETS {n} unread {}",
+            graph
+                .messages(SHARED_A, "inbox")
+                .iter()
+                .filter(|m| !m.1)
+                .count()
+        );
+        n == 150
+    })
+    .await;
+    assert_eq!(s.count("select count(*) from ticket_messages").await, 150);
+    assert_eq!(s.count("select count(*) from quarantine").await, 0);
+    assert_eq!(graph.requests("throttled"), 8);
+    // Marked read after commit; only the batch committed when the first process was
+    // killed (before it could mark it) may stay unread: never a second ticket.
+    crate::support::env::wait_for(std::time::Duration::from_secs(30), || async {
+        let unread = graph
+            .messages(SHARED_A, "inbox")
+            .iter()
+            .filter(|(_, read)| !read)
+            .count();
+        unread <= 50
+    })
+    .await;
 }

@@ -71,6 +71,8 @@ struct Data {
     /// Sync tokens of earlier generations are gone (410).
     generation: u64,
     mailboxes: HashMap<String, Mailbox>,
+    /// The snapshot of every round started: its entries, in order.
+    rounds: Vec<Vec<Value>>,
 }
 
 struct Shared {
@@ -83,6 +85,22 @@ struct Shared {
     /// Every request: "METHOD kind".
     log: Mutex<Vec<String>>,
     base: Mutex<String>,
+    /// Requests being answered now, and the most ever at once.
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+    /// Each request takes at least this long (to let concurrency build up).
+    delay_ms: AtomicUsize,
+    /// Mailboxes Graph cannot serve (`MailboxNotEnabledForRESTAPI`).
+    not_rest: Mutex<Vec<String>>,
+}
+
+/// A request being answered; counted in `in_flight` until dropped.
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running Graph endpoint; stops when dropped.
@@ -103,6 +121,10 @@ impl GraphFake {
             cut_next: AtomicUsize::new(0),
             log: Mutex::default(),
             base: Mutex::default(),
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
+            delay_ms: AtomicUsize::new(0),
+            not_rest: Mutex::default(),
         });
         for m in mailboxes {
             shared.data.lock().unwrap().mailboxes.insert(
@@ -238,6 +260,25 @@ impl GraphFake {
         self.shared.cut_next.store(n, Ordering::SeqCst);
     }
 
+    /// Every request takes at least `ms` milliseconds.
+    pub fn slow_down(&self, ms: usize) {
+        self.shared.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// The most requests ever answered at the same time.
+    pub fn most_in_flight(&self) -> usize {
+        self.shared.most_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// `mailbox` cannot be read through Graph (an on-premises mailbox, say).
+    pub fn disable_rest(&self, mailbox: &str) {
+        self.shared
+            .not_rest
+            .lock()
+            .unwrap()
+            .push(mailbox.to_lowercase());
+    }
+
     /// How many requests of `kind` (`delta`, `$value`, `patch`, `move`, `delete`,
     /// `headers`, `folders`, `throttled`) were made.
     pub fn requests(&self, kind: &str) -> usize {
@@ -320,9 +361,28 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-/// Checks the bearer token for `user` (and writing when `write`), counts the request,
-/// and plays throttling.
-fn admit(
+/// Checks the bearer token for `user` (and writing when `write`), counts the request
+/// (and how many are answered at once), plays throttling and slowness.
+async fn admit(
+    state: &Arc<Shared>,
+    headers: &HeaderMap,
+    user: &str,
+    kind: &str,
+    write: bool,
+) -> Result<InFlight, Response> {
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.most_in_flight.fetch_max(now, Ordering::SeqCst);
+    let guard = InFlight(state.clone());
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay as u64)).await;
+    }
+    check(state, headers, user, kind, write)?;
+    Ok(guard)
+}
+
+/// The checks of [`admit`].
+fn check(
     state: &Shared,
     headers: &HeaderMap,
     user: &str,
@@ -396,6 +456,18 @@ fn admit(
             "Access is denied. Check credentials and try again.",
         ));
     }
+    if state
+        .not_rest
+        .lock()
+        .unwrap()
+        .contains(&user.to_lowercase())
+    {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "MailboxNotEnabledForRESTAPI",
+            "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+        ));
+    }
     Ok(())
 }
 
@@ -447,9 +519,10 @@ async fn folders(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = admit(&state, &headers, &user, "folders", false) {
-        return r;
-    }
+    let _in_flight = match admit(&state, &headers, &user, "folders", false).await {
+        Ok(guard) => guard,
+        Err(r) => return r,
+    };
     list_folders(&state, &user, "msgfolderroot", &query)
 }
 
@@ -459,9 +532,10 @@ async fn child_folders(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = admit(&state, &headers, &user, "folders", false) {
-        return r;
-    }
+    let _in_flight = match admit(&state, &headers, &user, "folders", false).await {
+        Ok(guard) => guard,
+        Err(r) => return r,
+    };
     list_folders(&state, &user, &parent, &query)
 }
 
@@ -470,9 +544,10 @@ async fn folder(
     Path((user, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = admit(&state, &headers, &user, "folders", false) {
-        return r;
-    }
+    let _in_flight = match admit(&state, &headers, &user, "folders", false).await {
+        Ok(guard) => guard,
+        Err(r) => return r,
+    };
     let data = state.data.lock().unwrap();
     let mbox = &data.mailboxes[&user.to_lowercase()];
     match find_folder(mbox, &key)
@@ -487,17 +562,18 @@ async fn folder(
     }
 }
 
-/// One page of a delta round: `$skiptoken` = generation.since.upto.offset, `$deltatoken` =
-/// generation.upto.
+/// One page of a delta round: `$skiptoken` = generation.round.offset.upto, `$deltatoken`
+/// = generation.upto.
 async fn delta(
     State(state): State<Arc<Shared>>,
     Path((user, key)): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = admit(&state, &headers, &user, "delta", false) {
-        return r;
-    }
+    let _in_flight = match admit(&state, &headers, &user, "delta", false).await {
+        Ok(guard) => guard,
+        Err(r) => return r,
+    };
     let page_size = headers
         .get("Prefer")
         .and_then(|v| v.to_str().ok())
@@ -513,51 +589,99 @@ async fn delta(
             .unwrap_or_default()
             .contains("IdType=\"ImmutableId\"")
     });
-    let data = state.data.lock().unwrap();
+    let mut data = state.data.lock().unwrap();
     let numbers =
         |token: &str| -> Vec<u64> { token.split('.').filter_map(|n| n.parse().ok()).collect() };
-    let (since, upto, offset) = match (query.get("$skiptoken"), query.get("$deltatoken")) {
+    let generation = data.generation;
+    // A round is a snapshot taken when it starts (like Graph's sync state): what changes
+    // while it is read comes in the next round.
+    let (round, offset, upto) = match (query.get("$skiptoken"), query.get("$deltatoken")) {
         (Some(t), _) => match numbers(t).as_slice() {
-            [g, s, u, o] if *g == data.generation => (*s, *u, *o as usize),
+            [g, r, o, u] if *g == generation => (*r as usize, *o as usize, *u),
             _ => return gone(),
         },
         (None, Some(t)) => match numbers(t).as_slice() {
-            [g, u] if *g == data.generation => (*u, data.seq, 0),
+            [g, since] if *g == generation => {
+                match start_round(&mut data, &user, &key, *since, immutable) {
+                    Some(round) => round,
+                    None => {
+                        return error(
+                            StatusCode::NOT_FOUND,
+                            "ErrorInvalidIdMalformed",
+                            "Id is malformed.",
+                        );
+                    }
+                }
+            }
             _ => return gone(),
         },
-        (None, None) => (0, data.seq, 0),
+        (None, None) => match start_round(&mut data, &user, &key, 0, immutable) {
+            Some(round) => round,
+            None => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "ErrorInvalidIdMalformed",
+                    "Id is malformed.",
+                );
+            }
+        },
     };
+    let entries = &data.rounds[round];
+    let value: Vec<Value> = entries
+        .iter()
+        .skip(offset)
+        .take(page_size)
+        .cloned()
+        .collect();
+    let base = state.base.lock().unwrap().clone();
+    let here = format!("{base}/users/{user}/mailFolders/{key}/messages/delta");
+    let mut body =
+        json!({"@odata.context": format!("{base}/$metadata#Collection(message)"), "value": value});
+    if offset + page_size < entries.len() {
+        body["@odata.nextLink"] = json!(format!(
+            "{here}?$skiptoken={generation}.{round}.{}.{upto}",
+            offset + page_size
+        ));
+    } else {
+        body["@odata.deltaLink"] = json!(format!("{here}?$deltatoken={generation}.{upto}"));
+    }
+    Json(body).into_response()
+}
+
+/// Takes the snapshot of a round over the changes after `since`: (round, 0, upto).
+fn start_round(
+    data: &mut Data,
+    user: &str,
+    key: &str,
+    since: u64,
+    immutable: bool,
+) -> Option<(usize, usize, u64)> {
+    let upto = data.seq;
     let mbox = &data.mailboxes[&user.to_lowercase()];
-    let Some(folder) = find_folder(mbox, &key) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "ErrorInvalidIdMalformed",
-            "Id is malformed.",
-        );
-    };
+    let folder = find_folder(mbox, key)?;
+    let mut entries: Vec<Value> = Vec::new();
+    if since > 0 {
+        for (id, _, _) in mbox
+            .removed
+            .iter()
+            .filter(|(_, f, s)| *f == folder.id && *s > since && *s <= upto)
+        {
+            entries.push(json!({"id": id, "@removed": {"reason": "deleted"}}));
+        }
+    }
     let mut changed: Vec<&Message> = mbox
         .messages
         .iter()
         .filter(|m| m.folder == folder.id && m.changed > since && m.changed <= upto)
         .collect();
     changed.sort_by_key(|m| (m.changed, m.id.clone()));
-    let mut value: Vec<Value> = Vec::new();
-    if offset == 0 && since > 0 {
-        for (id, _, _) in mbox
-            .removed
-            .iter()
-            .filter(|(_, f, s)| *f == folder.id && *s > since && *s <= upto)
-        {
-            value.push(json!({"id": id, "@removed": {"reason": "deleted"}}));
-        }
-    }
-    for m in changed.iter().skip(offset).take(page_size) {
+    for m in changed {
         let id = if immutable {
             m.id.clone()
         } else {
             format!("mutable-{}", m.id)
         };
-        value.push(json!({
+        entries.push(json!({
             "@odata.type": "#microsoft.graph.message",
             "id": id,
             "internetMessageId": m.internet_message_id,
@@ -565,20 +689,8 @@ async fn delta(
             "isRead": m.is_read,
         }));
     }
-    let base = state.base.lock().unwrap().clone();
-    let here = format!("{base}/users/{user}/mailFolders/{key}/messages/delta");
-    let mut body =
-        json!({"@odata.context": format!("{base}/$metadata#Collection(message)"), "value": value});
-    if offset + page_size < changed.len() {
-        body["@odata.nextLink"] = json!(format!(
-            "{here}?$skiptoken={}.{since}.{upto}.{}",
-            data.generation,
-            offset + page_size
-        ));
-    } else {
-        body["@odata.deltaLink"] = json!(format!("{here}?$deltatoken={}.{upto}", data.generation));
-    }
-    Json(body).into_response()
+    data.rounds.push(entries);
+    Some((data.rounds.len() - 1, 0, upto))
 }
 
 fn gone() -> Response {
@@ -616,9 +728,10 @@ async fn message(
     Path((user, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = admit(&state, &headers, &user, "headers", false) {
-        return r;
-    }
+    let _in_flight = match admit(&state, &headers, &user, "headers", false).await {
+        Ok(guard) => guard,
+        Err(r) => return r,
+    };
     let found = with_message(&state, &user, &id, |data, i| {
         let m = &data.mailboxes[&user.to_lowercase()].messages[i];
         let fields: Vec<Value> = header_fields(&m.raw)
@@ -638,9 +751,10 @@ async fn value(
     Path((user, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = admit(&state, &headers, &user, "$value", false) {
-        return r;
-    }
+    let _in_flight = match admit(&state, &headers, &user, "$value", false).await {
+        Ok(guard) => guard,
+        Err(r) => return r,
+    };
     let raw = match with_message(&state, &user, &id, |data, i| {
         data.mailboxes[&user.to_lowercase()].messages[i].raw.clone()
     }) {
@@ -668,9 +782,10 @@ async fn patch(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Err(r) = admit(&state, &headers, &user, "patch", true) {
-        return r;
-    }
+    let _in_flight = match admit(&state, &headers, &user, "patch", true).await {
+        Ok(guard) => guard,
+        Err(r) => return r,
+    };
     let updated = with_message(&state, &user, &id, |data, i| {
         data.seq += 1;
         let seq = data.seq;
@@ -709,9 +824,10 @@ async fn move_message(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Err(r) = admit(&state, &headers, &user, "move", true) {
-        return r;
-    }
+    let _in_flight = match admit(&state, &headers, &user, "move", true).await {
+        Ok(guard) => guard,
+        Err(r) => return r,
+    };
     let target = body["destinationId"]
         .as_str()
         .unwrap_or_default()
@@ -737,9 +853,10 @@ async fn delete(
     Path((user, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = admit(&state, &headers, &user, "delete", true) {
-        return r;
-    }
+    let _in_flight = match admit(&state, &headers, &user, "delete", true).await {
+        Ok(guard) => guard,
+        Err(r) => return r,
+    };
     match with_message(&state, &user, &id, |data, i| {
         relocate(data, &user, i, "AAMkDeleted")
     }) {
