@@ -82,6 +82,11 @@ async fn a_backlog_over_several_pages_is_stored_once_and_not_downloaded_again() 
     graph.deliver(SHARED_A, "inbox", &message(201, SHARED_A), true, Utc::now());
     assert_eq!(run_once(&s, &config, "support").await, Ok((2, 0)));
     assert_eq!(s.tickets("support").await.len(), 27);
+    // Those two come back changed (marked read) and are taken by arrival: recognised,
+    // not downloaded again, not marked again.
+    assert_eq!(run_once(&s, &config, "support").await, Ok((0, 0)));
+    assert_eq!(graph.requests("$value"), 27);
+    assert_eq!(graph.requests("patch"), 27);
     let old_read = s
         .count("select count(*) from ticket_messages where subject in ('Request 100', 'Request 101', 'Request 102')")
         .await;
@@ -354,4 +359,41 @@ async fn a_graph_mailbox_killed_mid_round_resumes_with_every_message_once() {
         unread <= 50
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_message_graph_never_sends_is_given_up_on_and_a_refused_token_is_replaced() {
+    let (s, graph) = graph_env().await;
+    graph.deliver(SHARED_A, "inbox", &message(1, SHARED_A), false, Utc::now());
+    let stuck = graph.deliver(SHARED_A, "inbox", &message(2, SHARED_A), false, Utc::now());
+    graph.deliver(SHARED_A, "inbox", &message(3, SHARED_A), false, Utc::now());
+    graph.cut_always(&stuck);
+    // The first token is expired already: Graph answers 401 and one new token is asked.
+    s.entra().issue_expired_tokens(1);
+    let config = config(&s, &graph_parser("support", SHARED_A, &graph, ""));
+    let mut passes = 0;
+    let quarantined = loop {
+        passes += 1;
+        assert!(passes <= 6, "not given up after {passes} passes");
+        if let Ok((_, quarantined)) = run_once(&s, &config, "support").await
+            && quarantined == 1
+        {
+            break passes;
+        }
+    };
+    assert!(quarantined >= 3, "given up only after repeated failures");
+    assert_eq!(s.tickets("support").await.len(), 2);
+    let reason = s
+        .count("select count(*) from quarantine where header_only and reason like '%failed 4 times%' and convert_from(raw, 'UTF8') like '%req-2-%'")
+        .await;
+    assert_eq!(reason, 1);
+    // The message stays in the mailbox, unread; the others are read.
+    let inbox = graph.messages(SHARED_A, "inbox");
+    assert_eq!(
+        inbox.iter().filter(|(_, read)| !read).collect::<Vec<_>>(),
+        vec![&(stuck, false)]
+    );
+    // One token per pass (each is a new process), plus the one that replaced the expired.
+    let passes = quarantined;
+    assert_eq!(s.entra().requests_of("client_credentials"), passes + 1);
 }

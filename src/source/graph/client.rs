@@ -345,3 +345,55 @@ fn describe(e: &reqwest::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_are_followed_only_to_the_origin_of_base_url() {
+        let text = "[database]\nurl = \"postgres://x/y\"\n[[credential]]\nname = \"app\"\ntype = \"client_credentials\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+        let config =
+            crate::config::Config::from_toml(std::path::Path::new("t.toml"), text).unwrap();
+        let tokens = crate::auth::TokenSources::from_config(&config, None).unwrap();
+        let client = GraphClient::new(
+            "https://graph.microsoft.com/v1.0",
+            "app",
+            tokens.graph("app").unwrap(),
+        )
+        .unwrap();
+        let same = "https://graph.microsoft.com/v1.0/users/a@b/mailFolders/inbox/messages/delta?$deltatoken=x";
+        assert_eq!(client.link(same).unwrap().as_str(), same);
+        for foreign in [
+            "https://graph.microsoft.com.evil.test/v1.0/x",
+            "http://graph.microsoft.com/v1.0/x",
+            "https://graph.microsoft.com:8443/v1.0/x",
+            "https://evil.test/v1.0/x",
+        ] {
+            assert!(
+                matches!(client.link(foreign), Err(GraphError::ForeignLink { .. })),
+                "{foreign}"
+            );
+        }
+        assert_eq!(
+            client.url("users/a@b/messages/1").unwrap().as_str(),
+            "https://graph.microsoft.com/v1.0/users/a@b/messages/1"
+        );
+    }
+
+    #[test]
+    fn graph_error_codes_get_fixes() {
+        assert!(
+            fix_for(403, "ErrorAccessDenied")
+                .unwrap()
+                .contains("RBAC for Applications")
+        );
+        assert!(fix_for(404, "ErrorInvalidUser").unwrap().contains("email"));
+        assert!(
+            fix_for(404, "MailboxNotEnabledForRESTAPI")
+                .unwrap()
+                .contains("[parser.imap]")
+        );
+        assert!(fix_for(500, "generalException").is_none());
+    }
+}

@@ -82,6 +82,8 @@ struct Shared {
     throttled_next: Mutex<(usize, String)>,
     /// The next `$value` downloads cut off after half of the message.
     cut_next: AtomicUsize,
+    /// Messages whose every download is cut off.
+    cut_always: Mutex<Vec<String>>,
     /// Every request: "METHOD kind".
     log: Mutex<Vec<String>>,
     base: Mutex<String>,
@@ -119,6 +121,7 @@ impl GraphFake {
             data: Mutex::default(),
             throttled_next: Mutex::new((0, String::new())),
             cut_next: AtomicUsize::new(0),
+            cut_always: Mutex::default(),
             log: Mutex::default(),
             base: Mutex::default(),
             in_flight: AtomicUsize::new(0),
@@ -258,6 +261,12 @@ impl GraphFake {
     /// The next `n` downloads (`$value`) are cut off half way.
     pub fn cut_next_downloads(&self, n: usize) {
         self.shared.cut_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Every download of message `id` is cut off half way (a message the server never
+    /// manages to send).
+    pub fn cut_always(&self, id: &str) {
+        self.shared.cut_always.lock().unwrap().push(id.to_string());
     }
 
     /// Every request takes at least `ms` milliseconds.
@@ -420,6 +429,7 @@ fn check(
         .ok_or_else(unauthorized)?;
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
     validation.set_audience(&["https://graph.microsoft.com"]);
+    validation.leeway = 0;
     let claims = jsonwebtoken::decode::<Value>(
         token,
         &jsonwebtoken::DecodingKey::from_secret(&state.key),
@@ -761,10 +771,11 @@ async fn value(
         Ok(raw) => raw,
         Err(r) => return r,
     };
-    let cut = state
-        .cut_next
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok();
+    let cut = state.cut_always.lock().unwrap().contains(&id)
+        || state
+            .cut_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
     if cut {
         // Half the message, then the connection breaks.
         let half = raw[..raw.len() / 2].to_vec();
