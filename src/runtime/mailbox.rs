@@ -188,16 +188,7 @@ impl<S: MailSource> Poller<S> {
         // Messages whose Message-ID the source told and that are stored already (a Graph
         // round returns a message again when it changed, e.g. once marked read) are not
         // downloaded again; only the cursor moves past them.
-        let ids: Vec<&str> = listing
-            .pending
-            .iter()
-            .filter_map(|m| m.message_id.as_deref())
-            .collect();
-        let known = if ids.is_empty() {
-            HashSet::new()
-        } else {
-            crate::store::tickets::stored_message_ids(&mut conn, name, &ids).await?
-        };
+        let known = stored_already(&mut conn, name, &listing.pending).await?;
         drop(conn);
         let new = listing.pending.len()
             - listing
@@ -474,6 +465,22 @@ async fn fetch_batch<T: SourceSession>(
         fetched.push((header, Some(too_large(message, size, max))));
     }
     Ok(fetched)
+}
+
+/// The Message-IDs among `pending` (those the source told) that are stored already.
+async fn stored_already(
+    conn: &mut sqlx::PgConnection,
+    parser: &str,
+    pending: &[Pending],
+) -> Result<HashSet<String>, StoreError> {
+    let ids: Vec<&str> = pending
+        .iter()
+        .filter_map(|m| m.message_id.as_deref())
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    crate::store::tickets::stored_message_ids(conn, parser, &ids).await
 }
 
 /// True when the source told the message's Message-ID and it is stored already.

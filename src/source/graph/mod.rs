@@ -265,6 +265,46 @@ impl GraphMailbox {
             }
     }
 
+    /// The messages of a page that are taken, each with the link to resume from once it is
+    /// done: the page's own link, except for the last one taken, which hands over to the
+    /// next page (the rest of the page is not taken).
+    fn taken_from(
+        &self,
+        page: &Page,
+        page_link: &str,
+        first_contact_at: DateTime<Utc>,
+    ) -> Vec<Pending> {
+        let next = page.next_link.clone().or(page.delta_link.clone());
+        let taken: Vec<&Item> = page
+            .value
+            .iter()
+            .filter(|item| item.removed.is_none() && self.takes(item, first_contact_at))
+            .collect();
+        let count = taken.len();
+        taken
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| Pending {
+                key: item.id.clone(),
+                size: 0,
+                message_id: item
+                    .internet_message_id
+                    .as_deref()
+                    .and_then(crate::pipeline::mime::stored_message_id),
+                arrived: item.received,
+                location: format!("Graph folder {}; message id {}", self.graph.folder, item.id),
+                after: Cursor::Graph {
+                    link: if i + 1 == count {
+                        next.clone()
+                    } else {
+                        Some(page_link.to_string())
+                    },
+                    first_contact_at,
+                },
+            })
+            .collect()
+    }
+
     fn message_url(&self, id: &str, suffix: &str) -> Result<url::Url, GraphError> {
         let path = format!(
             "users/{}/messages/{}{suffix}",
@@ -351,34 +391,7 @@ impl SourceSession for GraphMailbox {
                 }
                 Err(e) => return Err(e),
             };
-            let next = page.next_link.clone().or(page.delta_link.clone());
-            let taken: Vec<&Item> = page
-                .value
-                .iter()
-                .filter(|item| item.removed.is_none() && self.takes(item, first_contact_at))
-                .collect();
-            for (i, item) in taken.iter().enumerate() {
-                // The last taken message of a page hands over to the next page.
-                let resume = if i + 1 == taken.len() {
-                    next.clone()
-                } else {
-                    Some(page_link.clone())
-                };
-                pending.push(Pending {
-                    key: item.id.clone(),
-                    size: 0,
-                    message_id: item
-                        .internet_message_id
-                        .as_deref()
-                        .and_then(crate::pipeline::mime::stored_message_id),
-                    arrived: item.received,
-                    location: format!("Graph folder {}; message id {}", self.graph.folder, item.id),
-                    after: Cursor::Graph {
-                        link: resume,
-                        first_contact_at,
-                    },
-                });
-            }
+            pending.extend(self.taken_from(&page, &page_link, first_contact_at));
             match (page.next_link, page.delta_link) {
                 (Some(next), _) => link = Some(next),
                 (None, Some(delta)) => {
