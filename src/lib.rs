@@ -30,6 +30,7 @@ pub mod runtime;
 pub mod source;
 pub mod store;
 pub mod tls;
+pub mod webhooks;
 
 /// The text of a caught panic (`panic!` with a message carries a `&str` or a `String`):
 /// panics are caught where one message or one pass must not take more down with it.

@@ -6,6 +6,7 @@
 use crate::config::Config;
 use crate::ops::logging::{self, LogFormat};
 use crate::store;
+mod events;
 mod ingest;
 mod quarantine;
 mod run;
@@ -89,6 +90,16 @@ enum Command {
         #[command(subcommand)]
         action: QuarantineAction,
     },
+    /// Read the events outbox (what downstream systems hear about).
+    Events {
+        #[command(subcommand)]
+        action: EventsAction,
+    },
+    /// Webhook deliveries: their state, and redelivery.
+    Webhooks {
+        #[command(subcommand)]
+        action: WebhooksAction,
+    },
     /// Show a running daemon's mailboxes and credentials (from its /status.json); exit 0
     /// when healthy, 1 when not (or unreachable).
     Status {
@@ -109,6 +120,43 @@ enum Command {
         /// Message files, or directories read recursively (hidden files skipped);
         /// none or `-` reads one message from stdin.
         files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsAction {
+    /// Print events as JSON lines, oldest first.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only events after this id (the last id a consumer has seen).
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum WebhooksAction {
+    /// Deliveries per endpoint: pending, dead, delivered.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Deliver again: every dead delivery (`--dead`), or the given events.
+    Redeliver {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Every delivery given up on.
+        #[arg(long, conflicts_with = "events")]
+        dead: bool,
+        /// Only to this webhook.
+        #[arg(long)]
+        webhook: Option<String>,
+        /// Event ids.
+        events: Vec<i64>,
     },
 }
 
@@ -184,6 +232,14 @@ impl Command {
                     &config.config
                 }
             },
+            Command::Events {
+                action: EventsAction::List { config, .. },
+            } => &config.config,
+            Command::Webhooks { action } => match action {
+                WebhooksAction::Status { config } | WebhooksAction::Redeliver { config, .. } => {
+                    &config.config
+                }
+            },
         }
     }
 }
@@ -220,6 +276,10 @@ async fn run(command: Command) -> ExitCode {
         },
         Command::Run { once, .. } => run::run_command(&config, once).await,
         Command::Quarantine { action } => quarantine::quarantine_command(&config, action).await,
+        Command::Events {
+            action: EventsAction::List { since, limit, .. },
+        } => events::list(&config, since, limit).await,
+        Command::Webhooks { action } => events::webhooks(&config, action).await,
         Command::Login {
             credential,
             device_code,

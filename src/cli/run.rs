@@ -76,17 +76,33 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
+    // Before any poller commits: every event from now on gets its deliveries.
+    if let Err(e) = sync_webhooks(&pool, config).await {
+        eprintln!("error: cannot record the webhooks in the database: {e}");
+        return ExitCode::from(EXIT_FAILED);
+    }
     let cancel = tokio_util::sync::CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     if once {
         return run_once(config, &pool, &tokens, &cancel).await;
     }
     let states = crate::runtime::state::Registry::default();
+    let (state_events, written) = tokio::sync::mpsc::unbounded_channel();
+    states.publish_to(state_events);
+    tokio::spawn(write_state_events(pool.clone(), written));
     let notifier = std::sync::Arc::new(crate::ops::systemd::Notifier::new(states.clone()));
     let current = tokio::sync::watch::Sender::new(std::sync::Arc::new(config.clone()));
-    if let Err(code) = start_http(config, &current, &states, &tokens, &pool, &cancel).await {
+    let disabled = crate::webhooks::Disabled::default();
+    if let Err(code) = start_http(
+        config, &current, &states, &tokens, &pool, &disabled, &cancel,
+    )
+    .await
+    {
         return code;
     }
+    let dispatcher =
+        crate::webhooks::run(pool.clone(), current.subscribe(), disabled, cancel.clone());
+    tokio::spawn(dispatcher);
     // Installed before READY=1: SIGHUP's default action would end the process.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let (reload_requests, mut reloads) = tokio::sync::mpsc::channel(1);
@@ -208,6 +224,7 @@ async fn start_http(
     states: &crate::runtime::state::Registry,
     tokens: &crate::auth::TokenSources,
     pool: &sqlx::PgPool,
+    disabled_webhooks: &crate::webhooks::Disabled,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<(), ExitCode> {
     let Some(http) = &config.http else {
@@ -226,9 +243,37 @@ async fn start_http(
         pool: pool.clone(),
         started_at: chrono::Utc::now(),
         config: current.subscribe(),
+        disabled_webhooks: disabled_webhooks.clone(),
     };
     tracing::info!(listen = %http.listen, "operations endpoints listening");
     let cancel = cancel.clone();
     tokio::spawn(async move { crate::ops::http::serve(listener, ops, cancel).await });
     Ok(())
+}
+
+/// Mirrors `[[webhook]]` into the database (the event writers fan out to it).
+async fn sync_webhooks(
+    pool: &sqlx::PgPool,
+    config: &Config,
+) -> Result<(), crate::store::StoreError> {
+    let mut conn = pool.acquire().await?;
+    crate::store::webhooks::sync_subscriptions(&mut conn, &config.webhooks).await
+}
+
+/// Writes the mailboxes' changes of state to the events outbox (each in a transaction of
+/// its own; a database outage loses them, and the log still has them).
+async fn write_state_events(
+    pool: sqlx::PgPool,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<crate::runtime::state::StateEvent>,
+) {
+    while let Some(event) = events.recv().await {
+        let written = async {
+            let mut conn = pool.acquire().await?;
+            crate::store::events::state_event(&mut conn, event.kind, &event.parser, &event.payload)
+                .await
+        };
+        if let Err(e) = written.await {
+            tracing::warn!(kind = event.kind, parser = %event.parser, error = %e, "cannot write the event");
+        }
+    }
 }

@@ -14,6 +14,7 @@ mod raw;
 pub mod secret;
 #[cfg(test)]
 mod tests;
+mod webhooks;
 
 pub use parsers::is_loopback;
 pub use problems::{ConfigError, ConfigProblem};
@@ -68,6 +69,65 @@ pub struct Config {
     pub secrets_key: Option<SecretString>,
     /// `[http]`: the status and health listener; off when absent.
     pub http: Option<HttpConfig>,
+    /// `[[webhook]]`: where events are delivered.
+    pub webhooks: Vec<WebhookConfig>,
+    /// `[events]`: how long delivered events are kept.
+    pub events: EventsConfig,
+}
+
+/// Every kind of event the outbox holds.
+pub const EVENT_KINDS: [&str; 6] = [
+    "ticket.created",
+    "ticket.message_added",
+    "message.held",
+    "message.quarantined",
+    "mailbox.state_changed",
+    "credential.needs_login",
+];
+
+/// `[[webhook]]`: an endpoint that receives events, signed (Standard Webhooks).
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Unique name, the key of its delivery rows.
+    pub name: String,
+    /// Where events are POSTed.
+    pub url: String,
+    /// `whsec_` + base64 of the signing key.
+    pub secret: SecretString,
+    /// The kinds it receives (`None`: every kind).
+    pub events: Option<Vec<String>>,
+    /// The parsers whose events it receives (`None`: every parser).
+    pub parsers: Option<Vec<String>>,
+    /// One attempt may take this long.
+    pub timeout: std::time::Duration,
+    /// Ticket events carry the message's `body_text`.
+    pub include_body: bool,
+}
+
+impl WebhookConfig {
+    /// The HMAC key (the secret's bytes after `whsec_`), checked when the file loaded.
+    pub fn signing_key(&self) -> Vec<u8> {
+        webhooks::signing_key(self.secret.expose_secret()).expect("validated on load")
+    }
+}
+
+impl PartialEq for WebhookConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.url == other.url
+            && same_secret(&self.secret, &other.secret)
+            && self.events == other.events
+            && self.parsers == other.parsers
+            && self.timeout == other.timeout
+            && self.include_body == other.include_body
+    }
+}
+
+/// `[events]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventsConfig {
+    /// Events whose deliveries are all done are deleted after this many days.
+    pub keep_days: u32,
 }
 
 /// `[http]`: where the operations endpoints listen, and the bearer token they require.
@@ -492,6 +552,9 @@ impl Config {
         let secrets_key =
             credentials::validate_secrets(raw.secrets, &credentials, &config_dir, &mut problems);
         let http = database::validate_http(raw.http, &config_dir, &mut problems);
+        let webhooks =
+            webhooks::validate_webhooks(&raw.webhook, &parsers, &config_dir, &mut problems);
+        let events = webhooks::validate_events(raw.events, &mut problems);
         if !problems.list.is_empty() {
             return Err(ConfigError {
                 path: path.to_path_buf(),
@@ -505,6 +568,8 @@ impl Config {
             parsers,
             secrets_key,
             http,
+            webhooks,
+            events,
         })
     }
 

@@ -16,6 +16,30 @@ pub(super) struct RawConfig {
     pub(super) parser: Vec<Spanned<RawParser>>,
     pub(super) secrets: Option<RawSecrets>,
     pub(super) http: Option<RawHttp>,
+    #[serde(default)]
+    pub(super) webhook: Vec<Spanned<RawWebhook>>,
+    pub(super) events: Option<RawEvents>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebhook {
+    pub(super) name: String,
+    pub(super) url: String,
+    pub(super) secret: SecretSource,
+    pub(super) events: Option<Vec<String>>,
+    pub(super) parsers: Option<Vec<String>>,
+    pub(super) timeout: Option<u64>,
+    #[serde(default)]
+    pub(super) include_body: bool,
+    #[serde(default)]
+    pub(super) allow_insecure: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEvents {
+    pub(super) keep_days: Option<u32>,
 }
 
 #[derive(Deserialize)]

@@ -365,3 +365,42 @@ fn a_graph_parser_needs_a_credential_and_one_source() {
         .to_string();
     assert!(err.contains("parser[0].graph.base_url"), "{err}");
 }
+
+#[test]
+fn webhooks_need_a_standard_secret_https_and_known_kinds_and_parsers() {
+    let base = "[database]\nurl = \"postgres://x/y\"\n[[parser]]\nname = \"support\"\nemail = \"s@x.test\"\npassword = \"pw\"\n[parser.imap]\nhost = \"127.0.0.1\"\nencryption = \"none\"\n";
+    let good = format!(
+        "{base}[[webhook]]\nname = \"desk\"\nurl = \"https://desk.example.com/h\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nparsers = [\"support\"]\nevents = [\"ticket.created\"]\n[events]\nkeep_days = 7\n"
+    );
+    let config = Config::from_toml(Path::new("t.toml"), &good).unwrap();
+    let w = &config.webhooks[0];
+    assert_eq!(
+        (w.name.as_str(), w.timeout.as_secs(), w.signing_key().len()),
+        ("desk", 10, 24)
+    );
+    assert_eq!(config.events.keep_days, 7);
+    assert!(
+        !format!("{config:?}").contains("MfKQ9r8G"),
+        "the secret never prints"
+    );
+
+    let bad = format!(
+        "{base}[[webhook]]\nname = \"desk\"\nurl = \"http://desk.example.com/h\"\nsecret = \"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nparsers = [\"nope\"]\nevents = [\"ticket.exploded\"]\n[[webhook]]\nname = \"short\"\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"whsec_c2hvcnQ=\"\n"
+    );
+    let err = Config::from_toml(Path::new("t.toml"), &bad).unwrap_err();
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    for key in [
+        "webhook[0].url",
+        "webhook[0].secret",
+        "webhook[0].parsers",
+        "webhook[0].events",
+        "webhook[1].secret",
+    ] {
+        assert!(keys.contains(&key), "{key} in {keys:?}");
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("whsec_") && text.contains("allow_insecure"),
+        "{text}"
+    );
+}

@@ -48,6 +48,16 @@ pub struct Ops {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The configuration in force (its `[http] token`), replaced by each reload.
     pub config: tokio::sync::watch::Receiver<Arc<Config>>,
+    /// Webhook endpoints disabled by a `410 Gone`.
+    pub disabled_webhooks: crate::webhooks::Disabled,
+}
+
+impl Ops {
+    /// Every webhook endpoint with its deliveries.
+    async fn webhooks(&self) -> Vec<crate::webhooks::EndpointStatus> {
+        let config = self.config.borrow().clone();
+        crate::webhooks::statuses(&self.pool, &config, &self.disabled_webhooks).await
+    }
 }
 
 struct App {
@@ -214,7 +224,9 @@ async fn quarantine_pending(app: &App) -> std::collections::HashMap<String, i64>
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {
     let pending = quarantine_pending(&app).await;
     let ops = &app.ops;
-    let text = super::metrics::render(&ops.metrics, &ops.states, &ops.tokens, &pending).await;
+    let webhooks = ops.webhooks().await;
+    let text =
+        super::metrics::render(&ops.metrics, &ops.states, &ops.tokens, &pending, &webhooks).await;
     let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
     (content_type, text).into_response()
 }
@@ -223,7 +235,14 @@ async fn status_page(State(app): State<Arc<App>>) -> Response {
     let pending = quarantine_pending(&app).await;
     let mailboxes = app.ops.states.snapshot();
     let credentials = app.ops.tokens.statuses().await;
-    let page = super::status_page::render(&mailboxes, &credentials, &pending, app.ops.started_at);
+    let webhooks = app.ops.webhooks().await;
+    let page = super::status_page::render(
+        &mailboxes,
+        &credentials,
+        &webhooks,
+        &pending,
+        app.ops.started_at,
+    );
     let headers = [
         (header::CONTENT_TYPE, "text/html; charset=utf-8"),
         (
@@ -252,6 +271,7 @@ async fn status_json(State(app): State<Arc<App>>) -> Response {
         "started_at": app.ops.started_at,
         "mailboxes": mailboxes,
         "credentials": credentials,
+        "webhooks": app.ops.webhooks().await,
     }))
     .into_response()
 }

@@ -45,6 +45,7 @@ pub async fn render(
     states: &Registry,
     tokens: &TokenSources,
     quarantine_pending: &HashMap<String, i64>,
+    webhooks: &[crate::webhooks::EndpointStatus],
 ) -> String {
     metrics::gauge!("mail2ticket_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for m in states.snapshot() {
@@ -72,6 +73,10 @@ pub async fn render(
         let needs_login = if c.state == "needs_login" { 1.0 } else { 0.0 };
         metrics::gauge!("mail2ticket_credential_needs_login", "credential" => c.name)
             .set(needs_login);
+    }
+    for w in webhooks {
+        metrics::gauge!("mail2ticket_webhook_pending", "webhook" => w.name.clone())
+            .set(w.pending as f64);
     }
     let mut text = handle.render();
     text.push_str(&process_metrics());

@@ -12,6 +12,7 @@ use std::fmt::Write;
 pub fn render(
     mailboxes: &[MailboxStatus],
     credentials: &[CredentialStatus],
+    webhooks: &[crate::webhooks::EndpointStatus],
     quarantine_pending: &HashMap<String, i64>,
     started_at: DateTime<Utc>,
 ) -> String {
@@ -56,11 +57,28 @@ pub fn render(
             state = c.state,
         );
     }
-    page.push_str("</table>\n</body>\n</html>\n");
+    page.push_str("</table>\n");
+    if !webhooks.is_empty() {
+        page.push_str("<h2>Webhooks</h2>\n<table id=\"webhooks\">\n<tr><th>Webhook</th><th>Host</th><th>State</th><th>Pending</th><th>Dead</th><th>Delivered</th></tr>\n");
+        for w in webhooks {
+            let _ = writeln!(
+                page,
+                "<tr class=\"{state}\"><td>{}</td><td>{}</td><td class=\"state\">{state}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&w.name),
+                esc(&w.host),
+                w.pending,
+                w.dead,
+                w.delivered,
+                state = w.state,
+            );
+        }
+        page.push_str("</table>\n");
+    }
+    page.push_str("</body>\n</html>\n");
     page
 }
 
-const HEAD: &str = "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<meta http-equiv=\"refresh\" content=\"15\">\n<title>mail2ticket status</title>\n<style>\nbody{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:2em}\nth,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}\ntr.idle .state,tr.fetching .state,tr.ok .state{color:#176f2c}\ntr.backoff .state,tr.stale .state,tr.needs_login .state,tr.failing .state,tr.stopped .state{color:#b00020;font-weight:bold}\ntd.error{max-width:40em;word-break:break-word}\n</style>\n</head>\n<body>\n";
+const HEAD: &str = "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<meta http-equiv=\"refresh\" content=\"15\">\n<title>mail2ticket status</title>\n<style>\nbody{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:2em}\nth,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}\ntr.idle .state,tr.fetching .state,tr.ok .state{color:#176f2c}\ntr.disabled .state,tr.backoff .state,tr.stale .state,tr.needs_login .state,tr.failing .state,tr.stopped .state{color:#b00020;font-weight:bold}\ntd.error{max-width:40em;word-break:break-word}\n</style>\n</head>\n<body>\n";
 
 /// Text made safe for HTML (ammonia escapes every character with a meaning in HTML).
 fn esc(text: &str) -> String {
@@ -96,7 +114,7 @@ mod tests {
             messages_total: MessageTotals::default(),
             stale_after: std::time::Duration::from_secs(1),
         };
-        let page = render(&[m], &[], &HashMap::new(), Utc::now());
+        let page = render(&[m], &[], &[], &HashMap::new(), Utc::now());
         assert!(
             !page.contains("<script>") && !page.contains("<b>x"),
             "{page}"

@@ -25,6 +25,7 @@ pub mod tnef;
 use crate::config::ParserConfig;
 use crate::pipeline::ticket::{NewTicket, TicketRules};
 use crate::store::StoreError;
+use crate::store::events;
 use crate::store::quarantine::{self, Hold, HoldKind, QuarantineInsert};
 use crate::store::tickets::{self, TicketInsert};
 use chrono::{DateTime, Utc};
@@ -241,7 +242,10 @@ async fn quarantine_raw(
     };
     Ok(
         match quarantine::insert_quarantine(tx, parser, hold, raw).await? {
-            QuarantineInsert::Created { id } => Outcome::Quarantined { id, reason },
+            QuarantineInsert::Created { id } => {
+                events::quarantine_event(tx, "message.quarantined", id).await?;
+                Outcome::Quarantined { id, reason }
+            }
             QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
         },
     )
@@ -272,13 +276,8 @@ async fn store_ticket(
     )
     .await?;
     if let Some(ticket_id) = thread {
-        return Ok(
-            match tickets::append_message(conn, ticket_id, ticket, keep_raw, arrived_at).await? {
-                TicketInsert::Appended { ticket_id, .. } => Outcome::Appended { ticket_id },
-                TicketInsert::Created { ticket_id, .. } => Outcome::Created { ticket_id },
-                TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
-            },
-        );
+        let stored = tickets::append_message(conn, ticket_id, ticket, keep_raw, arrived_at).await?;
+        return announce_ticket(conn, stored).await;
     }
     let sender = ticket.requester_email.as_str();
     let held = hold_reason(conn, rules, ticket, arrived_at).await?;
@@ -293,19 +292,41 @@ async fn store_ticket(
         };
         return Ok(
             match quarantine::insert_quarantine(conn, &rules.parser, hold, raw).await? {
-                QuarantineInsert::Created { id } => Outcome::Held { id, reason },
+                QuarantineInsert::Created { id } => {
+                    events::quarantine_event(conn, "message.held", id).await?;
+                    Outcome::Held { id, reason }
+                }
                 QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
             },
         );
     }
-    Ok(
-        match tickets::insert_ticket(conn, ticket, keep_raw, arrived_at).await? {
-            TicketInsert::Created { ticket_id, .. } | TicketInsert::Appended { ticket_id, .. } => {
-                Outcome::Created { ticket_id }
-            }
-            TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
-        },
-    )
+    let stored = tickets::insert_ticket(conn, ticket, keep_raw, arrived_at).await?;
+    announce_ticket(conn, stored).await
+}
+
+/// The outcome of storing a ticket message, with its event written in the same
+/// transaction (a duplicate writes none).
+async fn announce_ticket(
+    conn: &mut PgConnection,
+    stored: TicketInsert,
+) -> Result<Outcome, StoreError> {
+    Ok(match stored {
+        TicketInsert::Created {
+            ticket_id,
+            message_row_id,
+        } => {
+            events::ticket_event(conn, "ticket.created", message_row_id).await?;
+            Outcome::Created { ticket_id }
+        }
+        TicketInsert::Appended {
+            ticket_id,
+            message_row_id,
+        } => {
+            events::ticket_event(conn, "ticket.message_added", message_row_id).await?;
+            Outcome::Appended { ticket_id }
+        }
+        TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
+    })
 }
 
 /// Why a message that threads nowhere is held instead of opening a ticket: it is

@@ -143,6 +143,8 @@ struct Announced {
     logged: Instant,
     /// Failed attempts since it was last written to the log (for the reminder).
     attempts: u32,
+    /// The credential that needs a sign-in, when that is the problem.
+    credential: Option<String>,
 }
 
 /// The states of every mailbox, shared by the runtime (which writes) and the endpoints
@@ -150,11 +152,45 @@ struct Announced {
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     mailboxes: Arc<RwLock<BTreeMap<String, Entry>>>,
+    /// Where changes of state go as events for the outbox, once the daemon listens.
+    events: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<StateEvent>>>,
+    /// Credentials whose `credential.needs_login` was published (until a mailbox of
+    /// theirs recovers).
+    needing_login: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// When the supervisor's loop last turned (unix milliseconds; 0 = never).
     heartbeat: Arc<std::sync::atomic::AtomicI64>,
 }
 
+/// A change of a mailbox's state (or a credential needing a sign-in) as an event for the
+/// outbox: `mailbox.state_changed` or `credential.needs_login`.
+#[derive(Debug, Clone)]
+pub struct StateEvent {
+    /// The event's kind.
+    pub kind: &'static str,
+    /// The mailbox it concerns (or that found the credential needing a sign-in).
+    pub parser: String,
+    /// What it says.
+    pub payload: serde_json::Value,
+}
+
 impl Registry {
+    /// Sends every announced change of state to `events` as well (the daemon writes them
+    /// to the outbox).
+    pub fn publish_to(&self, events: tokio::sync::mpsc::UnboundedSender<StateEvent>) {
+        let _ = self.events.set(events);
+    }
+
+    fn publish(&self, kind: &'static str, parser: &str, payload: serde_json::Value) {
+        if let Some(events) = self.events.get() {
+            let event = StateEvent {
+                kind,
+                parser: parser.to_string(),
+                payload,
+            };
+            let _ = events.send(event);
+        }
+    }
+
     /// The supervisor's loop turned.
     pub fn beat(&self) {
         let now = Utc::now().timestamp_millis();
@@ -224,6 +260,7 @@ impl Registry {
     /// Announces the mailboxes that went stale (called from the supervisor's loop).
     pub fn announce_stale(&self) {
         let now = Utc::now();
+        let mut stale = Vec::new();
         for entry in self.write().values_mut() {
             if let Some(since) = entry.status.stale_since(now) {
                 let stale_after = entry.status.stale_after;
@@ -236,8 +273,22 @@ impl Registry {
                 let fix = "the server or the network stopped answering without an error: check them; mail2ticket keeps retrying";
                 // Logged in the mailbox's span, as its own task logs.
                 let span = tracing::info_span!("mailbox", parser = %entry.status.parser);
-                span.in_scope(|| entry.announce("stale", &reason, Some(fix), since, false));
+                if span.in_scope(|| entry.announce("stale", &reason, Some(fix), since, false)) {
+                    stale.push((
+                        entry.status.parser.clone(),
+                        entry.status.email.clone(),
+                        reason,
+                        since,
+                    ));
+                }
             }
+        }
+        for (parser, email, reason, since) in stale {
+            let payload = serde_json::json!({
+                "parser": parser, "email": email, "state": "stale", "problem": "stale",
+                "reason": reason, "since": since,
+            });
+            self.publish("mailbox.state_changed", &parser, payload);
         }
     }
 
@@ -256,20 +307,33 @@ impl Registry {
 
     /// Records a successful pass or completed wait: the error, if any, is over.
     pub fn ok(&self, parser: &str) {
-        self.update_entry(parser, |entry| {
+        let recovered = self.update_entry(parser, |entry| {
             let m = &mut entry.status;
             m.last_ok_at = Some(Utc::now());
             m.last_error = None;
             m.fix = None;
-            if let Some(problem) = entry.announced.take() {
-                let after = (Utc::now() - problem.since).to_std().unwrap_or_default();
-                tracing::info!(
-                    was = %problem.kind,
-                    after_s = after.as_secs(),
-                    "mailbox recovered"
-                );
-            }
+            let problem = entry.announced.take()?;
+            let after = (Utc::now() - problem.since).to_std().unwrap_or_default();
+            tracing::info!(
+                was = %problem.kind,
+                after_s = after.as_secs(),
+                "mailbox recovered"
+            );
+            Some((problem, m.email.clone()))
         });
+        if let Some(Some((problem, email))) = recovered {
+            if let Some(credential) = &problem.credential {
+                self.needing_login
+                    .lock()
+                    .expect("not poisoned")
+                    .remove(credential);
+            }
+            let payload = serde_json::json!({
+                "parser": parser, "email": email, "state": "recovered",
+                "was": problem.kind, "since": problem.since,
+            });
+            self.publish("mailbox.state_changed", parser, payload);
+        }
     }
 
     /// Records a failure and the next attempt.
@@ -280,24 +344,51 @@ impl Registry {
             MailboxState::Backoff
         };
         self.set(parser, state);
-        self.update_entry(parser, |entry| {
+        let credential = failure.credential.clone();
+        let announced = self.update_entry(parser, |entry| {
             let kind = match state {
                 MailboxState::NeedsLogin => state.as_str().to_string(),
                 _ => format!("{} at {}", state.as_str(), failure.step),
             };
-            entry.announce(
+            let new = entry.announce(
                 &kind,
                 &failure.error,
                 failure.fix.as_deref(),
                 Utc::now(),
                 true,
             );
+            if let Some(problem) = entry.announced.as_mut() {
+                problem.credential = credential.clone();
+            }
             let m = &mut entry.status;
-            m.last_error = Some(failure.error);
+            m.last_error = Some(failure.error.clone());
             m.last_error_at = Some(Utc::now());
-            m.fix = failure.fix;
+            m.fix = failure.fix.clone();
             m.retry_at = Some(failure.retry_at);
+            new.then(|| {
+                serde_json::json!({
+                    "parser": parser, "email": m.email, "state": state.as_str(),
+                    "problem": kind, "reason": failure.error, "fix": failure.fix,
+                    "since": m.since,
+                })
+            })
         });
+        if let Some(Some(payload)) = announced {
+            self.publish("mailbox.state_changed", parser, payload);
+            if let Some(credential) = credential
+                && self
+                    .needing_login
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(credential.clone())
+            {
+                let payload = serde_json::json!({
+                    "credential": credential, "found_by": parser, "reason": failure.error,
+                    "fix": failure.fix,
+                });
+                self.publish("credential.needs_login", parser, payload);
+            }
+        }
     }
 
     /// Records how many messages wait on the server past the checkpoint.
@@ -344,10 +435,8 @@ impl Registry {
         self.update_entry(parser, |entry| change(&mut entry.status));
     }
 
-    fn update_entry(&self, parser: &str, change: impl FnOnce(&mut Entry)) {
-        if let Some(entry) = self.write().get_mut(parser) {
-            change(entry);
-        }
+    fn update_entry<R>(&self, parser: &str, change: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        self.write().get_mut(parser).map(change)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Entry>> {
@@ -378,7 +467,7 @@ impl Entry {
         fix: Option<&str>,
         since: DateTime<Utc>,
         attempt: bool,
-    ) {
+    ) -> bool {
         let fix = fix.unwrap_or("-");
         match &mut self.announced {
             Some(known) if known.kind == kind => {
@@ -394,6 +483,7 @@ impl Entry {
                     known.logged = Instant::now();
                     known.attempts = 0;
                 }
+                false
             }
             known => {
                 tracing::warn!(state = %kind, fix, "mailbox failing: {reason}");
@@ -403,7 +493,9 @@ impl Entry {
                     since,
                     logged: Instant::now(),
                     attempts: 0,
+                    credential: None,
                 });
+                true
             }
         }
     }
@@ -423,6 +515,8 @@ pub struct Failure {
     pub retry_at: DateTime<Utc>,
     /// The credential needs `mail2ticket login`.
     pub needs_login: bool,
+    /// That credential's name.
+    pub credential: Option<String>,
 }
 
 #[cfg(test)]
@@ -453,6 +547,7 @@ mod tests {
                 fix: Some("grant FullAccess".into()),
                 retry_at: Utc::now(),
                 needs_login: false,
+                credential: None,
             },
         );
         let m = &registry.snapshot()[0];
@@ -499,6 +594,7 @@ mod tests {
             fix: Some("do this".into()),
             retry_at: Utc::now(),
             needs_login,
+            credential: needs_login.then(|| "app".to_string()),
         }
     }
 

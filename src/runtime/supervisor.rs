@@ -528,16 +528,21 @@ async fn supervise(poller: MailboxPoller, states: Registry, cancel: Cancellation
         if let Err(e) = &result {
             // Every retry at debug; the registry logs the change of state (and reminders).
             tracing::debug!(error = %e, retry_in_s = delay.as_secs_f32(), "poller failed");
-            let needs_login = matches!(
-                e,
-                PollError::Source(SourceError::Auth(crate::auth::AuthError::NeedsLogin { .. }))
-            );
+            let credential = match e {
+                PollError::Source(SourceError::Auth(crate::auth::AuthError::NeedsLogin {
+                    credential,
+                    ..
+                })) => Some(credential.clone()),
+                _ => None,
+            };
+            let needs_login = credential.is_some();
             let failure = Failure {
                 error: e.to_string(),
                 step: failed_step(e),
                 fix: fix_for(e),
                 retry_at: chrono::Utc::now() + delay,
                 needs_login,
+                credential,
             };
             states.failed(poller.name(), failure);
             let labels = [

@@ -5,10 +5,12 @@
 //! Functions take a `&mut PgConnection` so that the caller owns the transaction: `ingest`
 //! wraps one message in one transaction, the IMAP poller adds its UID checkpoint to it.
 
+pub mod events;
 pub mod grants;
 pub mod mailbox;
 pub mod quarantine;
 pub mod tickets;
+pub mod webhooks;
 
 use crate::config::DatabaseConfig;
 use secrecy::ExposeSecret;

@@ -839,6 +839,15 @@ async fn the_daemon_logs_needs_login_once_while_it_retries_and_another_credentia
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     assert!(status.success(), "{status:?}");
+    // The outbox heard it once too, for the credential and for its mailbox.
+    let needs_login = bed
+        .count("select count(*) from ticket_events where kind = 'credential.needs_login' and payload->>'credential' = 'user' and parser = 'own'")
+        .await;
+    assert_eq!(needs_login, 1);
+    let changed = bed
+        .count("select count(*) from ticket_events where kind = 'mailbox.state_changed' and parser = 'own' and payload->>'state' = 'needs_login'")
+        .await;
+    assert_eq!(changed, 1);
     assert!(
         !seen.contains("app-s3cret") && !seen.contains(SECRETS_KEY),
         "{seen}"

@@ -4,6 +4,7 @@
 mod cli;
 mod credentials;
 mod daemon;
+mod events;
 mod first_day;
 mod fuzz;
 mod golden;
@@ -12,3 +13,4 @@ mod ingest;
 mod operations;
 mod support;
 mod threading;
+mod webhooks;

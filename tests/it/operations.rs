@@ -255,6 +255,12 @@ async fn the_endpoints_show_every_mailbox_and_enforce_the_token() {
     assert!(dom.contains("&lt;script&gt;document.title"), "{dom}");
     assert!(!dom.contains("<script"), "{dom}");
 
+    // The outbox heard of finance's failure once, however many retries it took.
+    let failing = s
+        .count("select count(*) from ticket_events where kind = 'mailbox.state_changed' and parser = 'finance' and payload->>'state' = 'backoff'")
+        .await;
+    assert_eq!(failing, 1);
+
     // The database goes away: not ready, though alive.
     db_proxy.set_down(true);
     let (code, body) = get(&format!("{base}/readyz"), None).await;
