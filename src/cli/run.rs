@@ -86,6 +86,17 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
     if once {
         return run_once(config, &pool, &tokens, &cancel).await;
     }
+    run_daemon(config, pool, tokens, cancel).await
+}
+
+/// The daemon: the operations endpoints, the webhook dispatcher, the supervisor, reload
+/// on SIGHUP, and the shutdown deadline.
+async fn run_daemon(
+    config: &Config,
+    pool: sqlx::PgPool,
+    tokens: crate::auth::TokenSources,
+    cancel: tokio_util::sync::CancellationToken,
+) -> ExitCode {
     let states = crate::runtime::state::Registry::default();
     let (state_events, written) = tokio::sync::mpsc::unbounded_channel();
     states.publish_to(state_events);

@@ -176,30 +176,7 @@ impl<S: MailSource> Poller<S> {
     ) -> Result<Option<FirstContact>, PollError> {
         let (name, key) = (&self.parser.name, self.source.cursor_key());
         self.states.set(name, MailboxState::Fetching);
-        let mut conn = self.pool.acquire().await?;
-        let saved = mailbox::load(&mut conn, name, key).await?;
-        let listing = session.list(saved.as_ref().map(|s| &s.cursor)).await?;
-        let mut trouble = saved.and_then(|s| s.trouble);
-        if let Some(cursor) = &listing.save_first {
-            // Recorded at once: a first contact's choice holds whatever happens next.
-            mailbox::save_start(&mut conn, name, key, cursor).await?;
-            trouble = None;
-        }
-        // Messages whose Message-ID the source told and that are stored already (a Graph
-        // round returns a message again when it changed, e.g. once marked read) are not
-        // downloaded again; only the cursor moves past them.
-        let known = stored_already(&mut conn, name, &listing.pending).await?;
-        drop(conn);
-        let new = listing.pending.len()
-            - listing
-                .pending
-                .iter()
-                .filter(|m| is_known(m, &known))
-                .count();
-        if new > 0 {
-            tracing::info!(messages = new, "new mail");
-        }
-        self.states.backlog(name, new as u64);
+        let (listing, known, mut trouble) = self.pending(session).await?;
         let mut rest = listing.pending.as_slice();
         while !rest.is_empty() && !cancel.is_cancelled() {
             // Stored already: only the cursor moves (so a failing message is always first).
@@ -252,6 +229,45 @@ impl<S: MailSource> Poller<S> {
             self.states.set(name, MailboxState::Idle);
         }
         Ok(listing.first_contact)
+    }
+
+    /// What is pending after the saved cursor (a first contact's cursor is saved at once),
+    /// which of it is stored already, and the failed-fetch counter that still applies.
+    async fn pending(
+        &self,
+        session: &mut S::Session,
+    ) -> Result<
+        (
+            crate::source::Listing,
+            HashSet<String>,
+            Option<FetchTrouble>,
+        ),
+        PollError,
+    > {
+        let (name, key) = (&self.parser.name, self.source.cursor_key());
+        let mut conn = self.pool.acquire().await?;
+        let saved = mailbox::load(&mut conn, name, key).await?;
+        let listing = session.list(saved.as_ref().map(|s| &s.cursor)).await?;
+        let mut trouble = saved.and_then(|s| s.trouble);
+        if let Some(cursor) = &listing.save_first {
+            // Recorded at once: a first contact's choice holds whatever happens next.
+            mailbox::save_start(&mut conn, name, key, cursor).await?;
+            trouble = None;
+        }
+        // Messages whose Message-ID the source told and that are stored already (a Graph
+        // round returns a message again when it changed, e.g. once marked read) are not
+        // downloaded again; only the cursor moves past them.
+        let known = stored_already(&mut conn, name, &listing.pending).await?;
+        let new = listing
+            .pending
+            .iter()
+            .filter(|m| !is_known(m, &known))
+            .count();
+        if new > 0 {
+            tracing::info!(messages = new, "new mail");
+        }
+        self.states.backlog(name, new as u64);
+        Ok((listing, known, trouble))
     }
 
     /// Counts a failed fetch of `batch` (kept even though the batch's transaction is
