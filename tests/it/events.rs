@@ -129,3 +129,133 @@ async fn each_stored_message_writes_one_event_and_wakes_listeners() {
     let listed_kinds: Vec<&str> = listed.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(listed_kinds, ["message.held", "message.quarantined"]);
 }
+
+#[tokio::test]
+async fn deliveries_fan_out_by_subscription_redeliver_and_old_events_go() {
+    use mail2ticket::store::webhooks::{self, Attempt};
+    let env = TestEnv::database().await;
+    let pool = &env.db.pool;
+    let hook = |name: &str, keys: &str| {
+        format!(
+            "[[webhook]]\nname = \"{name}\"\nurl = \"https://{name}.example.com/h\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n{keys}\n"
+        )
+    };
+    let text = crate::support::config_text(&env.db.url, "support", "")
+        + &hook("all", "")
+        + &hook("created", "events = [\"ticket.created\"]")
+        + &hook(
+            "other",
+            "parsers = [\"support\"]\nevents = [\"message.held\"]",
+        );
+    let config =
+        mail2ticket::config::Config::from_toml(std::path::Path::new("t.toml"), &text).unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    webhooks::sync_subscriptions(&mut conn, &config.webhooks)
+        .await
+        .unwrap();
+    let p = env.pipeline("support", "");
+    pipeline::ingest_one(pool, &p, &mail("a@x", "First", ""))
+        .await
+        .unwrap();
+    pipeline::ingest_one(
+        pool,
+        &p,
+        &mail("b@x", "Re: First", "In-Reply-To: <a@x>\r\n"),
+    )
+    .await
+    .unwrap();
+    let per_hook: Vec<(String, i64)> = sqlx::query_as(
+        "select webhook, count(*) from webhook_deliveries group by webhook order by webhook",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        per_hook,
+        [("all".to_string(), 2), ("created".to_string(), 1)]
+    );
+
+    // A removed webhook gets nothing new.
+    webhooks::sync_subscriptions(&mut conn, &config.webhooks[1..])
+        .await
+        .unwrap();
+    pipeline::ingest_one(pool, &p, &mail("c@x", "Second", ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.count("select count(*) from webhook_deliveries where webhook = 'all'")
+            .await,
+        2
+    );
+
+    // A dead delivery comes back with `webhooks redeliver --dead`.
+    let claimed = webhooks::claim_due(&mut conn, "created", 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(
+        webhooks::claim_due(&mut conn, "created", 10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty(),
+        "claimed rows are leased"
+    );
+    let dead = Attempt::Failed {
+        status: Some(500),
+        error: "HTTP 500".into(),
+        retry_in: None,
+    };
+    webhooks::record(&mut conn, "created", claimed[0].event_id, &dead)
+        .await
+        .unwrap();
+    webhooks::record(
+        &mut conn,
+        "created",
+        claimed[1].event_id,
+        &Attempt::Delivered { status: 204 },
+    )
+    .await
+    .unwrap();
+    let counts = webhooks::counts(&mut conn).await.unwrap();
+    let created = counts.iter().find(|c| c.webhook == "created").unwrap();
+    assert_eq!(
+        (created.pending, created.dead, created.delivered),
+        (0, 1, 1)
+    );
+    let path = env.write_file("hooks.toml", &text);
+    let out = tokio::task::spawn_blocking(move || {
+        binary(&["webhooks", "redeliver", "--dead", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("1 deliveries"),
+        "{out:?}"
+    );
+    let due = webhooks::claim_due(&mut conn, "created", 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        due.iter()
+            .map(|d| (d.event_id, d.attempts))
+            .collect::<Vec<_>>(),
+        [(claimed[0].event_id, 0)]
+    );
+
+    // Old events go once every delivery of theirs is done; pending or dead ones stay.
+    sqlx::query("update ticket_events set created_at = now() - interval '40 days'")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("update webhook_deliveries set delivered_at = now() where webhook = 'all'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let deleted = webhooks::delete_old_events(&mut conn, 30).await.unwrap();
+    // Events 2 and 3 were delivered everywhere: they go; event 1 waits for "created".
+    assert_eq!(deleted, 2);
+    assert_eq!(env.count("select count(*) from ticket_events").await, 1);
+}

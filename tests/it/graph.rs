@@ -397,3 +397,44 @@ async fn a_message_graph_never_sends_is_given_up_on_and_a_refused_token_is_repla
     let passes = quarantined;
     assert_eq!(s.entra().requests_of("client_credentials"), passes + 1);
 }
+
+#[tokio::test]
+async fn a_user_credential_reads_a_shared_mailbox_through_graph() {
+    use crate::support::entra::{App, Entra, TENANT, User};
+    let agent = User {
+        password: "agent-pw".into(),
+        mailboxes: vec!["agent@example.test".into(), SHARED_A.into()],
+        mfa: false,
+    };
+    let public = App {
+        public_client: true,
+        ..App::default()
+    };
+    let entra = Entra::start_with(&[("app-public", public)], &[("agent@example.test", agent)]);
+    let s = TestEnv::with_entra(entra).await;
+    let graph = GraphFake::start(s.entra(), &[SHARED_A, SHARED_B]).await;
+    graph.deliver(SHARED_A, "inbox", &message(1, SHARED_A), false, Utc::now());
+    graph.deliver(SHARED_B, "inbox", &message(2, SHARED_B), false, Utc::now());
+    let credential = format!(
+        "[database]\nurl = \"{}\"\n[[credential]]\nname = \"agent\"\ntype = \"password\"\ntenant_id = \"{TENANT}\"\nclient_id = \"app-public\"\nauthority = \"{}\"\nusername = \"agent@example.test\"\npassword = \"agent-pw\"\n",
+        s.db.url,
+        s.entra().url
+    );
+    let as_agent = |p: String| p.replace("credential = \"app\"", "credential = \"agent\"");
+    let text = credential
+        + &as_agent(graph_parser("shared", SHARED_A, &graph, ""))
+        + &as_agent(graph_parser("not-mine", SHARED_B, &graph, ""));
+    let config = Config::from_toml(Path::new("user.toml"), &text).unwrap();
+    assert_eq!(run_once(&s, &config, "shared").await, Ok((1, 0)));
+    let refused = run_once(&s, &config, "not-mine").await.unwrap_err();
+    assert!(
+        refused.contains("ErrorAccessDenied") && refused.contains("FullAccess"),
+        "{refused}"
+    );
+    assert!(
+        graph
+            .messages(SHARED_A, "inbox")
+            .iter()
+            .all(|(_, read)| *read)
+    );
+}

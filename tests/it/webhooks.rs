@@ -139,6 +139,22 @@ async fn deliveries_are_signed_retried_disabled_on_410_and_survive_kill_9() {
     assert_eq!(gone["state"], "disabled", "{status}");
     assert_eq!(gone["host"], "127.0.0.1");
     assert_eq!(receiver.records("/gone").len(), 1);
+    let metrics = mail2ticket::auth::http_client()
+        .unwrap()
+        .get(format!("http://127.0.0.1:{http_port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"mail2ticket_webhook_deliveries_total{webhook="desk",result="delivered"} 3"#,
+        r#"mail2ticket_webhook_deliveries_total{webhook="gone",result="gone"} 1"#,
+        r#"mail2ticket_webhook_pending{webhook="desk"} 0"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 
     // kill -9 while "late" cannot be reached and "flaky" waits for its retry; the late
     // receiver comes up; a new process delivers every event to both, with the same ids.

@@ -16,7 +16,9 @@
 //! public-client flow on a confidential app, 700082 expired and 50173 revoked grants,
 //! 501481 PKCE mismatch, 700027 bad assertion). Tokens are HS256 JWTs shaped like
 //! Exchange's (app-only: aud `https://outlook.office365.com`, roles `IMAP.AccessAsApp`;
-//! delegated: aud `https://outlook.office.com`, scp `IMAP.AccessAsUser.All`) plus a claim
+//! delegated: aud `https://outlook.office.com`, scp `IMAP.AccessAsUser.All`; for Graph
+//! scopes, aud `https://graph.microsoft.com` with role `Mail.ReadWrite` or scp
+//! `Mail.ReadWrite.Shared`) plus a claim
 //! `mailboxes` (",a@x,b@y,") that stands for Exchange's FullAccess grants so that Dovecot
 //! can enforce them (see `dovecot.rs`).
 
@@ -40,6 +42,8 @@ const APP_SCOPE: &str = "https://outlook.office365.com/.default";
 /// App-only scope of Microsoft Graph.
 pub const GRAPH_APP_SCOPE: &str = "https://graph.microsoft.com/.default";
 const IMAP_DELEGATED: &str = "https://outlook.office.com/IMAP.AccessAsUser.All";
+/// The delegated Graph permission for shared mailboxes.
+const GRAPH_DELEGATED: &str = "https://graph.microsoft.com/Mail.ReadWrite.Shared";
 
 /// A certificate registered on an application.
 #[derive(Clone)]
@@ -435,19 +439,36 @@ fn user_token(
         .map(|u| u.mailboxes.clone())
         .unwrap_or_default();
     let (iat, exp) = times(state, app.lifetime);
+    // A Graph scope gets a Graph token (the refresh token serves both resources).
+    let graph = scope
+        .split_whitespace()
+        .any(|s| s.starts_with("https://graph.microsoft.com/"));
+    let (aud, scp, granted) = if graph {
+        (
+            "https://graph.microsoft.com",
+            "Mail.ReadWrite.Shared",
+            GRAPH_DELEGATED,
+        )
+    } else {
+        (
+            "https://outlook.office.com",
+            "IMAP.AccessAsUser.All",
+            IMAP_DELEGATED,
+        )
+    };
     let claims = json!({
-        "aud": "https://outlook.office.com",
+        "aud": aud,
         "iss": format!("https://sts.windows.net/{tenant}/"),
         "iat": iat, "nbf": iat, "exp": exp,
         "appid": client_id, "idtyp": "user",
         "oid": format!("user-{user}"), "sub": format!("user-{user}"), "tid": tenant,
         "upn": user, "unique_name": user,
-        "scp": "IMAP.AccessAsUser.All", "ver": "1.0",
+        "scp": scp, "ver": "1.0",
         "mailboxes": grant_list(&mailboxes),
     });
     let mut body = json!({
         "token_type": "Bearer",
-        "scope": "https://outlook.office.com/IMAP.AccessAsUser.All",
+        "scope": granted,
         "expires_in": app.lifetime,
         "ext_expires_in": app.lifetime,
         "access_token": sign(&state.key, &claims),
@@ -677,7 +698,7 @@ async fn token(
                     );
                 }
             }
-            if !scope_has(&scope, IMAP_DELEGATED) {
+            if !scope_has(&scope, IMAP_DELEGATED) && !scope_has(&scope, GRAPH_DELEGATED) {
                 return aad_error(
                     StatusCode::BAD_REQUEST,
                     "invalid_scope",

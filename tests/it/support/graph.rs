@@ -11,8 +11,9 @@
 //!   `PATCH` (`isRead`), `POST .../move` (`destinationId`), `DELETE` (to Deleted Items);
 //! - tokens checked like Graph does: a valid HS256 JWT from the test Entra (401
 //!   `InvalidAuthenticationToken` otherwise), audience `https://graph.microsoft.com`, role
-//!   `Mail.ReadWrite` and the `mailboxes` claim standing for RBAC-for-Applications scoping
-//!   (403 `ErrorAccessDenied` otherwise); unknown users `404 ErrorInvalidUser`;
+//!   (app-only) or scope (delegated) `Mail.ReadWrite` (`.Shared`), and the `mailboxes`
+//!   claim standing for RBAC-for-Applications scoping or the user's FullAccess (403
+//!   `ErrorAccessDenied` otherwise); unknown users `404 ErrorInvalidUser`;
 //! - faults on demand: `429` with `Retry-After`, `410` for outstanding sync tokens, a
 //!   `$value` download cut off mid-body.
 //!
@@ -441,7 +442,17 @@ fn check(
         .as_array()
         .map(|r| r.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    let allowed = roles.contains(&"Mail.ReadWrite") || (!write && roles.contains(&"Mail.Read"));
+    let scopes: Vec<&str> = claims["scp"]
+        .as_str()
+        .unwrap_or_default()
+        .split(' ')
+        .collect();
+    let has = |p: &str| {
+        roles.contains(&p)
+            || scopes.contains(&p)
+            || scopes.contains(&format!("{p}.Shared").as_str())
+    };
+    let allowed = has("Mail.ReadWrite") || (!write && has("Mail.Read"));
     let granted = claims["mailboxes"]
         .as_str()
         .unwrap_or_default()
