@@ -25,7 +25,7 @@ pub mod tnef;
 use crate::config::ParserConfig;
 use crate::pipeline::ticket::{NewTicket, TicketRules};
 use crate::store::StoreError;
-use crate::store::events;
+use crate::store::events::{self, Queued};
 use crate::store::quarantine::{self, Hold, HoldKind, QuarantineInsert};
 use crate::store::tickets::{self, TicketInsert};
 use chrono::{DateTime, Utc};
@@ -198,6 +198,7 @@ async fn store_decision(
     decision: &Decision,
     raw: &[u8],
     arrival: Arrival,
+    events: &mut Vec<Queued>,
 ) -> Result<Outcome, StoreError> {
     let parser = &pipeline.rules.parser;
     let arrived_at = arrival.resolve(decision);
@@ -205,7 +206,7 @@ async fn store_decision(
         Decision::Quarantine(reason) => reason.clone(),
         Decision::Ticket(ticket) => {
             let mut savepoint = tx.begin().await?;
-            match store_ticket(&mut savepoint, pipeline, ticket, raw, arrived_at).await {
+            match store_ticket(&mut savepoint, pipeline, ticket, raw, arrived_at, events).await {
                 Ok(outcome) => {
                     savepoint.commit().await?;
                     return Ok(outcome);
@@ -218,7 +219,7 @@ async fn store_decision(
             }
         }
     };
-    quarantine_raw(tx, parser, error_hold, raw, false, arrived_at).await
+    quarantine_raw(tx, parser, error_hold, raw, false, arrived_at, events).await
 }
 
 /// Quarantines a message that could not be ticketed, with the reason, inside the caller's
@@ -231,6 +232,7 @@ async fn quarantine_raw(
     raw: &[u8],
     header_only: bool,
     arrived_at: DateTime<Utc>,
+    events: &mut Vec<Queued>,
 ) -> Result<Outcome, StoreError> {
     let hold = Hold {
         kind: HoldKind::Error,
@@ -243,7 +245,7 @@ async fn quarantine_raw(
     Ok(
         match quarantine::insert_quarantine(tx, parser, hold, raw).await? {
             QuarantineInsert::Created { id } => {
-                events::quarantine_event(tx, "message.quarantined", id).await?;
+                events.push(Queued::Quarantine("message.quarantined", id));
                 Outcome::Quarantined { id, reason }
             }
             QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
@@ -258,6 +260,7 @@ async fn store_ticket(
     ticket: &NewTicket,
     raw: &[u8],
     arrived_at: DateTime<Utc>,
+    events: &mut Vec<Queued>,
 ) -> Result<Outcome, StoreError> {
     let rules = &pipeline.rules;
     // A message already stored is a duplicate whatever the rules would say now: one lookup
@@ -277,7 +280,7 @@ async fn store_ticket(
     .await?;
     if let Some(ticket_id) = thread {
         let stored = tickets::append_message(conn, ticket_id, ticket, keep_raw, arrived_at).await?;
-        return announce_ticket(conn, stored).await;
+        return Ok(announce_ticket(stored, events));
     }
     let sender = ticket.requester_email.as_str();
     let held = hold_reason(conn, rules, ticket, arrived_at).await?;
@@ -293,7 +296,7 @@ async fn store_ticket(
         return Ok(
             match quarantine::insert_quarantine(conn, &rules.parser, hold, raw).await? {
                 QuarantineInsert::Created { id } => {
-                    events::quarantine_event(conn, "message.held", id).await?;
+                    events.push(Queued::Quarantine("message.held", id));
                     Outcome::Held { id, reason }
                 }
                 QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
@@ -301,32 +304,29 @@ async fn store_ticket(
         );
     }
     let stored = tickets::insert_ticket(conn, ticket, keep_raw, arrived_at).await?;
-    announce_ticket(conn, stored).await
+    Ok(announce_ticket(stored, events))
 }
 
-/// The outcome of storing a ticket message, with its event written in the same
-/// transaction (a duplicate writes none).
-async fn announce_ticket(
-    conn: &mut PgConnection,
-    stored: TicketInsert,
-) -> Result<Outcome, StoreError> {
-    Ok(match stored {
+/// The outcome of storing a ticket message, with its event queued for the batch's
+/// transaction (a duplicate has none).
+fn announce_ticket(stored: TicketInsert, events: &mut Vec<Queued>) -> Outcome {
+    match stored {
         TicketInsert::Created {
             ticket_id,
             message_row_id,
         } => {
-            events::ticket_event(conn, "ticket.created", message_row_id).await?;
+            events.push(Queued::Message("ticket.created", message_row_id));
             Outcome::Created { ticket_id }
         }
         TicketInsert::Appended {
             ticket_id,
             message_row_id,
         } => {
-            events::ticket_event(conn, "ticket.message_added", message_row_id).await?;
+            events.push(Queued::Message("ticket.message_added", message_row_id));
             Outcome::Appended { ticket_id }
         }
         TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
-    })
+    }
 }
 
 /// Why a message that threads nowhere is held instead of opening a ticket: it is
@@ -402,21 +402,26 @@ pub async fn store_batch(
     items: &[Incoming<'_>],
 ) -> Result<Vec<Outcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(items.len());
+    let mut queued = Vec::new();
     for item in items {
         let outcome = match item.header_only {
             Some(reason) => {
                 let decision = Decision::Quarantine(reason.to_string());
                 let arrived_at = item.arrival.resolve(&decision);
                 let parser = &pipeline.rules.parser;
-                quarantine_raw(tx, parser, reason.to_string(), item.raw, true, arrived_at).await?
+                let reason = reason.to_string();
+                quarantine_raw(tx, parser, reason, item.raw, true, arrived_at, &mut queued).await?
             }
             None => {
                 let decision = decide(pipeline, item.raw);
-                store_decision(tx, pipeline, &decision, item.raw, item.arrival).await?
+                let arrival = item.arrival;
+                store_decision(tx, pipeline, &decision, item.raw, arrival, &mut queued).await?
             }
         };
         outcomes.push(outcome);
     }
+    // The batch's events, in message order, in one statement of the same transaction.
+    events::write(tx, &queued).await?;
     Ok(outcomes)
 }
 

@@ -11,71 +11,72 @@ use sqlx::PgConnection;
 /// The NOTIFY channel.
 pub const CHANNEL: &str = "mail2ticket_events";
 
-/// A new ticket (`ticket.created`) or a message added to one (`ticket.message_added`),
-/// described from the stored rows of ticket message `message_row_id`.
-pub async fn ticket_event(
-    conn: &mut PgConnection,
-    kind: &str,
-    message_row_id: i64,
-) -> Result<i64, StoreError> {
-    let id: i64 = sqlx::query_scalar(
-        "with e as (
-           insert into ticket_events (kind, parser, ticket_id, ticket_message_id, payload)
-           select $1, m.parser, t.id, m.id, jsonb_build_object(
+/// An event the pipeline queues while it stores a batch: the kind and the row it reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// `ticket.created` or `ticket.message_added`, about ticket message row `.1`.
+    Message(&'static str, i64),
+    /// `message.held` or `message.quarantined`, about quarantine row `.1`.
+    Quarantine(&'static str, i64),
+}
+
+/// Writes a batch's events in one statement of the caller's transaction, in order, each
+/// described from the rows it reports (ticket and message, or quarantine row), with a
+/// delivery row per matching webhook subscription and a NOTIFY each.
+pub async fn write(conn: &mut PgConnection, events: &[Queued]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut kinds = Vec::with_capacity(events.len());
+    let mut messages = Vec::with_capacity(events.len());
+    let mut quarantined = Vec::with_capacity(events.len());
+    for event in events {
+        let (kind, message, quarantine) = match *event {
+            Queued::Message(kind, id) => (kind, Some(id), None),
+            Queued::Quarantine(kind, id) => (kind, None, Some(id)),
+        };
+        kinds.push(kind);
+        messages.push(message);
+        quarantined.push(quarantine);
+    }
+    sqlx::query(
+        "with input as (
+           select * from unnest($1::text[], $2::bigint[], $3::bigint[]) with ordinality
+             as i(kind, message_row_id, quarantine_id, ord)),
+         e as (
+           insert into ticket_events (kind, parser, ticket_id, ticket_message_id, quarantine_id, payload)
+           select i.kind, coalesce(m.parser, q.parser), t.id, m.id, q.id,
+                  case when m.id is not null then jsonb_build_object(
                     'ticket_id', t.id, 'ticket_message_id', m.id, 'parser', m.parser,
                     'subject', m.subject, 'requester_email', t.requester_email,
                     'requester_name', t.requester_name, 'from_email', m.from_email,
                     'from_name', m.from_name, 'message_id', m.message_id,
                     'arrived_at', m.arrived_at)
-             from ticket_messages m join tickets t on t.id = m.ticket_id
-            where m.id = $2
-           returning id, kind, parser),
-         d as (
-           insert into webhook_deliveries (event_id, webhook)
-           select e.id, w.name from e join webhook_subscriptions w
-             on w.active and (w.kinds is null or e.kind = any(w.kinds))
-            and (w.parsers is null or e.parser = any(w.parsers)))
-         select id from e, lateral (select pg_notify($3, e.id::text)) n",
-    )
-    .bind(kind)
-    .bind(message_row_id)
-    .bind(CHANNEL)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(id)
-}
-
-/// A message held by the rules (`message.held`) or quarantined (`message.quarantined`),
-/// described from quarantine row `quarantine_id`.
-pub async fn quarantine_event(
-    conn: &mut PgConnection,
-    kind: &str,
-    quarantine_id: i64,
-) -> Result<i64, StoreError> {
-    let id: i64 = sqlx::query_scalar(
-        "with e as (
-           insert into ticket_events (kind, parser, quarantine_id, payload)
-           select $1, q.parser, q.id, jsonb_build_object(
+                  else jsonb_build_object(
                     'quarantine_id', q.id, 'parser', q.parser, 'reason', q.reason,
                     'hold_kind', q.kind, 'sender', q.sender, 'message_id', q.message_id,
                     'header_only', q.header_only, 'raw_size', q.raw_size,
-                    'arrived_at', q.arrived_at)
-             from quarantine q
-            where q.id = $2
+                    'arrived_at', q.arrived_at) end
+             from input i
+             left join ticket_messages m on m.id = i.message_row_id
+             left join tickets t on t.id = m.ticket_id
+             left join quarantine q on q.id = i.quarantine_id
+            order by i.ord
            returning id, kind, parser),
          d as (
            insert into webhook_deliveries (event_id, webhook)
            select e.id, w.name from e join webhook_subscriptions w
              on w.active and (w.kinds is null or e.kind = any(w.kinds))
             and (w.parsers is null or e.parser = any(w.parsers)))
-         select id from e, lateral (select pg_notify($3, e.id::text)) n",
+         select count(*) from e, lateral (select pg_notify($4, e.id::text)) n",
     )
-    .bind(kind)
-    .bind(quarantine_id)
+    .bind(&kinds)
+    .bind(&messages)
+    .bind(&quarantined)
     .bind(CHANNEL)
-    .fetch_one(&mut *conn)
+    .execute(&mut *conn)
     .await?;
-    Ok(id)
+    Ok(())
 }
 
 /// An event about the daemon itself (`mailbox.state_changed`, `credential.needs_login`),
