@@ -32,6 +32,19 @@ pub mod store;
 pub mod tls;
 pub mod webhooks;
 
+/// The causes of an error (its source chain, not the error's own text), joined by ": ".
+/// HTTP errors print their URL, which may carry a token (a Graph delta token, a webhook
+/// receiver's key); their causes do not.
+pub fn error_causes(e: &dyn std::error::Error) -> String {
+    let mut causes = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        causes.push(s.to_string());
+        source = s.source();
+    }
+    causes.join(": ")
+}
+
 /// The text of a caught panic (`panic!` with a message carries a `&str` or a `String`):
 /// panics are caught where one message or one pass must not take more down with it.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

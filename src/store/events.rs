@@ -11,6 +11,20 @@ use sqlx::PgConnection;
 /// The NOTIFY channel.
 pub const CHANNEL: &str = "mail2ticket_events";
 
+/// The end of every statement that writes events (after a CTE `e` returning the new rows'
+/// `id, kind, parser`): a delivery row per matching active webhook subscription, and a
+/// NOTIFY on `$4` per event. Selects the new ids.
+macro_rules! fan_out_and_notify {
+    () => {
+        "d as (
+           insert into webhook_deliveries (event_id, webhook)
+           select e.id, w.name from e join webhook_subscriptions w
+             on w.active and (w.kinds is null or e.kind = any(w.kinds))
+            and (w.parsers is null or e.parser = any(w.parsers)))
+         select e.id from e, lateral (select pg_notify($4, e.id::text)) n"
+    };
+}
+
 /// An event the pipeline queues while it stores a batch: the kind and the row it reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Queued {
@@ -39,7 +53,7 @@ pub async fn write(conn: &mut PgConnection, events: &[Queued]) -> Result<(), Sto
         messages.push(message);
         quarantined.push(quarantine);
     }
-    sqlx::query(
+    sqlx::query(concat!(
         "with input as (
            select * from unnest($1::text[], $2::bigint[], $3::bigint[]) with ordinality
              as i(kind, message_row_id, quarantine_id, ord)),
@@ -62,13 +76,9 @@ pub async fn write(conn: &mut PgConnection, events: &[Queued]) -> Result<(), Sto
              left join tickets t on t.id = m.ticket_id
              left join quarantine q on q.id = i.quarantine_id
             order by i.ord
-           returning id, kind, parser),
-         d as (
-           insert into webhook_deliveries (event_id, webhook)
-           select e.id, w.name from e join webhook_subscriptions w
-             on w.active and (w.kinds is null or e.kind = any(w.kinds))
-            and (w.parsers is null or e.parser = any(w.parsers)))
-         select count(*) from e, lateral (select pg_notify($4, e.id::text)) n",
+           returning id, kind, parser), ",
+        fan_out_and_notify!()
+    ),
     )
     .bind(&kinds)
     .bind(&messages)
@@ -87,17 +97,12 @@ pub async fn state_event(
     parser: &str,
     payload: &serde_json::Value,
 ) -> Result<i64, StoreError> {
-    let id: i64 = sqlx::query_scalar(
+    let id: i64 = sqlx::query_scalar(concat!(
         "with e as (
            insert into ticket_events (kind, parser, payload) values ($1, $2, $3)
-           returning id, kind, parser),
-         d as (
-           insert into webhook_deliveries (event_id, webhook)
-           select e.id, w.name from e join webhook_subscriptions w
-             on w.active and (w.kinds is null or e.kind = any(w.kinds))
-            and (w.parsers is null or e.parser = any(w.parsers)))
-         select id from e, lateral (select pg_notify($4, e.id::text)) n",
-    )
+           returning id, kind, parser), ",
+        fan_out_and_notify!()
+    ))
     .bind(kind)
     .bind(parser)
     .bind(payload)

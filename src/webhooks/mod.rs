@@ -329,7 +329,7 @@ impl Endpoint {
                 error: if e.is_timeout() {
                     format!("no answer within {} s", self.webhook.timeout.as_secs())
                 } else {
-                    format!("cannot reach the endpoint: {}", without_url(&e))
+                    format!("cannot reach the endpoint: {}", crate::error_causes(&e))
                 },
                 retry_in,
             },
@@ -350,20 +350,6 @@ fn body_of(delivery: &Claimed, include_body: bool) -> Vec<u8> {
         "data": data,
     });
     serde_json::to_vec(&body).expect("JSON values serialize")
-}
-
-/// A transport error's causes, without the URL (which may carry a token of the receiver).
-fn without_url(e: &reqwest::Error) -> String {
-    let mut text = String::new();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    if text.is_empty() { e.to_string() } else { text }
 }
 
 /// One endpoint as the operations endpoints show it (its host only: a URL may carry a

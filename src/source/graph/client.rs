@@ -337,13 +337,10 @@ fn describe(e: &reqwest::Error) -> String {
     } else {
         "transport error"
     };
-    let mut text = kind.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
+    match crate::error_causes(e) {
+        causes if causes.is_empty() => kind.to_string(),
+        causes => format!("{kind}: {causes}"),
     }
-    text
 }
 
 #[cfg(test)]
