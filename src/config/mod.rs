@@ -6,6 +6,7 @@
 //! and resolves secrets. Every error names the file, the key and what to do about it, and
 //! all of them are reported at once so that one `check-config` run shows everything.
 
+mod cluster;
 mod credentials;
 mod database;
 mod parsers;
@@ -73,6 +74,19 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     /// `[events]`: how long delivered events are kept.
     pub events: EventsConfig,
+    /// `[cluster]`: this replica's name and the lease TTL (several replicas share the
+    /// mailboxes through leases in the database).
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Names this process in `mailbox_leases.owner` and `replicas` (default: host name and
+    /// process id, unique per process).
+    pub replica_name: String,
+    /// How long a lease lasts without renewal; renewed every third of it.
+    pub lease_ttl: std::time::Duration,
 }
 
 /// Every kind of event the outbox holds.
@@ -555,6 +569,7 @@ impl Config {
         let webhooks =
             webhooks::validate_webhooks(&raw.webhook, &parsers, &config_dir, &mut problems);
         let events = webhooks::validate_events(raw.events, &mut problems);
+        let cluster = cluster::validate_cluster(raw.cluster, &mut problems);
         if !problems.list.is_empty() {
             return Err(ConfigError {
                 path: path.to_path_buf(),
@@ -570,6 +585,7 @@ impl Config {
             http,
             webhooks,
             events,
+            cluster,
         })
     }
 

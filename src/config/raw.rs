@@ -19,6 +19,14 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) webhook: Vec<Spanned<RawWebhook>>,
     pub(super) events: Option<RawEvents>,
+    pub(super) cluster: Option<Spanned<RawCluster>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) replica_name: Option<String>,
+    pub(super) lease_ttl: Option<u64>,
 }
 
 #[derive(Deserialize)]

@@ -3,7 +3,8 @@
 //! - `/readyz`: 200 when the database answers a query within 2 s, 503 otherwise;
 //! - `/healthz`: for monitoring systems: 200 when every active mailbox is `idle` or
 //!   `fetching` and no credential fails, else 503 with the issues;
-//! - `/status.json`: every mailbox and credential, with states, errors and fixes;
+//! - `/status.json`: this replica's mailboxes and the credentials, with states, errors and
+//!   fixes, and the cluster: live replicas and every mailbox's lease (owner, epoch);
 //! - `/metrics`: Prometheus text ([`super::metrics`]);
 //! - `/status`: the same for a person, as HTML ([`super::status_page`]).
 //!
@@ -53,6 +54,12 @@ pub struct Ops {
 }
 
 impl Ops {
+    /// The replicas and the leases.
+    async fn cluster(&self) -> super::cluster::ClusterView {
+        let cluster = self.config.borrow().cluster.clone();
+        super::cluster::ClusterView::load(&self.pool, &cluster).await
+    }
+
     /// Every webhook endpoint with its deliveries.
     async fn webhooks(&self) -> Vec<crate::webhooks::EndpointStatus> {
         let config = self.config.borrow().clone();
@@ -203,12 +210,17 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     (status, Json(json!({"healthy": healthy, "issues": issues}))).into_response()
 }
 
-/// A mailbox in `/status.json`: its state and the rows waiting in quarantine.
+/// A mailbox in `/status.json`: its state, the rows waiting in quarantine, and its
+/// lease.
 #[derive(Serialize)]
 struct MailboxView {
     #[serde(flatten)]
     status: MailboxStatus,
     quarantine_pending: i64,
+    /// The replica holding its lease.
+    owner: Option<String>,
+    /// The lease's epoch (how often it was taken).
+    epoch: Option<i64>,
 }
 
 /// Rows waiting in quarantine per parser; empty while the database is down (the status
@@ -236,10 +248,12 @@ async fn status_page(State(app): State<Arc<App>>) -> Response {
     let mailboxes = app.ops.states.snapshot();
     let credentials = app.ops.tokens.statuses().await;
     let webhooks = app.ops.webhooks().await;
+    let cluster = app.ops.cluster().await;
     let page = super::status_page::render(
         &mailboxes,
         &credentials,
         &webhooks,
+        &cluster,
         &pending,
         app.ops.started_at,
     );
@@ -255,14 +269,20 @@ async fn status_page(State(app): State<Arc<App>>) -> Response {
 
 async fn status_json(State(app): State<Arc<App>>) -> Response {
     let pending = quarantine_pending(&app).await;
+    let cluster = app.ops.cluster().await;
     let mailboxes: Vec<MailboxView> = app
         .ops
         .states
         .snapshot()
         .into_iter()
-        .map(|status| MailboxView {
-            quarantine_pending: pending.get(&status.parser).copied().unwrap_or(0),
-            status,
+        .map(|status| {
+            let lease = cluster.lease(&status.parser).filter(|l| l.held);
+            MailboxView {
+                quarantine_pending: pending.get(&status.parser).copied().unwrap_or(0),
+                owner: lease.map(|l| l.owner.clone()),
+                epoch: lease.map(|l| l.epoch),
+                status,
+            }
         })
         .collect();
     let credentials: Vec<CredentialStatus> = app.ops.tokens.statuses().await;
@@ -272,6 +292,7 @@ async fn status_json(State(app): State<Arc<App>>) -> Response {
         "mailboxes": mailboxes,
         "credentials": credentials,
         "webhooks": app.ops.webhooks().await,
+        "cluster": cluster,
     }))
     .into_response()
 }

@@ -3,6 +3,7 @@
 //! parser names are configured, but addresses and server errors are attacker-controlled.
 
 use crate::auth::CredentialStatus;
+use crate::ops::cluster::ClusterView;
 use crate::runtime::state::MailboxStatus;
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ pub fn render(
     mailboxes: &[MailboxStatus],
     credentials: &[CredentialStatus],
     webhooks: &[crate::webhooks::EndpointStatus],
+    cluster: &ClusterView,
     quarantine_pending: &HashMap<String, i64>,
     started_at: DateTime<Utc>,
 ) -> String {
@@ -74,8 +76,52 @@ pub fn render(
         }
         page.push_str("</table>\n");
     }
+    replicas(&mut page, cluster);
     page.push_str("</body>\n</html>\n");
     page
+}
+
+/// The live replicas and who holds which mailbox's lease.
+fn replicas(page: &mut String, cluster: &ClusterView) {
+    let _ = writeln!(
+        page,
+        "<h2>Replicas</h2>\n<p>This is replica <b>{}</b>; leases last {} s.{}</p>\n<table id=\"replicas\">\n<tr><th>Replica</th><th>Started</th><th>Last heartbeat</th><th>Leases</th></tr>",
+        esc(&cluster.replica),
+        cluster.lease_ttl_s,
+        cluster
+            .error
+            .as_ref()
+            .map(|e| format!(" <span class=\"error\">Cannot read them: {}</span>", esc(e)))
+            .unwrap_or_default(),
+    );
+    for r in &cluster.replicas {
+        let held = cluster
+            .leases
+            .iter()
+            .filter(|l| l.held && l.owner == r.name)
+            .count();
+        let _ = writeln!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{held}</td></tr>",
+            esc(&r.name),
+            time(Some(r.started_at)),
+            time(Some(r.heartbeat_at)),
+        );
+    }
+    page.push_str("</table>\n<table id=\"leases\">\n<tr><th>Mailbox</th><th>Owner</th><th>Epoch</th><th>Held</th><th>Expires</th><th>Acquired</th></tr>\n");
+    for l in &cluster.leases {
+        let _ = writeln!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&l.parser),
+            esc(&l.owner),
+            l.epoch,
+            if l.held { "yes" } else { "no (free)" },
+            time(Some(l.expires_at)),
+            time(Some(l.acquired_at)),
+        );
+    }
+    page.push_str("</table>\n");
 }
 
 const HEAD: &str = "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<meta http-equiv=\"refresh\" content=\"15\">\n<title>mail2ticket status</title>\n<style>\nbody{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:2em}\nth,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}\ntr.idle .state,tr.fetching .state,tr.ok .state{color:#176f2c}\ntr.disabled .state,tr.backoff .state,tr.stale .state,tr.needs_login .state,tr.failing .state,tr.stopped .state{color:#b00020;font-weight:bold}\ntd.error{max-width:40em;word-break:break-word}\n</style>\n</head>\n<body>\n";
@@ -114,9 +160,19 @@ mod tests {
             messages_total: MessageTotals::default(),
             stale_after: std::time::Duration::from_secs(1),
         };
-        let page = render(&[m], &[], &[], &HashMap::new(), Utc::now());
+        let cluster = ClusterView {
+            replica: "<i>r1</i>".into(),
+            lease_ttl_s: 15,
+            replicas: Vec::new(),
+            leases: Vec::new(),
+            error: Some("<img src=x onerror=alert(1)>".into()),
+        };
+        let page = render(&[m], &[], &[], &cluster, &HashMap::new(), Utc::now());
         assert!(
-            !page.contains("<script>") && !page.contains("<b>x"),
+            !page.contains("<script>")
+                && !page.contains("<b>x")
+                && !page.contains("<i>r1")
+                && !page.contains("<img"),
             "{page}"
         );
         assert!(page.contains("&lt;script&gt;"), "{page}");

@@ -13,10 +13,14 @@
 //!   at a time, and a message that fails alone until [`GIVE_UP_AFTER`] is quarantined by
 //!   its header (or a placeholder) with the reason, and left on the server;
 //! - a message over `max_message_size` is not downloaded: its header is quarantined and
-//!   the message is left on the server untouched.
+//!   the message is left on the server untouched;
+//! - every write for the mailbox (rows, cursor, failed-fetch counter) is a transaction that
+//!   checks this replica's lease ([`Fence`]) last, so a replica that lost the lease (paused,
+//!   cut off from the database) cannot commit anything for the mailbox again.
 
 use crate::config::ParserConfig;
 use crate::pipeline::{self, Arrival, Incoming, Pipeline};
+use crate::runtime::leases::Fence;
 use crate::runtime::state::{MailboxState, Registry};
 use crate::source::imap::first_contact::FirstContact;
 use crate::source::{Fetched, MailSource, Pending, SourceError, SourceSession, WaitEnd};
@@ -89,18 +93,47 @@ pub struct Poller<S: MailSource> {
     source: S,
     /// Where the loop reports what it is doing.
     states: Registry,
+    /// The lease every commit shows.
+    fence: Fence,
 }
 
 impl<S: MailSource> Poller<S> {
-    /// The loop of `parser` over `source`, reporting its state to `states`.
-    pub fn new(parser: Arc<ParserConfig>, pool: PgPool, source: S, states: Registry) -> Self {
+    /// The loop of `parser` over `source` under the lease `fence`, reporting its state to
+    /// `states`.
+    pub fn new(
+        parser: Arc<ParserConfig>,
+        pool: PgPool,
+        source: S,
+        states: Registry,
+        fence: Fence,
+    ) -> Self {
         Poller {
             pipeline: Pipeline::from(parser.as_ref()),
             parser,
             pool,
             source,
             states,
+            fence,
         }
+    }
+
+    /// Commits `tx` if this replica still holds the mailbox's lease, checked inside the
+    /// transaction (last, so the lease row stays locked only for the commit itself);
+    /// otherwise rolls it back.
+    async fn commit_fenced(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    ) -> Result<(), StoreError> {
+        use crate::store::leases;
+        if !leases::check_fence(&mut tx, &self.parser.name, &self.fence).await? {
+            tx.rollback().await?;
+            return Err(StoreError::LeaseLost(leases::LeaseLost {
+                owner: self.fence.owner.clone(),
+                epoch: self.fence.epoch,
+            }));
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The parser's name.
@@ -222,8 +255,9 @@ impl<S: MailSource> Poller<S> {
         }
         if !cancel.is_cancelled() {
             if let Some(cursor) = &listing.save_after {
-                let mut conn = self.pool.acquire().await?;
-                mailbox::save(&mut conn, name, key, cursor).await?;
+                let mut tx = self.pool.begin().await?;
+                mailbox::save(&mut tx, name, key, cursor).await?;
+                self.commit_fenced(tx).await?;
             }
             self.states.ok(name);
             self.states.set(name, MailboxState::Idle);
@@ -251,7 +285,9 @@ impl<S: MailSource> Poller<S> {
         let mut trouble = saved.and_then(|s| s.trouble);
         if let Some(cursor) = &listing.save_first {
             // Recorded at once: a first contact's choice holds whatever happens next.
-            mailbox::save_start(&mut conn, name, key, cursor).await?;
+            let mut tx = self.pool.begin().await?;
+            mailbox::save_start(&mut tx, name, key, cursor).await?;
+            self.commit_fenced(tx).await?;
             trouble = None;
         }
         // Messages whose Message-ID the source told and that are stored already (a Graph
@@ -285,13 +321,14 @@ impl<S: MailSource> Poller<S> {
             _ => 1,
         };
         let saved = async {
-            let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+            let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
             let trouble = FetchTrouble {
                 key: key.clone(),
                 failures,
             };
             let cursor_key = self.source.cursor_key();
-            mailbox::save_fetch_trouble(&mut conn, &self.parser.name, cursor_key, trouble).await
+            mailbox::save_fetch_trouble(&mut tx, &self.parser.name, cursor_key, trouble).await?;
+            self.commit_fenced(tx).await
         };
         match saved.await {
             Ok(()) => {
@@ -400,7 +437,7 @@ impl<S: MailSource> Poller<S> {
             let outcomes = pipeline::store_batch(&mut tx, &self.pipeline, items).await?;
             let key = self.source.cursor_key();
             mailbox::save(&mut tx, &self.parser.name, key, &last.after).await?;
-            tx.commit().await?;
+            self.commit_fenced(tx).await?;
             Ok::<_, StoreError>(outcomes)
         };
         match stored.await {

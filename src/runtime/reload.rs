@@ -86,6 +86,9 @@ pub fn plan(old: &Config, new: &Config, changed_credentials: &[String]) -> Plan 
     if listen(old) != listen(new) {
         plan.needs_restart.push("[http] listen");
     }
+    if old.cluster != new.cluster {
+        plan.needs_restart.push("[cluster]");
+    }
     plan
 }
 

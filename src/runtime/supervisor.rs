@@ -1,5 +1,6 @@
-//! Runs one poller per active parser, restarts a failed one with capped exponential
-//! backoff and jitter, and stops them all on cancellation. One mailbox's failure never
+//! Runs one poller per active parser whose lease this replica holds (see
+//! [`super::leases`]), restarts a failed one with capped exponential backoff and jitter,
+//! and stops them all on cancellation. One mailbox's failure never
 //! stops or slows another: each poller is its own task with its own backoff, inside a
 //! `mailbox{parser=...}` tracing span (so its events need not repeat the name).
 //!
@@ -10,6 +11,7 @@ use crate::auth::TokenSources;
 use crate::config::ParserConfig;
 use crate::config::SourceConfig;
 use crate::config::{Config, ParserAuth, ParserStatus};
+use crate::runtime::leases::{self, Fence, Leases};
 use crate::runtime::mailbox::{OnceStats, PollError, Poller};
 use crate::runtime::state::{Failure, MailboxState, Registry};
 use crate::source::SourceError;
@@ -81,6 +83,7 @@ fn poller_of(
     pool: &PgPool,
     tokens: &TokenSources,
     states: &Registry,
+    fence: Fence,
 ) -> Result<MailboxPoller, String> {
     let unknown = |name: &str| {
         format!(
@@ -103,6 +106,7 @@ fn poller_of(
                 pool,
                 source,
                 states,
+                fence,
             )))
         }
         (SourceConfig::Graph(graph), ParserAuth::Credential(name)) => {
@@ -115,6 +119,7 @@ fn poller_of(
                 pool,
                 source,
                 states,
+                fence,
             )))
         }
         (SourceConfig::Graph(_), ParserAuth::Password(_)) => Err(format!(
@@ -124,79 +129,89 @@ fn poller_of(
     }
 }
 
-fn pollers(
-    config: &Config,
-    pool: &PgPool,
-    tokens: &TokenSources,
-    states: &Registry,
-) -> Vec<Result<MailboxPoller, (String, String)>> {
-    config
-        .parsers
-        .iter()
-        .filter(|p| p.status == ParserStatus::Active)
-        .map(|p| {
-            let parser = Arc::new(p.clone());
-            states.register(&parser);
-            poller_of(&parser, pool, tokens, states).map_err(|e| (p.name.clone(), e))
-        })
-        .collect()
-}
-
 /// The span every event of one mailbox's task is logged in.
 fn mailbox_span(parser: &str) -> tracing::Span {
     tracing::info_span!("mailbox", parser = %parser)
 }
 
-/// Processes everything new in every active parser once, all parsers at the same time.
+/// Processes everything new in every active parser once, all parsers at the same time,
+/// each under its lease (taken for the run, waiting for a dead replica's to run out, and
+/// released at the end).
 pub async fn run_once(
     config: &Config,
     pool: &PgPool,
     tokens: &TokenSources,
     cancel: &CancellationToken,
 ) -> Vec<OnceReport> {
-    let tasks: Vec<_> = pollers(config, pool, tokens, &Registry::default())
-        .into_iter()
-        .map(|poller| {
-            let cancel = cancel.clone();
-            let name = match &poller {
-                Ok(p) => p.name().to_string(),
-                Err((parser, _)) => parser.clone(),
-            };
-            let span = mailbox_span(&name);
+    let leases = Arc::new(Leases::new(pool.clone(), &config.cluster));
+    let states = Registry::default();
+    let tasks: Vec<_> = config
+        .parsers
+        .iter()
+        .filter(|p| p.status == ParserStatus::Active)
+        .map(|p| {
+            let parser = Arc::new(p.clone());
+            states.register(&parser);
+            let (pool, tokens, states) = (pool.clone(), tokens.clone(), states.clone());
+            let (leases, cancel) = (leases.clone(), cancel.clone());
+            let span = mailbox_span(&p.name);
             let task = tokio::spawn(
                 async move {
-                    match poller {
-                        Err((parser, e)) => OnceReport {
-                            parser,
-                            result: Err(e),
-                        },
-                        Ok(poller) => {
-                            let result = poller.run_once(&cancel).await.map_err(|e| e.to_string());
-                            OnceReport {
-                                parser: poller.name().to_string(),
-                                result,
-                            }
-                        }
+                    let result =
+                        once_under_lease(&parser, &pool, &tokens, &states, &leases, &cancel).await;
+                    OnceReport {
+                        parser: parser.name.clone(),
+                        result,
                     }
                 }
                 .instrument(span),
             );
-            (name, task)
+            (p.name.clone(), task)
         })
         .collect();
-    let mut reports = Vec::new();
-    for (parser, task) in tasks {
-        match task.await {
-            Ok(report) => reports.push(report),
-            Err(e) => reports.push(OnceReport {
-                parser,
-                result: Err(format!(
-                    "the poller task panicked (a bug, please report it): {e}"
-                )),
-            }),
+    let reports = async {
+        let mut reports = Vec::new();
+        for (parser, task) in tasks {
+            match task.await {
+                Ok(report) => reports.push(report),
+                Err(e) => reports.push(OnceReport {
+                    parser,
+                    result: Err(format!(
+                        "the poller task panicked (a bug, please report it): {e}"
+                    )),
+                }),
+            }
         }
+        reports
+    };
+    tokio::select! {
+        reports = reports => reports,
+        _ = leases.keep_renewed() => unreachable!("keep_renewed never returns"),
     }
-    reports
+}
+
+/// One parser of `run --once`: its lease, one pass, the lease given back.
+async fn once_under_lease(
+    parser: &Arc<ParserConfig>,
+    pool: &PgPool,
+    tokens: &TokenSources,
+    states: &Registry,
+    leases: &Leases,
+    cancel: &CancellationToken,
+) -> Result<OnceStats, String> {
+    let patience = leases.ttl() + leases.renew_every();
+    let lease = leases.wait_for(&parser.name, patience, cancel).await?;
+    let result = match poller_of(parser, pool, tokens, states, lease.fence.clone()) {
+        Err(e) => Err(e),
+        Ok(poller) => tokio::select! {
+            result = poller.run_once(cancel) => result.map_err(|e| e.to_string()),
+            _ = lease.lost.cancelled() => Err(
+                "the mailbox's lease was lost during the run (the database could not be reached in time, or another replica took it over): stopped; nothing uncommitted was kept".to_string()
+            ),
+        },
+    };
+    leases.release(&parser.name).await;
+    result
 }
 
 /// Runs every active parser until `cancel` fires; returns when all pollers have stopped.
@@ -243,23 +258,24 @@ pub async fn run_observed(
     reloads: &mut mpsc::Receiver<()>,
     cancel: &CancellationToken,
 ) {
+    let leases = Arc::new(Leases::new(pool.clone(), &config.borrow().cluster));
     let mut tasks = Tasks {
         pool: pool.clone(),
         tokens: tokens.clone(),
         states: states.clone(),
+        leases: leases.clone(),
         cancel: cancel.clone(),
         tracker: TaskTracker::new(),
         running: HashMap::new(),
         stopping: Vec::new(),
     };
+    // The first turn takes this replica's share of the leases and starts those mailboxes.
     let first = config.borrow().clone();
-    for parser in first
-        .parsers
-        .iter()
-        .filter(|p| p.status == ParserStatus::Active)
-    {
-        tasks.start(parser);
-    }
+    tasks.turn(&first).await;
+    let mut next_turn = tokio::time::Instant::now() + leases.renew_every();
+    // An interval, not a sleep in the select: the other arms must not postpone it.
+    let mut beats = tokio::time::interval(HEARTBEAT);
+    beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     states.beat();
     heartbeat.started();
     loop {
@@ -268,20 +284,39 @@ pub async fn run_observed(
             Some(()) = reloads.recv() => {
                 heartbeat.reloading();
                 let result = tasks.reload(config);
+                if result.is_ok() {
+                    // Added mailboxes take their leases now, not at the next turn.
+                    let current = config.borrow().clone();
+                    tasks.turn(&current).await;
+                    next_turn = tokio::time::Instant::now() + leases.renew_every();
+                }
                 let labels = [("result", if result.is_ok() { "ok" } else { "error" })];
                 metrics::counter!("mail2ticket_config_reloads_total", &labels).increment(1);
                 heartbeat.started();
             }
-            _ = tokio::time::sleep(HEARTBEAT) => {
+            _ = tokio::time::sleep_until(next_turn) => {
+                let current = config.borrow().clone();
+                tasks.turn(&current).await;
+                next_turn = tokio::time::Instant::now() + leases.renew_every();
+            }
+            _ = leases::until(leases.fence_at()) => leases.fence_if_due(),
+            _ = beats.tick() => {
                 states.beat();
                 heartbeat.beat();
                 states.announce_stale();
-                tasks.reap();
+                tasks.reap().await;
             }
         }
     }
+    // Every task stops after its batch in flight; the leases stay renewed until then, and
+    // are given back at once after (a rolling restart hands the mailboxes over at once).
     tasks.tracker.close();
-    tasks.tracker.wait().await;
+    tokio::select! {
+        _ = tasks.tracker.wait() => {}
+        _ = leases.keep_renewed() => {}
+    }
+    leases.release_all().await;
+    metrics::gauge!("mail2ticket_leases_held").set(0.0);
 }
 
 /// The mailbox tasks of the daemon, started and stopped as the configuration says.
@@ -289,6 +324,8 @@ struct Tasks {
     pool: PgPool,
     tokens: TokenSources,
     states: Registry,
+    /// The mailboxes this replica may read.
+    leases: Arc<Leases>,
     /// The daemon's shutdown; each task runs under a child of it.
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -306,11 +343,41 @@ struct Running {
 }
 
 impl Tasks {
-    /// Starts the task of `parser`. If a task of the same name is still running or
-    /// stopping (a restart), the new one waits until it ended: a mailbox never has two
-    /// readers.
+    /// Renews the leases and moves towards this replica's share: starts the mailboxes
+    /// whose leases it took, stops its surplus after the batch in flight (released once
+    /// ended, in [`Self::reap`]).
+    async fn turn(&mut self, config: &Config) {
+        let active: Vec<String> = config
+            .parsers
+            .iter()
+            .filter(|p| p.status == ParserStatus::Active)
+            .map(|p| p.name.clone())
+            .collect();
+        let releasing: Vec<String> = self.stopping.iter().map(|(n, _)| n.clone()).collect();
+        if let Ok(balance) = self.leases.balance(&active, &releasing).await {
+            for (name, _) in &balance.acquired {
+                if let Some(parser) = config.parser(name) {
+                    self.start(parser);
+                }
+            }
+            for name in &balance.surplus {
+                tracing::info!(parser = %name, live_replicas = balance.live,
+                    "more than this replica's share: handing the mailbox over after its batch in flight");
+                self.stop(name);
+            }
+            metrics::gauge!("mail2ticket_replicas_live").set(balance.live as f64);
+        }
+        metrics::gauge!("mail2ticket_leases_held").set(self.leases.count() as f64);
+    }
+
+    /// Starts the task of `parser` if this replica holds its lease. If a task of the same
+    /// name is still running or stopping (a restart), the new one waits until it ended: a
+    /// mailbox never has two readers.
     fn start(&mut self, parser: &ParserConfig) {
         let name = parser.name.clone();
+        let Some(lease) = self.leases.get(&name) else {
+            return;
+        };
         let previous = match self.running.remove(&name) {
             Some(running) => {
                 running.cancel.cancel();
@@ -323,7 +390,8 @@ impl Tasks {
                 .map(|i| self.stopping.swap_remove(i).1),
         };
         let parser = Arc::new(parser.clone());
-        let poller = match poller_of(&parser, &self.pool, &self.tokens, &self.states) {
+        let fence = lease.fence.clone();
+        let poller = match poller_of(&parser, &self.pool, &self.tokens, &self.states, fence) {
             Ok(poller) => poller,
             Err(e) => {
                 tracing::error!(parser = %name, error = %e, "cannot start the poller");
@@ -340,7 +408,12 @@ impl Tasks {
                 let _ = previous.await;
                 states.register(&parser);
             }
-            supervise(poller, states, stop).await
+            // A lost lease ends the task at once: its session and any uncommitted
+            // transaction are dropped with it.
+            tokio::select! {
+                _ = supervise(poller, states.clone(), stop) => {}
+                _ = lease.lost.cancelled() => states.set(&parser.name, MailboxState::Stopped),
+            }
         };
         let handle = self.tracker.spawn(task.instrument(mailbox_span(&name)));
         self.running.insert(name, Running { cancel, handle });
@@ -355,16 +428,28 @@ impl Tasks {
         }
     }
 
-    /// Forgets the removed parsers whose tasks have ended.
-    fn reap(&mut self) {
-        let states = &self.states;
+    /// Forgets the tasks that have ended (stopped, or ended by a lost lease) and gives
+    /// their leases back.
+    async fn reap(&mut self) {
+        let mut ended: Vec<String> = Vec::new();
         self.stopping.retain(|(name, handle)| {
-            let ended = handle.is_finished();
-            if ended {
-                states.remove(name);
+            let finished = handle.is_finished();
+            if finished {
+                ended.push(name.clone());
             }
-            !ended
+            !finished
         });
+        self.running.retain(|name, running| {
+            let finished = running.handle.is_finished();
+            if finished {
+                ended.push(name.clone());
+            }
+            !finished
+        });
+        for name in ended {
+            self.states.remove(&name);
+            self.leases.release(&name).await;
+        }
     }
 
     /// Reads the configuration file again and applies it (see [`super::reload`]). An
@@ -407,6 +492,7 @@ impl Tasks {
         }
         // What only a restart applies stays as it runs, so the next reload compares with it.
         new.database = old.database.clone();
+        new.cluster = old.cluster.clone();
         match (&old.http, &mut new.http) {
             (Some(running), Some(http)) => http.listen = running.listen,
             (running, http) => http.clone_from(running),
@@ -511,6 +597,12 @@ async fn supervise(poller: MailboxPoller, states: Registry, cancel: Cancellation
         .await
         .unwrap_or_else(|panic| Err(PollError::Panicked(crate::panic_message(&*panic))));
         if cancel.is_cancelled() {
+            break;
+        }
+        if let Err(PollError::Store(crate::store::StoreError::LeaseLost(lost))) = &result {
+            // Another replica may read the mailbox now: this task ends (its lease is
+            // given back, and taken again at the next turn if nobody else has it).
+            tracing::warn!(error = %lost, "stopping the mailbox");
             break;
         }
         if progressed.swap(false, Ordering::Relaxed) {

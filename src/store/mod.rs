@@ -1,5 +1,6 @@
 //! The only module that speaks SQL, split by table family: [`tickets`], [`quarantine`],
-//! [`mailbox`] (cursors of the mail sources), [`grants`] (delegated sign-ins); here the
+//! [`mailbox`] (cursors of the mail sources), [`grants`] (delegated sign-ins), [`leases`]
+//! (which replica reads which mailbox), [`events`] and [`webhooks`] (the outbox); here the
 //! connection pool, migrations and the error type.
 //!
 //! Functions take a `&mut PgConnection` so that the caller owns the transaction: `ingest`
@@ -7,6 +8,7 @@
 
 pub mod events;
 pub mod grants;
+pub mod leases;
 pub mod mailbox;
 pub mod quarantine;
 pub mod tickets;
@@ -34,6 +36,9 @@ pub enum StoreError {
     /// A migration failed.
     #[error("cannot apply database migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The transaction was rolled back: this replica no longer holds the mailbox's lease.
+    #[error(transparent)]
+    LeaseLost(#[from] leases::LeaseLost),
 }
 
 impl StoreError {

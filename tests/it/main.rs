@@ -11,6 +11,7 @@ mod golden;
 mod graph;
 mod ingest;
 mod operations;
+mod replicas;
 mod support;
 mod threading;
 mod webhooks;

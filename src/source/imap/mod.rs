@@ -203,6 +203,8 @@ impl SourceSession for ImapMailbox {
     /// SELECTs the folder, checks UIDVALIDITY, and lists the messages past the cursor
     /// (below the first-contact horizon, only those `start_at` chose).
     async fn list(&mut self, saved: Option<&Cursor>) -> Result<Listing, SourceError> {
+        // What the server announced before now is covered by this listing.
+        self.session()?.take_news();
         let (cursor, listing) = self.position(saved).await?;
         let mut listing = listing.unwrap_or_else(|| Listing {
             pending: Vec::new(),
@@ -273,6 +275,10 @@ impl SourceSession for ImapMailbox {
         }
         // A wait completes well within stale_after, so a healthy mailbox is never stale.
         let until_renewal = until_renewal.min(self.parser.stale_after / 2);
+        // Mail announced while the last pass was storing: no IDLE would announce it again.
+        if self.session()?.take_news() {
+            return Ok(WaitEnd::Changed);
+        }
         if self.supports_idle {
             let session = self.session.take().ok_or(ImapError::ConnectionLost {
                 step: "IDLE",

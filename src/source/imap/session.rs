@@ -45,12 +45,26 @@ pub struct Listed {
 pub struct ImapSession {
     session: Session<Stream>,
     user: String,
+    /// The server announced new mail (`* n EXISTS`) in the answer to some command since
+    /// [`Self::take_news`] was last called. The server announces a message once: a wait
+    /// that began IDLE without looking here would sleep through mail that arrived while
+    /// the last pass was storing (Dovecot does not repeat the EXISTS when IDLE begins).
+    news: bool,
 }
 
 impl ImapSession {
     /// A session logged in as `user` (made by [`super::client::Connection::login`]).
     pub(super) fn new(session: Session<Stream>, user: String) -> Self {
-        ImapSession { session, user }
+        ImapSession {
+            session,
+            user,
+            news: false,
+        }
+    }
+
+    /// True when the server announced new mail since the last call (see `news`).
+    pub fn take_news(&mut self) -> bool {
+        std::mem::take(&mut self.news)
     }
 
     /// SELECTs a folder.
@@ -280,7 +294,11 @@ impl ImapSession {
         limit: Duration,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<(ImapSession, IdleEnd), ImapError> {
-        let ImapSession { session, user } = self;
+        let ImapSession {
+            session,
+            user,
+            news: _,
+        } = self;
         let mut handle = session.idle();
         timed("IDLE", handle.init()).await?;
         let end = {
@@ -306,7 +324,7 @@ impl ImapSession {
             }
         };
         let session = timed("IDLE DONE", handle.done()).await?;
-        let mut session = ImapSession { session, user };
+        let mut session = ImapSession::new(session, user);
         session.drain_unsolicited()?;
         Ok((session, end))
     }
@@ -322,9 +340,13 @@ impl ImapSession {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session.logout()).await;
     }
 
-    /// Empties the unsolicited-response channel; a BYE there means the connection is gone.
+    /// Empties the unsolicited-response channel, noting news (EXISTS); a BYE there means
+    /// the connection is gone.
     fn drain_unsolicited(&mut self) -> Result<(), ImapError> {
         while let Ok(response) = self.session.unsolicited_responses.try_recv() {
+            if let UnsolicitedResponse::Exists(_) = &response {
+                self.news = true;
+            }
             if let UnsolicitedResponse::Other(data) = &response {
                 let text = String::from_utf8_lossy(data.borrow_owner());
                 if text.starts_with("* BYE") {

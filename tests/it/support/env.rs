@@ -100,10 +100,11 @@ impl TestEnv {
         ParserSpec::new(name, email, "none", port)
     }
 
-    /// A configuration with `[database]`, the credential "app" (app-1) and `parsers`.
+    /// A configuration with `[database]`, the credential "app" (app-1) and `parsers`;
+    /// leases of 3 s (a process killed by a test leaves its leases for that long).
     pub fn config_toml(&self, parsers: &[ParserSpec]) -> String {
         let mut text = format!(
-            "[database]\nurl = \"{}\"\n[[credential]]\nname = \"app\"\ntype = \"client_credentials\"\ntenant_id = \"{TENANT}\"\nclient_id = \"app-1\"\nclient_secret = \"s3cret\"\nauthority = \"{}\"\n",
+            "[database]\nurl = \"{}\"\n[cluster]\nlease_ttl = 3\n[[credential]]\nname = \"app\"\ntype = \"client_credentials\"\ntenant_id = \"{TENANT}\"\nclient_id = \"app-1\"\nclient_secret = \"s3cret\"\nauthority = \"{}\"\n",
             self.db.url,
             self.entra().url
         );

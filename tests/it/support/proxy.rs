@@ -17,6 +17,8 @@ pub struct CuttingProxy {
     pub port: u16,
     cuts: Arc<AtomicUsize>,
     accepted: Arc<AtomicUsize>,
+    /// Connections open now, and the most ever open at once.
+    open: Arc<(AtomicUsize, AtomicUsize)>,
     sent_by_clients: Arc<std::sync::Mutex<Vec<u8>>>,
     down: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -72,6 +74,8 @@ impl CuttingProxy {
         let cuts = Arc::new(AtomicUsize::new(0));
         let accepted = Arc::new(AtomicUsize::new(0));
         let accepting = accepted.clone();
+        let open = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        let opening = open.clone();
         let armed = Arc::new(AtomicBool::new(true));
         let counter = cuts.clone();
         let sent_by_clients = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -85,6 +89,9 @@ impl CuttingProxy {
                     continue; // refused: dropped at once
                 }
                 accepting.fetch_add(1, Ordering::SeqCst);
+                let now_open = opening.0.fetch_add(1, Ordering::SeqCst) + 1;
+                opening.1.fetch_max(now_open, Ordering::SeqCst);
+                let closing = opening.clone();
                 let (cut, marker, rewrite) = match &rule {
                     Cut::FirstAfter(n) => (
                         armed.swap(false, Ordering::SeqCst).then_some(*n),
@@ -99,6 +106,8 @@ impl CuttingProxy {
                 let counter = counter.clone();
                 let recorder = recorder.clone();
                 tokio::spawn(async move {
+                    // Counted closed when the client's side ends (the server's may linger).
+                    let closed = Closed(closing);
                     let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
                     else {
                         return;
@@ -113,6 +122,7 @@ impl CuttingProxy {
                             }
                             recorder.lock().unwrap().extend_from_slice(&buf[..n]);
                         }
+                        drop(closed);
                     });
                     let downstream = async {
                         let mut sent = 0usize;
@@ -163,6 +173,7 @@ impl CuttingProxy {
             port,
             cuts,
             accepted,
+            open,
             sent_by_clients,
             down,
         }
@@ -184,9 +195,23 @@ impl CuttingProxy {
         self.accepted.load(Ordering::SeqCst)
     }
 
+    /// The most connections that were open at the same time.
+    pub fn most_open_at_once(&self) -> usize {
+        self.open.1.load(Ordering::SeqCst)
+    }
+
     /// How many connections were cut.
     pub fn cuts(&self) -> usize {
         self.cuts.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a connection closed when dropped.
+struct Closed(Arc<(AtomicUsize, AtomicUsize)>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
