@@ -404,3 +404,34 @@ fn webhooks_need_a_standard_secret_https_and_known_kinds_and_parsers() {
         "{text}"
     );
 }
+
+#[test]
+fn cluster_defaults_to_a_unique_name_and_15_s_leases_and_checks_its_keys() {
+    let base = "[database]\nurl = \"postgres://x/y\"\n";
+    let config = Config::from_toml(Path::new("t.toml"), base).unwrap();
+    assert_eq!(config.cluster.lease_ttl.as_secs(), 15);
+    assert!(
+        config
+            .cluster
+            .replica_name
+            .ends_with(&format!("-{}", std::process::id())),
+        "{}",
+        config.cluster.replica_name
+    );
+    let named = format!("{base}[cluster]\nreplica_name = \"desk-a\"\nlease_ttl = 30\n");
+    let config = Config::from_toml(Path::new("t.toml"), &named).unwrap();
+    assert_eq!(
+        (config.cluster.replica_name.as_str(), config.cluster.lease_ttl.as_secs()),
+        ("desk-a", 30)
+    );
+    let bad = format!("{base}\n[cluster]\nreplica_name = \" \"\nlease_ttl = 1\n");
+    let err = Config::from_toml(Path::new("t.toml"), &bad).unwrap_err();
+    let text = err.to_string();
+    for key in ["cluster.lease_ttl", "cluster.replica_name"] {
+        assert!(text.contains(key), "{key} in {text}");
+    }
+    assert!(
+        err.problems.iter().all(|p| p.line == Some(4)),
+        "the [cluster] line: {text}"
+    );
+}

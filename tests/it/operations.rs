@@ -454,8 +454,15 @@ async fn a_sighup_applies_a_new_file_and_a_broken_one_changes_nothing() {
         let (_, text) = get(&metrics_url, Some(ROTATED)).await;
         metric(&text, "mail2ticket_mailbox_up", &[r#"parser="finance""#]).is_none()
             && metric(&text, "mail2ticket_mailbox_up", &[r#"parser="sales""#]) == Some(1.0)
+            && text.lines().any(|l| l == "mail2ticket_leases_held 2")
     })
     .await;
+    // This replica holds both leases, and says so.
+    let st = status(ROTATED).await.unwrap();
+    let replica = st["cluster"]["replica"].as_str().unwrap().to_string();
+    assert_eq!(mailbox(&st, "sales")["owner"], replica.as_str(), "{st}");
+    assert!(mailbox(&st, "sales")["epoch"].as_i64().unwrap() >= 1, "{st}");
+    assert_eq!(st["cluster"]["replicas"][0]["name"], replica.as_str(), "{st}");
     let (_, text) = get(&metrics_url, Some(ROTATED)).await;
     let reloads = |result: &str| {
         let label = format!("result=\"{result}\"");
