@@ -421,7 +421,10 @@ fn cluster_defaults_to_a_unique_name_and_15_s_leases_and_checks_its_keys() {
     let named = format!("{base}[cluster]\nreplica_name = \"desk-a\"\nlease_ttl = 30\n");
     let config = Config::from_toml(Path::new("t.toml"), &named).unwrap();
     assert_eq!(
-        (config.cluster.replica_name.as_str(), config.cluster.lease_ttl.as_secs()),
+        (
+            config.cluster.replica_name.as_str(),
+            config.cluster.lease_ttl.as_secs()
+        ),
         ("desk-a", 30)
     );
     let bad = format!("{base}\n[cluster]\nreplica_name = \" \"\nlease_ttl = 1\n");

@@ -7,3 +7,4 @@ pub mod mailbox;
 pub mod reload;
 pub mod state;
 pub mod supervisor;
+mod tasks;

@@ -461,8 +461,15 @@ async fn a_sighup_applies_a_new_file_and_a_broken_one_changes_nothing() {
     let st = status(ROTATED).await.unwrap();
     let replica = st["cluster"]["replica"].as_str().unwrap().to_string();
     assert_eq!(mailbox(&st, "sales")["owner"], replica.as_str(), "{st}");
-    assert!(mailbox(&st, "sales")["epoch"].as_i64().unwrap() >= 1, "{st}");
-    assert_eq!(st["cluster"]["replicas"][0]["name"], replica.as_str(), "{st}");
+    assert!(
+        mailbox(&st, "sales")["epoch"].as_i64().unwrap() >= 1,
+        "{st}"
+    );
+    assert_eq!(
+        st["cluster"]["replicas"][0]["name"],
+        replica.as_str(),
+        "{st}"
+    );
     let (_, text) = get(&metrics_url, Some(ROTATED)).await;
     let reloads = |result: &str| {
         let label = format!("result=\"{result}\"");

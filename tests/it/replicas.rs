@@ -331,3 +331,77 @@ async fn a_paused_replica_commits_nothing_after_losing_its_leases_and_a_database
     wait_for_tickets(&s, total, Duration::from_secs(30)).await;
     assert_exactly_once(&s, total).await;
 }
+
+#[tokio::test]
+async fn a_stale_owner_fails_the_fence_and_a_takeover_waits_for_a_commit_in_flight() {
+    use mail2ticket::store::leases;
+    let s = TestEnv::database().await;
+    let ttl = Duration::from_secs(30);
+    let mut conn = s.db.pool.acquire().await.unwrap();
+    // A's lease is short: it runs out while A's commit is in flight.
+    let short = Duration::from_secs(1);
+    let a = leases::acquire(&mut conn, "desk", "a", short)
+        .await
+        .unwrap();
+    assert_eq!(a, Some(1));
+    assert_eq!(
+        leases::acquire(&mut conn, "desk", "b", ttl).await.unwrap(),
+        None,
+        "held: nobody else may take it"
+    );
+    let fence_a = leases::Fence {
+        owner: "a".into(),
+        epoch: 1,
+    };
+
+    // A commit in flight keeps the lease row locked: a takeover waits for it.
+    let mut tx = s.db.pool.begin().await.unwrap();
+    assert!(
+        leases::check_fence(&mut tx, "desk", &fence_a)
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(short + Duration::from_millis(200)).await;
+    let pool = s.db.pool.clone();
+    let takeover = tokio::spawn(async move {
+        let mut conn = pool.acquire().await.unwrap();
+        leases::acquire(&mut conn, "desk", "b", Duration::from_secs(30)).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !takeover.is_finished(),
+        "the takeover waited for the commit"
+    );
+    tx.commit().await.unwrap();
+    let b = takeover.await.unwrap().unwrap();
+    assert_eq!(b, Some(2), "taken over with a new epoch");
+
+    // The old owner's fence, renewal and release now fail; the new owner's hold.
+    let mut tx = s.db.pool.begin().await.unwrap();
+    assert!(
+        !leases::check_fence(&mut tx, "desk", &fence_a)
+            .await
+            .unwrap()
+    );
+    tx.rollback().await.unwrap();
+    let renewed = leases::renew(&mut conn, "a", &[("desk".into(), 1)], ttl)
+        .await
+        .unwrap();
+    assert!(renewed.is_empty(), "a lost lease is not renewed");
+    leases::release(&mut conn, "desk", &fence_a).await.unwrap();
+    let fence_b = leases::Fence {
+        owner: "b".into(),
+        epoch: 2,
+    };
+    let mut tx = s.db.pool.begin().await.unwrap();
+    assert!(
+        leases::check_fence(&mut tx, "desk", &fence_b)
+            .await
+            .unwrap()
+    );
+    tx.rollback().await.unwrap();
+    let renewed = leases::renew(&mut conn, "b", &[("desk".into(), 2)], ttl)
+        .await
+        .unwrap();
+    assert_eq!(renewed, ["desk"]);
+}
