@@ -96,30 +96,7 @@ fn start_cluster() -> Cluster {
         };
     }
     let bin = postgres_bindir();
-    let dir = tempfile::Builder::new()
-        .prefix("m2t-pg-")
-        .tempdir()
-        .expect("temp dir")
-        .keep();
-    let as_root = is_root();
-    if as_root {
-        run(Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir));
-    }
-    let data = dir.join("data");
-    let initdb = bin.join("initdb");
-    run(privileged(as_root, &initdb).arg("-D").arg(&data).args([
-        "-U",
-        "postgres",
-        "-A",
-        "trust",
-        "-E",
-        "UTF8",
-        "--locale=C.UTF-8",
-        "--no-sync",
-    ]));
-
+    let (dir, as_root) = new_data_dir();
     let port = free_port();
     let script = r#"
 "$PGBIN/postgres" -D "$PGDIR/data" -p "$PGPORT" -k "$PGDIR" -c listen_addresses=127.0.0.1 \
@@ -145,6 +122,114 @@ rm -rf "$PGDIR"
     Cluster {
         admin_url,
         _guard: Some(Mutex::new(child)),
+    }
+}
+
+/// A temporary directory with an initialized cluster in `data` (owned by `postgres` when
+/// running as root); returns it and whether we are root.
+fn new_data_dir() -> (PathBuf, bool) {
+    let bin = postgres_bindir();
+    let dir = tempfile::Builder::new()
+        .prefix("m2t-pg-")
+        .tempdir()
+        .expect("temp dir")
+        .keep();
+    let as_root = is_root();
+    if as_root {
+        run(Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir));
+    }
+    let data = dir.join("data");
+    let initdb = bin.join("initdb");
+    run(privileged(as_root, &initdb).arg("-D").arg(&data).args([
+        "-U",
+        "postgres",
+        "-A",
+        "trust",
+        "-E",
+        "UTF8",
+        "--locale=C.UTF-8",
+        "--no-sync",
+    ]));
+    (dir, as_root)
+}
+
+/// A Postgres server of one test's own, which the test stops and starts again (a database
+/// restart under running replicas). Stopped and removed when dropped, and by a watcher
+/// when this test process exits in any way.
+pub struct OwnServer {
+    /// The database's URL (migrated).
+    pub url: String,
+    dir: PathBuf,
+    port: u16,
+    as_root: bool,
+    watcher: Child,
+}
+
+impl OwnServer {
+    /// Initializes, starts and migrates a server on a free port.
+    pub async fn start() -> OwnServer {
+        let (dir, as_root) = new_data_dir();
+        let port = free_port();
+        let script = r#"
+read -r _ || true
+"$PGBIN/pg_ctl" -D "$PGDIR/data" -m immediate -w stop >/dev/null 2>&1
+rm -rf "$PGDIR"
+"#;
+        let watcher = privileged(as_root, std::path::Path::new("/bin/sh"))
+            .args(["-c", script])
+            .env("PGBIN", postgres_bindir())
+            .env("PGDIR", &dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the watcher");
+        let server = OwnServer {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            port,
+            as_root,
+            watcher,
+        };
+        server.start_again();
+        let pool = PgPool::connect(&server.url).await.expect("connect");
+        mail2ticket::store::migrate(&pool).await.expect("migrate");
+        pool.close().await;
+        server
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let pg_ctl = postgres_bindir().join("pg_ctl");
+        run(privileged(self.as_root, &pg_ctl)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(args));
+    }
+
+    /// Starts the server (again).
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("postgres.log");
+        self.pg_ctl(&["-l", log.to_str().unwrap(), "-o", &options, "-w", "start"]);
+        wait_ready(self.port, &self.dir);
+    }
+
+    /// Stops the server as an administrator's restart does (fast shutdown: every session
+    /// is ended).
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"]);
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        drop(self.watcher.stdin.take());
+        let _ = self.watcher.wait();
     }
 }
 
