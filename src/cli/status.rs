@@ -1,4 +1,5 @@
-//! `mail2ticket status`: a running daemon's mailboxes and credentials as a terminal table,
+//! `mail2ticket status`: a running daemon's mailboxes and credentials as a terminal table
+//! and who holds the leases,
 //! read from its `/healthz` and `/status.json`; exit 0 when healthy, 1 when not.
 
 use super::EXIT_FAILED;
@@ -53,6 +54,30 @@ pub(super) async fn status_command(url: &str, token: Option<&str>) -> ExitCode {
             text(&c["reason"]),
         );
     }
+    let cluster = &status["cluster"];
+    let live: Vec<String> = cluster["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| text(&r["name"]))
+        .collect();
+    let held = |owner: &str| {
+        cluster["leases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["held"] == true && l["owner"] == owner)
+            .count()
+    };
+    println!(
+        "\nreplica {} holds {} lease(s); live replicas: {}",
+        text(&cluster["replica"]),
+        held(cluster["replica"].as_str().unwrap_or_default()),
+        live.iter()
+            .map(|name| format!("{name} ({})", held(name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if health["healthy"] == true {
         println!("\nhealthy");
         ExitCode::SUCCESS
