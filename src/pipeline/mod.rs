@@ -189,9 +189,54 @@ fn quarantine_on_panic(decide: impl FnOnce() -> Decision) -> Decision {
     })
 }
 
-/// Writes a decision inside the caller's open transaction. If Postgres refuses the
-/// message's data (see [`StoreError::is_refused_data`]) the partial rows are rolled back
-/// to a savepoint and the message goes to quarantine instead.
+/// What the batch knows of stored messages, Message-ID to ticket: read for the whole
+/// batch in one query (its messages' own Message-IDs and every one they refer to) and kept
+/// current as the batch stores messages, so that a duplicate within the batch is caught and
+/// a reply threads onto a message stored earlier in the same batch.
+struct Known(std::collections::HashMap<String, i64>);
+
+impl Known {
+    /// Reads what the messages of `decisions` need.
+    async fn read(
+        conn: &mut PgConnection,
+        parser: &str,
+        decisions: &[Option<Decision>],
+    ) -> Result<Known, StoreError> {
+        let mut ids: Vec<&str> = Vec::new();
+        for decision in decisions {
+            if let Some(Decision::Ticket(ticket)) = decision {
+                ids.push(&ticket.message.message_id);
+                ids.extend(ticket.thread_refs.iter().map(String::as_str));
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(Known(tickets::message_tickets(conn, parser, &ids).await?))
+    }
+
+    /// The ticket holding `message_id`, if it is stored.
+    fn ticket_of(&self, message_id: &str) -> Option<i64> {
+        self.0.get(message_id).copied()
+    }
+
+    /// The ticket of the first of `refs` that is stored (they come newest first).
+    fn thread(&self, refs: &[String]) -> Option<i64> {
+        refs.iter().find_map(|r| self.ticket_of(r))
+    }
+
+    /// Notes a message just stored.
+    fn stored(&mut self, message_id: &str, outcome: &Outcome) {
+        if let Outcome::Created { ticket_id } | Outcome::Appended { ticket_id } = outcome {
+            self.0.insert(message_id.to_string(), *ticket_id);
+        }
+    }
+}
+
+/// Writes a decision inside the caller's open transaction. `alone`: in a savepoint of its
+/// own, so that if Postgres refuses the message's data (see [`StoreError::is_refused_data`])
+/// its partial rows are rolled back and it goes to quarantine instead; without, such a
+/// refusal fails the call (the batch is then stored again message by message).
+#[allow(clippy::too_many_arguments)]
 async fn store_decision(
     tx: &mut PgConnection,
     pipeline: &Pipeline,
@@ -199,16 +244,35 @@ async fn store_decision(
     raw: &[u8],
     arrival: Arrival,
     events: &mut Vec<Queued>,
+    known: &mut Known,
+    alone: bool,
 ) -> Result<Outcome, StoreError> {
     let parser = &pipeline.rules.parser;
     let arrived_at = arrival.resolve(decision);
     let error_hold = match decision {
         Decision::Quarantine(reason) => reason.clone(),
+        Decision::Ticket(ticket) if !alone => {
+            let outcome =
+                store_ticket(tx, pipeline, ticket, raw, arrived_at, events, known).await?;
+            known.stored(&ticket.message.message_id, &outcome);
+            return Ok(outcome);
+        }
         Decision::Ticket(ticket) => {
             let mut savepoint = tx.begin().await?;
-            match store_ticket(&mut savepoint, pipeline, ticket, raw, arrived_at, events).await {
+            let stored = store_ticket(
+                &mut savepoint,
+                pipeline,
+                ticket,
+                raw,
+                arrived_at,
+                events,
+                known,
+            )
+            .await;
+            match stored {
                 Ok(outcome) => {
                     savepoint.commit().await?;
+                    known.stored(&ticket.message.message_id, &outcome);
                     return Ok(outcome);
                 }
                 Err(e) if e.is_refused_data() => {
@@ -261,23 +325,20 @@ async fn store_ticket(
     raw: &[u8],
     arrived_at: DateTime<Utc>,
     events: &mut Vec<Queued>,
+    known: &Known,
 ) -> Result<Outcome, StoreError> {
     let rules = &pipeline.rules;
-    // A message already stored is a duplicate whatever the rules would say now: one lookup
+    // A message already stored is a duplicate whatever the rules would say now: checked
     // here, before any rule runs (re-fetches after a crash take this path).
-    if let Some(ticket_id) =
-        tickets::message_ticket(conn, &rules.parser, &ticket.message.message_id).await?
-    {
+    if let Some(ticket_id) = known.ticket_of(&ticket.message.message_id) {
         return Ok(Outcome::Duplicate { ticket_id });
     }
     let keep_raw = (pipeline.keep_raw || !ticket.message.warnings.is_empty()).then_some(raw);
-    let thread = tickets::find_thread(
-        conn,
-        &rules.parser,
-        &ticket.thread_refs,
-        ticket.tagged_ticket,
-    )
-    .await?;
+    let thread = match (known.thread(&ticket.thread_refs), ticket.tagged_ticket) {
+        (Some(ticket_id), _) => Some(ticket_id),
+        (None, Some(tagged)) => tickets::tagged_ticket(conn, &rules.parser, tagged).await?,
+        (None, None) => None,
+    };
     if let Some(ticket_id) = thread {
         let stored = tickets::append_message(conn, ticket_id, ticket, keep_raw, arrived_at).await?;
         return Ok(announce_ticket(stored, events));
@@ -396,32 +457,76 @@ impl<'a> Incoming<'a> {
 /// transaction, so the caller can add its own rows (a source's cursor, a replay mark) to
 /// the same commit. Outcomes come back in input order; on error the caller's transaction
 /// is to be abandoned, and running the batch again is harmless (the Message-ID key holds).
+///
+/// The batch is stored at once under one savepoint, its lookups done for the whole batch
+/// (see [`Known`]). Only when Postgres refuses some message's data is the batch rolled back
+/// to that savepoint and stored again one message at a time, each in a savepoint of its
+/// own, so that the refused message alone is quarantined and nothing else is lost.
 pub async fn store_batch(
     tx: &mut PgConnection,
     pipeline: &Pipeline,
     items: &[Incoming<'_>],
 ) -> Result<Vec<Outcome>, StoreError> {
-    let mut outcomes = Vec::with_capacity(items.len());
+    let decisions: Vec<Option<Decision>> = items
+        .iter()
+        .map(|item| {
+            item.header_only
+                .is_none()
+                .then(|| decide(pipeline, item.raw))
+        })
+        .collect();
     let mut queued = Vec::new();
-    for item in items {
-        let outcome = match item.header_only {
-            Some(reason) => {
-                let decision = Decision::Quarantine(reason.to_string());
-                let arrived_at = item.arrival.resolve(&decision);
-                let parser = &pipeline.rules.parser;
-                let reason = reason.to_string();
-                quarantine_raw(tx, parser, reason, item.raw, true, arrived_at, &mut queued).await?
+    let mut batch = tx.begin().await?;
+    match store_each(&mut batch, pipeline, items, &decisions, &mut queued, false).await {
+        Ok(outcomes) => {
+            batch.commit().await?;
+            // The batch's events, in message order, in one statement of the transaction.
+            events::write(tx, &queued).await?;
+            return Ok(outcomes);
+        }
+        Err(e) if e.is_refused_data() => {
+            batch.rollback().await?;
+            tracing::info!(error = %e, messages = items.len(),
+                "the database refused a message of the batch: storing its messages one by one");
+        }
+        Err(e) => return Err(e),
+    }
+    queued.clear();
+    let outcomes = store_each(tx, pipeline, items, &decisions, &mut queued, true).await?;
+    events::write(tx, &queued).await?;
+    Ok(outcomes)
+}
+
+/// Stores every item in order (see [`store_decision`] for `alone`).
+async fn store_each(
+    tx: &mut PgConnection,
+    pipeline: &Pipeline,
+    items: &[Incoming<'_>],
+    decisions: &[Option<Decision>],
+    queued: &mut Vec<Queued>,
+    alone: bool,
+) -> Result<Vec<Outcome>, StoreError> {
+    let parser = &pipeline.rules.parser;
+    let mut known = Known::read(tx, parser, decisions).await?;
+    let mut outcomes = Vec::with_capacity(items.len());
+    for (item, decision) in items.iter().zip(decisions) {
+        let outcome = match (decision, item.header_only) {
+            (Some(decision), _) => {
+                let (raw, arrival) = (item.raw, item.arrival);
+                store_decision(
+                    tx, pipeline, decision, raw, arrival, queued, &mut known, alone,
+                )
+                .await?
             }
-            None => {
-                let decision = decide(pipeline, item.raw);
-                let arrival = item.arrival;
-                store_decision(tx, pipeline, &decision, item.raw, arrival, &mut queued).await?
+            (None, reason) => {
+                let reason = reason.unwrap_or_default().to_string();
+                let decision = Decision::Quarantine(reason.clone());
+                let arrived_at = item.arrival.resolve(&decision);
+                quarantine_raw(tx, parser, reason, item.raw, true, arrived_at, queued).await?
             }
         };
         outcomes.push(outcome);
     }
-    // The batch's events, in message order, in one statement of the same transaction.
-    events::write(tx, &queued).await?;
     Ok(outcomes)
 }
 

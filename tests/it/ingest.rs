@@ -224,3 +224,73 @@ async fn keep_raw_keeps_every_message_unless_turned_off() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_batch_stores_around_the_one_message_the_database_refuses_and_threads_within_itself() {
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let p = env.pipeline("support", "");
+    let mail = |id: &str, extra: &str, subject: &str| {
+        let from = if extra.starts_with("From:") {
+            ""
+        } else {
+            "From: Customer <c@example.com>\r\n"
+        };
+        format!(
+            "{from}To: support@example.test\r\nSubject: {subject}\r\nMessage-ID: <{id}>\r\n{extra}Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nHello.\r\n"
+        )
+        .into_bytes()
+    };
+    // A sender address no index can hold (Postgres refuses the ticket row: SQLSTATE
+    // 54000); random, so that compression cannot shrink it under the limit.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let huge: String = (0..9000)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(seed % 36) as usize])
+        })
+        .collect();
+    let batch = vec![
+        mail("first@example.com", "", "Printer broken"),
+        mail(
+            "refused@example.com",
+            &format!("From: <{huge}@example.com>\r\n"),
+            "Refused",
+        ),
+        mail(
+            "reply@example.com",
+            "In-Reply-To: <first@example.com>\r\n",
+            "Re: Printer broken",
+        ),
+        mail("first@example.com", "", "Printer broken"),
+    ];
+    let outcomes = pipeline::ingest_batch(&db.pool, &p, &batch).await.unwrap();
+    let Outcome::Created { ticket_id } = outcomes[0] else {
+        panic!("{outcomes:?}")
+    };
+    assert!(
+        matches!(&outcomes[1], Outcome::Quarantined { reason, .. } if reason.contains("refused")),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes[2..],
+        [
+            Outcome::Appended { ticket_id },
+            Outcome::Duplicate { ticket_id }
+        ],
+        "the reply threads onto the message stored earlier in the batch"
+    );
+    assert_eq!(env.count("select count(*) from ticket_messages").await, 2);
+    assert_eq!(env.count("select count(*) from quarantine").await, 1);
+    let raw: Vec<u8> = sqlx::query_scalar("select raw from quarantine")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(raw, batch[1], "the refused message is kept whole");
+    let events = env
+        .count("select count(*) from ticket_events where kind in ('ticket.created', 'ticket.message_added', 'message.quarantined')")
+        .await;
+    assert_eq!(events, 3, "one event each, none from the abandoned attempt");
+}
