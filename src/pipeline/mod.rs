@@ -236,19 +236,18 @@ impl Known {
 /// own, so that if Postgres refuses the message's data (see [`StoreError::is_refused_data`])
 /// its partial rows are rolled back and it goes to quarantine instead; without, such a
 /// refusal fails the call (the batch is then stored again message by message).
-#[allow(clippy::too_many_arguments)]
 async fn store_decision(
     tx: &mut PgConnection,
     pipeline: &Pipeline,
     decision: &Decision,
-    raw: &[u8],
-    arrival: Arrival,
+    item: &Incoming<'_>,
     events: &mut Vec<Queued>,
     known: &mut Known,
     alone: bool,
 ) -> Result<Outcome, StoreError> {
     let parser = &pipeline.rules.parser;
-    let arrived_at = arrival.resolve(decision);
+    let raw = item.raw;
+    let arrived_at = item.arrival.resolve(decision);
     let error_hold = match decision {
         Decision::Quarantine(reason) => reason.clone(),
         Decision::Ticket(ticket) if !alone => {
@@ -512,11 +511,7 @@ async fn store_each(
     for (item, decision) in items.iter().zip(decisions) {
         let outcome = match (decision, item.header_only) {
             (Some(decision), _) => {
-                let (raw, arrival) = (item.raw, item.arrival);
-                store_decision(
-                    tx, pipeline, decision, raw, arrival, queued, &mut known, alone,
-                )
-                .await?
+                store_decision(tx, pipeline, decision, item, queued, &mut known, alone).await?
             }
             (None, reason) => {
                 let reason = reason.unwrap_or_default().to_string();
