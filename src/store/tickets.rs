@@ -32,9 +32,9 @@ pub enum TicketInsert {
 }
 
 /// Writes a new ticket with its message, participants, attachments and (when given) raw
-/// bytes: the ticket and its message in one statement. The caller checks that the message
-/// is not stored yet; a message stored meanwhile by another writer is still caught (the
-/// unique key) and nothing is written.
+/// bytes, in one statement. The caller checks that the message is not stored yet; a
+/// message stored meanwhile by another writer is still caught (the unique key) and nothing
+/// is kept.
 pub async fn insert_ticket(
     conn: &mut PgConnection,
     ticket: &NewTicket,
@@ -50,17 +50,34 @@ pub async fn insert_ticket(
             select t.id, {} from t
             on conflict (parser, message_id) do nothing
             returning id
+         ), {}, p as (
+            insert into participants (ticket_id, email, name, role)
+            select t.id, u.email, u.name, u.role
+              from t, m, unnest($31::text[], $32::text[], $33::text[]) as u(email, name, role)
+            on conflict do nothing
          )
          select t.id, (select id from m) from t",
-        message_values(6)
+        message_values(6),
+        message_parts(23),
     );
+    let parts = Parts::of(ticket, raw);
+    let (emails, names) = participant_columns(ticket);
+    let roles: Vec<&str> = ticket
+        .participants
+        .iter()
+        .map(|p| p.role.as_str())
+        .collect();
     let query = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(&ticket.parser)
         .bind(&ticket.subject)
         .bind(&ticket.requester_email)
         .bind(&ticket.requester_name)
         .bind(arrived_at);
-    let (ticket_id, message_row_id): (i64, Option<i64>) = bind_message(query, ticket, arrived_at)
+    let query = parts.bind(bind_message(query, ticket, arrived_at));
+    let (ticket_id, message_row_id): (i64, Option<i64>) = query
+        .bind(&emails)
+        .bind(&names)
+        .bind(&roles)
         .fetch_one(&mut *conn)
         .await?;
     let Some(message_row_id) = message_row_id else {
@@ -74,35 +91,15 @@ pub async fn insert_ticket(
             .unwrap_or_default();
         return Ok(TicketInsert::Duplicate { ticket_id });
     };
-    insert_message_parts(conn, message_row_id, ticket, raw).await?;
-    if !ticket.participants.is_empty() {
-        let (emails, names) = participant_columns(ticket);
-        let roles: Vec<&str> = ticket
-            .participants
-            .iter()
-            .map(|p| p.role.as_str())
-            .collect();
-        sqlx::query(
-            "insert into participants (ticket_id, email, name, role)
-             select $1, * from unnest($2::text[], $3::text[], $4::text[])
-             on conflict do nothing",
-        )
-        .bind(ticket_id)
-        .bind(&emails)
-        .bind(&names)
-        .bind(&roles)
-        .execute(&mut *conn)
-        .await?;
-    }
     Ok(TicketInsert::Created {
         ticket_id,
         message_row_id,
     })
 }
 
-/// Adds the message to an existing ticket: its people join as `cc` unless already on the
-/// ticket, and the ticket's `updated_at` moves. As with [`insert_ticket`], the caller checks
-/// [`message_ticket`] first and a concurrent copy is still caught.
+/// Adds the message to an existing ticket, in one statement: its people join as `cc`
+/// unless already on the ticket, and the ticket's `updated_at` moves. As with
+/// [`insert_ticket`], the caller checks first and a concurrent copy is still caught.
 pub async fn append_message(
     conn: &mut PgConnection,
     ticket_id: i64,
@@ -110,34 +107,116 @@ pub async fn append_message(
     raw: Option<&[u8]>,
     arrived_at: DateTime<Utc>,
 ) -> Result<TicketInsert, StoreError> {
-    let Some(message_row_id) =
-        insert_message_rows(conn, ticket_id, ticket, raw, arrived_at).await?
-    else {
+    let sql = format!(
+        "with m as (
+            insert into ticket_messages ({MESSAGE_COLUMNS}) values ($1, {})
+            on conflict (parser, message_id) do nothing
+            returning id
+         ), {}, p as (
+            insert into participants (ticket_id, email, name, role)
+            select $1, u.email, u.name, 'cc'
+              from m, unnest($27::text[], $28::text[]) as u(email, name)
+             where not exists
+                   (select 1 from participants p where p.ticket_id = $1 and p.email = u.email)
+            on conflict do nothing
+         ), u as (
+            update tickets set updated_at = now() where id = $1 and exists (select 1 from m)
+         )
+         select (select id from m)",
+        message_values(2),
+        message_parts(19),
+    );
+    let parts = Parts::of(ticket, raw);
+    let (emails, names) = participant_columns(ticket);
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ticket_id);
+    let query = parts.bind(bind_message(query, ticket, arrived_at));
+    let (message_row_id,): (Option<i64>,) = query
+        .bind(&emails)
+        .bind(&names)
+        .fetch_one(&mut *conn)
+        .await?;
+    let Some(message_row_id) = message_row_id else {
         let ticket_id = message_ticket(conn, &ticket.parser, &ticket.message.message_id)
             .await?
             .unwrap_or(ticket_id);
         return Ok(TicketInsert::Duplicate { ticket_id });
     };
-    let (emails, names) = participant_columns(ticket);
-    sqlx::query(
-        "insert into participants (ticket_id, email, name, role)
-         select $1, u.email, u.name, 'cc' from unnest($2::text[], $3::text[]) as u(email, name)
-         where not exists (select 1 from participants p where p.ticket_id = $1 and p.email = u.email)
-         on conflict do nothing",
-    )
-    .bind(ticket_id)
-    .bind(&emails)
-    .bind(&names)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query("update tickets set updated_at = now() where id = $1")
-        .bind(ticket_id)
-        .execute(&mut *conn)
-        .await?;
     Ok(TicketInsert::Appended {
         ticket_id,
         message_row_id,
     })
+}
+
+/// The attachments and raw bytes of the message inserted by CTE `m`, as two more CTEs;
+/// their eight values ([`Parts::bind`] order) are numbered from `first`.
+fn message_parts(first: usize) -> String {
+    let n = |i: usize| first + i;
+    format!(
+        "a as (
+            insert into attachments (ticket_message_id, filename, content_type, size, sha256,
+                 content_id, is_inline, content)
+            select m.id, a.filename, a.content_type, a.size, a.sha256, a.content_id,
+                   a.is_inline, a.content
+              from m, unnest(${}::text[], ${}::text[], ${}::bigint[], ${}::text[], ${}::text[],
+                   ${}::bool[], ${}::bytea[])
+                   with ordinality as a(filename, content_type, size, sha256, content_id,
+                                        is_inline, content, n)
+             order by a.n
+         ), r as (
+            insert into raw_messages (ticket_message_id, raw)
+            select m.id, ${raw}::bytea from m where ${raw}::bytea is not null
+         )",
+        n(0),
+        n(1),
+        n(2),
+        n(3),
+        n(4),
+        n(5),
+        n(6),
+        raw = n(7),
+    )
+}
+
+/// A message's attachments as columns (for `unnest`) and its raw bytes, to bind after the
+/// message's own columns.
+struct Parts<'a> {
+    filenames: Vec<&'a str>,
+    types: Vec<&'a str>,
+    sizes: Vec<i64>,
+    hashes: Vec<&'a str>,
+    ids: Vec<Option<&'a str>>,
+    inline: Vec<bool>,
+    contents: Vec<Option<&'a [u8]>>,
+    raw: Option<&'a [u8]>,
+}
+
+impl<'a> Parts<'a> {
+    fn of(ticket: &'a NewTicket, raw: Option<&'a [u8]>) -> Parts<'a> {
+        let all = &ticket.attachments;
+        Parts {
+            filenames: all.iter().map(|a| a.filename.as_str()).collect(),
+            types: all.iter().map(|a| a.content_type.as_str()).collect(),
+            sizes: all.iter().map(|a| a.size as i64).collect(),
+            hashes: all.iter().map(|a| a.sha256.as_str()).collect(),
+            ids: all.iter().map(|a| a.content_id.as_deref()).collect(),
+            inline: all.iter().map(|a| a.is_inline).collect(),
+            contents: all.iter().map(|a| a.content.as_deref()).collect(),
+            raw,
+        }
+    }
+
+    /// Binds the seven attachment arrays and the raw bytes, in [`message_parts`] order.
+    fn bind<'q, T>(&'q self, query: PgQueryAs<'q, T>) -> PgQueryAs<'q, T> {
+        query
+            .bind(&self.filenames)
+            .bind(&self.types)
+            .bind(&self.sizes)
+            .bind(&self.hashes)
+            .bind(&self.ids)
+            .bind(&self.inline)
+            .bind(&self.contents)
+            .bind(self.raw)
+    }
 }
 
 /// The participants' addresses and names as two columns (for `unnest`).
@@ -189,80 +268,6 @@ fn bind_message<'q, T>(
         .bind(&m.warnings)
         .bind(&m.automatic_reason)
         .bind(arrived_at)
-}
-
-/// Inserts the `ticket_messages` row with its attachments and raw bytes; `None` when the
-/// (parser, Message-ID) already exists.
-async fn insert_message_rows(
-    conn: &mut PgConnection,
-    ticket_id: i64,
-    ticket: &NewTicket,
-    raw: Option<&[u8]>,
-    arrived_at: DateTime<Utc>,
-) -> Result<Option<i64>, StoreError> {
-    let sql = format!(
-        "insert into ticket_messages ({MESSAGE_COLUMNS}) values ($1, {})
-         on conflict (parser, message_id) do nothing
-         returning id",
-        message_values(2)
-    );
-    let query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ticket_id);
-    let row: Option<(i64,)> = bind_message(query, ticket, arrived_at)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some((message_row_id,)) = row else {
-        return Ok(None);
-    };
-    insert_message_parts(conn, message_row_id, ticket, raw).await?;
-    Ok(Some(message_row_id))
-}
-
-/// A message's attachments (all in one statement) and raw bytes.
-async fn insert_message_parts(
-    conn: &mut PgConnection,
-    message_row_id: i64,
-    ticket: &NewTicket,
-    raw: Option<&[u8]>,
-) -> Result<(), StoreError> {
-    let all = &ticket.attachments;
-    if !all.is_empty() {
-        let filenames: Vec<&str> = all.iter().map(|a| a.filename.as_str()).collect();
-        let types: Vec<&str> = all.iter().map(|a| a.content_type.as_str()).collect();
-        let sizes: Vec<i64> = all.iter().map(|a| a.size as i64).collect();
-        let hashes: Vec<&str> = all.iter().map(|a| a.sha256.as_str()).collect();
-        let ids: Vec<Option<&str>> = all.iter().map(|a| a.content_id.as_deref()).collect();
-        let inline: Vec<bool> = all.iter().map(|a| a.is_inline).collect();
-        let contents: Vec<Option<&[u8]>> = all.iter().map(|a| a.content.as_deref()).collect();
-        sqlx::query(
-            "insert into attachments (ticket_message_id, filename, content_type, size, sha256,
-                 content_id, is_inline, content)
-             select $1, a.filename, a.content_type, a.size, a.sha256, a.content_id,
-                    a.is_inline, a.content
-               from unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                    $7::bool[], $8::bytea[])
-                    with ordinality as a(filename, content_type, size, sha256, content_id,
-                                         is_inline, content, n)
-              order by a.n",
-        )
-        .bind(message_row_id)
-        .bind(&filenames)
-        .bind(&types)
-        .bind(&sizes)
-        .bind(&hashes)
-        .bind(&ids)
-        .bind(&inline)
-        .bind(&contents)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if let Some(raw) = raw {
-        sqlx::query("insert into raw_messages (ticket_message_id, raw) values ($1, $2)")
-            .bind(message_row_id)
-            .bind(raw)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
 }
 
 /// The ticket named by a subject tag, if it belongs to this parser.
