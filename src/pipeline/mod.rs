@@ -466,17 +466,35 @@ pub async fn store_batch(
     pipeline: &Pipeline,
     items: &[Incoming<'_>],
 ) -> Result<Vec<Outcome>, StoreError> {
-    let decisions: Vec<Option<Decision>> = items
+    let decisions = decide_batch(pipeline, items);
+    store_decided(tx, pipeline, items, &decisions).await
+}
+
+/// The decisions for a batch, in order: none for a header-only item (it is quarantined
+/// as it is). Pure and CPU-bound (MIME parsing): the mailbox loop runs it on a blocking
+/// thread while the next batch downloads.
+pub fn decide_batch(pipeline: &Pipeline, items: &[Incoming<'_>]) -> Vec<Option<Decision>> {
+    items
         .iter()
         .map(|item| {
             item.header_only
                 .is_none()
                 .then(|| decide(pipeline, item.raw))
         })
-        .collect();
+        .collect()
+}
+
+/// [`store_batch`] with the decisions made already (by [`decide_batch`] on the same items).
+pub async fn store_decided(
+    tx: &mut PgConnection,
+    pipeline: &Pipeline,
+    items: &[Incoming<'_>],
+    decisions: &[Option<Decision>],
+) -> Result<Vec<Outcome>, StoreError> {
+    assert_eq!(items.len(), decisions.len(), "one decision per item");
     let mut queued = Vec::new();
     let mut batch = tx.begin().await?;
-    match store_each(&mut batch, pipeline, items, &decisions, &mut queued, false).await {
+    match store_each(&mut batch, pipeline, items, decisions, &mut queued, false).await {
         Ok(outcomes) => {
             batch.commit().await?;
             // The batch's events, in message order, in one statement of the transaction.
@@ -491,7 +509,7 @@ pub async fn store_batch(
         Err(e) => return Err(e),
     }
     queued.clear();
-    let outcomes = store_each(tx, pipeline, items, &decisions, &mut queued, true).await?;
+    let outcomes = store_each(tx, pipeline, items, decisions, &mut queued, true).await?;
     events::write(tx, &queued).await?;
     Ok(outcomes)
 }

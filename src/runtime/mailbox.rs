@@ -20,10 +20,11 @@
 
 use crate::config::ParserConfig;
 use crate::pipeline::{self, Arrival, Incoming, Pipeline};
+use crate::runtime::batch::{self, FetchedBatch};
 use crate::runtime::leases::Fence;
 use crate::runtime::state::{MailboxState, Registry};
 use crate::source::imap::first_contact::FirstContact;
-use crate::source::{Fetched, MailSource, Pending, SourceError, SourceSession, WaitEnd};
+use crate::source::{MailSource, Pending, SourceError, SourceSession, WaitEnd};
 use crate::store::StoreError;
 use crate::store::mailbox::{self, FetchTrouble};
 use sqlx::PgPool;
@@ -32,10 +33,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Messages fetched per batch (and per transaction).
-const BATCH_MESSAGES: usize = 50;
-/// Bytes fetched per batch, at most (async-imap buffers a whole response in memory).
-const BATCH_BYTES: u64 = 24 << 20;
 /// After this many failed fetches starting at the same message, fetch one at a time.
 const ISOLATE_AFTER: i32 = 2;
 /// A message whose fetch has failed this often (twice of them alone) is given up on.
@@ -200,6 +197,11 @@ impl<S: MailSource> Poller<S> {
 
     /// Stores every message pending after the saved cursor. Returns what `start_at`
     /// decided when this pass was the first contact with the mailbox.
+    ///
+    /// Ordinary batches are pipelined: the next batch downloads while the one before it is
+    /// parsed and committed, and the one before is settled on the server once both are
+    /// done. The cursor still moves only with a commit, so at most the two batches in hand
+    /// are fetched again after a failure.
     async fn sync(
         &self,
         session: &mut S::Session,
@@ -210,21 +212,34 @@ impl<S: MailSource> Poller<S> {
         let (name, key) = (&self.parser.name, self.source.cursor_key());
         self.states.set(name, MailboxState::Fetching);
         let (listing, known, mut trouble) = self.pending(session).await?;
+        let max = self.parser.max_message_size;
         let mut rest = listing.pending.as_slice();
+        // Downloaded, not yet stored.
+        let mut ahead: Option<FetchedBatch> = None;
         while !rest.is_empty() && !cancel.is_cancelled() {
             // Stored already: only the cursor moves (so a failing message is always first).
-            let stored = rest.iter().take_while(|m| is_known(m, &known)).count();
-            if stored > 0 {
-                let (passed, tail) = rest.split_at(stored);
-                self.store_batch(session, passed, &known, stats, None, false)
-                    .await?;
-                rest = tail;
-                continue;
-            }
+            let stored = rest
+                .iter()
+                .take_while(|m| batch::is_known(m, &known))
+                .count();
             let failures = trouble
                 .as_ref()
                 .filter(|t| t.key == rest[0].key)
                 .map_or(0, |t| t.failures);
+            if stored > 0 || failures >= ISOLATE_AFTER {
+                // Out of the ordinary: whatever is in hand is stored first.
+                if let Some(fetched) = ahead.take() {
+                    self.store_and_settle(session, fetched, stats).await?;
+                    on_progress();
+                }
+            }
+            if stored > 0 {
+                let (passed, tail) = rest.split_at(stored);
+                let fetched = FetchedBatch::stored_already(passed);
+                self.store_and_settle(session, fetched, stats).await?;
+                rest = tail;
+                continue;
+            }
             if failures >= GIVE_UP_AFTER {
                 self.give_up_on(session, &rest[0], failures, stats).await?;
                 rest = &rest[1..];
@@ -232,26 +247,56 @@ impl<S: MailSource> Poller<S> {
                 on_progress();
                 continue;
             }
-            let (batch, tail) = split_batch(rest, self.parser.max_message_size);
+            let (next, tail) = batch::split(rest, max);
             rest = tail;
-            let isolating = failures >= ISOLATE_AFTER;
-            if isolating {
+            if failures >= ISOLATE_AFTER {
                 tracing::warn!(
-                    key = %batch[0].key,
+                    key = %next[0].key,
                     failures,
                     "fetches starting here failed repeatedly: fetching these messages one at a time"
                 );
+                for one in next.chunks(1) {
+                    let fetched = self
+                        .fetch(session, one, &known, trouble.as_ref(), true)
+                        .await?;
+                    self.store_and_settle(session, fetched, stats).await?;
+                    on_progress();
+                }
+                continue;
             }
-            let chunks: Vec<&[Pending]> = if isolating {
-                batch.chunks(1).collect()
-            } else {
-                vec![batch]
-            };
-            for chunk in chunks {
-                self.store_batch(session, chunk, &known, stats, trouble.as_ref(), isolating)
-                    .await?;
-                on_progress();
-            }
+            ahead = Some(match ahead.take() {
+                None => {
+                    self.fetch(session, next, &known, trouble.as_ref(), false)
+                        .await?
+                }
+                Some(previous) => {
+                    let fresh = batch::fresh(next, &known);
+                    let (stored, fetched) = tokio::join!(
+                        self.store(previous, stats),
+                        batch::fetch(session, next, fresh.clone(), max)
+                    );
+                    // A failed commit stores nothing of either batch: both are fetched
+                    // again on the next pass.
+                    let previous = stored?;
+                    let settled = self.settle(session, &previous).await;
+                    on_progress();
+                    match fetched {
+                        Ok(fetched) => {
+                            settled?;
+                            fetched
+                        }
+                        Err(e) => {
+                            self.record_fetch_failure(&fresh, trouble.as_ref(), false)
+                                .await;
+                            return Err(e.into());
+                        }
+                    }
+                }
+            });
+        }
+        if let Some(fetched) = ahead.take() {
+            self.store_and_settle(session, fetched, stats).await?;
+            on_progress();
         }
         if !cancel.is_cancelled() {
             if let Some(cursor) = &listing.save_after {
@@ -297,7 +342,7 @@ impl<S: MailSource> Poller<S> {
         let new = listing
             .pending
             .iter()
-            .filter(|m| !is_known(m, &known))
+            .filter(|m| !batch::is_known(m, &known))
             .count();
         if new > 0 {
             tracing::info!(messages = new, "new mail");
@@ -368,9 +413,9 @@ impl<S: MailSource> Poller<S> {
             "the server failed {failures} times to return this message (the connection was cut or the fetch came back short while sending it; {} bytes by the server's count); {kept}; the message stays in the mailbox ({}): open it there, and forward it again if it matters",
             message.size, message.location
         );
-        let outcomes = self
-            .commit(&[incoming(message, &raw, Some(&reason))], message)
-            .await?;
+        let items = [batch::incoming(message, &raw, Some(&reason))];
+        let decisions = pipeline::decide_batch(&self.pipeline, &items);
+        let outcomes = self.commit(&items, &decisions, message).await?;
         tracing::error!(key = %message.key, failures, outcome = ?outcomes[0],
             "gave up on a message the server does not return; quarantined, left in the mailbox");
         stats.count(&outcomes[0]);
@@ -378,63 +423,87 @@ impl<S: MailSource> Poller<S> {
         header.map(|_| ()).map_err(PollError::from)
     }
 
-    /// Fetches, stores and settles one batch (messages in `known` are stored already:
-    /// only the cursor moves past them).
-    async fn store_batch(
+    /// Downloads the messages of `next` not stored already; a failed download is counted
+    /// against the batch's first message.
+    async fn fetch<'p>(
         &self,
         session: &mut S::Session,
-        batch: &[Pending],
+        next: &'p [Pending],
         known: &HashSet<String>,
-        stats: &mut PollStats,
         trouble: Option<&FetchTrouble>,
         isolating: bool,
-    ) -> Result<(), PollError> {
+    ) -> Result<FetchedBatch<'p>, PollError> {
+        let fresh = batch::fresh(next, known);
         let max = self.parser.max_message_size;
-        let fresh: Vec<&Pending> = batch.iter().filter(|m| !is_known(m, known)).collect();
-        let fetched = match fetch_batch(session, &fresh, max).await {
-            Ok(fetched) => fetched,
+        match batch::fetch(session, next, fresh.clone(), max).await {
+            Ok(fetched) => Ok(fetched),
             Err(e) => {
                 self.record_fetch_failure(&fresh, trouble, isolating).await;
-                return Err(e.into());
+                Err(e.into())
             }
-        };
-        let items: Vec<Incoming> = fresh
-            .iter()
-            .zip(&fetched)
-            .map(|(m, (raw, reason))| incoming(m, raw, reason.as_deref()))
-            .collect();
-        let last = batch.last().expect("a batch is never empty");
-        for outcome in self.commit(&items, last).await? {
+        }
+    }
+
+    /// Stores a downloaded batch, then settles it on the server.
+    async fn store_and_settle(
+        &self,
+        session: &mut S::Session,
+        fetched: FetchedBatch<'_>,
+        stats: &mut PollStats,
+    ) -> Result<(), PollError> {
+        let fetched = self.store(fetched, stats).await?;
+        Ok(self.settle(session, &fetched).await?)
+    }
+
+    /// Parses (on a blocking thread) and stores a downloaded batch, moving the cursor past
+    /// it in the same transaction. Returns the batch, for settling.
+    async fn store<'p>(
+        &self,
+        mut fetched: FetchedBatch<'p>,
+        stats: &mut PollStats,
+    ) -> Result<FetchedBatch<'p>, PollError> {
+        let decisions = fetched
+            .decide(&self.pipeline)
+            .await
+            .map_err(|e| PollError::Panicked(format!("parsing a batch was cut short: {e}")))?;
+        let last = fetched.last();
+        for outcome in self.commit(&fetched.items(), &decisions, last).await? {
             tracing::debug!(?outcome, "stored");
             stats.count(&outcome);
         }
-        if !fresh.is_empty() {
-            tracing::info!(messages = fresh.len(), key = %last.key, "committed");
+        if !fetched.fresh.is_empty() {
+            tracing::info!(messages = fetched.fresh.len(), key = %last.key, "committed");
         }
-        // Only now, with the rows committed, may the messages leave the "new" state.
-        // Oversized messages stay on the server untouched.
-        let done: Vec<&Pending> = fresh
-            .iter()
-            .zip(&fetched)
-            .filter(|(_, (_, too_large))| too_large.is_none())
-            .map(|(m, _)| *m)
-            .collect();
-        if !done.is_empty() {
-            session.settle(&done).await?;
-        }
-        Ok(())
+        Ok(fetched)
     }
 
-    /// Stores `items` and moves the cursor past `last`, in one transaction.
+    /// Settles a committed batch on the server: only now, with its rows committed, may its
+    /// messages leave the "new" state. Those kept only by their header stay untouched.
+    async fn settle(
+        &self,
+        session: &mut S::Session,
+        fetched: &FetchedBatch<'_>,
+    ) -> Result<(), SourceError> {
+        let done = fetched.settled();
+        if done.is_empty() {
+            return Ok(());
+        }
+        session.settle(&done).await
+    }
+
+    /// Stores `items` (decided as `decisions`) and moves the cursor past `last`, in one
+    /// transaction.
     async fn commit(
         &self,
         items: &[Incoming<'_>],
+        decisions: &[Option<pipeline::Decision>],
         last: &Pending,
     ) -> Result<Vec<pipeline::Outcome>, PollError> {
         let started = std::time::Instant::now();
         let stored = async {
             let mut tx = self.pool.begin().await?;
-            let outcomes = pipeline::store_batch(&mut tx, &self.pipeline, items).await?;
+            let outcomes =
+                pipeline::store_decided(&mut tx, &self.pipeline, items, decisions).await?;
             let key = self.source.cursor_key();
             mailbox::save(&mut tx, &self.parser.name, key, &last.after).await?;
             self.commit_fenced(tx).await?;
@@ -465,61 +534,6 @@ impl<S: MailSource> Poller<S> {
     }
 }
 
-/// A fetched message as the pipeline takes it: arrival from the server (INTERNALDATE),
-/// or the Date header when the server gave none.
-fn incoming<'a>(message: &Pending, raw: &'a [u8], header_only: Option<&'a str>) -> Incoming<'a> {
-    Incoming {
-        raw,
-        arrival: message.arrived.map_or(Arrival::FromDateHeader, Arrival::At),
-        header_only,
-    }
-}
-
-/// Why a message is only kept by its header.
-fn too_large(message: &Pending, size: u64, max: u64) -> String {
-    let counted = if size > message.size {
-        format!("at least {size} bytes (cut off while downloading)")
-    } else {
-        format!("{size} bytes (by the server's count)")
-    };
-    format!(
-        "message is {counted}, over max_message_size ({max} bytes); only its header is kept here, the message stays in the mailbox ({})",
-        message.location
-    )
-}
-
-/// Fetches a batch, in order: whole messages, and only the header of those over `max`
-/// (by the listed size, or found while downloading), with the reason.
-async fn fetch_batch<T: SourceSession>(
-    session: &mut T,
-    batch: &[&Pending],
-    max: u64,
-) -> Result<Vec<(Vec<u8>, Option<String>)>, SourceError> {
-    let whole: Vec<&Pending> = batch.iter().copied().filter(|m| m.size <= max).collect();
-    let mut bodies = if whole.is_empty() {
-        Vec::new().into_iter()
-    } else {
-        session.fetch(&whole, max).await?.into_iter()
-    };
-    let mut fetched = Vec::with_capacity(batch.len());
-    for message in batch {
-        let size = if message.size > max {
-            message.size
-        } else {
-            match bodies.next().expect("fetch returns one result per message") {
-                Fetched::Whole(raw) => {
-                    fetched.push((raw, None));
-                    continue;
-                }
-                Fetched::TooLarge { at_least } => at_least,
-            }
-        };
-        let header = session.fetch_header(message).await?;
-        fetched.push((header, Some(too_large(message, size, max))));
-    }
-    Ok(fetched)
-}
-
 /// The Message-IDs among `pending` (those the source told) that are stored already.
 async fn stored_already(
     conn: &mut sqlx::PgConnection,
@@ -534,72 +548,4 @@ async fn stored_already(
         return Ok(HashSet::new());
     }
     crate::store::tickets::stored_message_ids(conn, parser, &ids).await
-}
-
-/// True when the source told the message's Message-ID and it is stored already.
-fn is_known(message: &Pending, known: &HashSet<String>) -> bool {
-    message
-        .message_id
-        .as_ref()
-        .is_some_and(|id| known.contains(id))
-}
-
-/// The next batch: up to [`BATCH_MESSAGES`] messages and [`BATCH_BYTES`] (always at least
-/// one message; oversized ones count as nothing, since only their header is fetched).
-fn split_batch(pending: &[Pending], max_message_size: u64) -> (&[Pending], &[Pending]) {
-    let mut bytes = 0u64;
-    let mut end = 0;
-    for (i, m) in pending.iter().enumerate() {
-        let size = if m.size > max_message_size { 0 } else { m.size };
-        if i >= BATCH_MESSAGES || (i > 0 && bytes + size > BATCH_BYTES) {
-            break;
-        }
-        bytes += size;
-        end = i + 1;
-    }
-    pending.split_at(end)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::source::Cursor;
-
-    fn listed(sizes: &[(i64, u64)]) -> Vec<Pending> {
-        sizes
-            .iter()
-            .map(|&(key, size)| Pending {
-                key: key.to_string(),
-                size,
-                message_id: None,
-                arrived: None,
-                location: format!("UID {key}"),
-                after: Cursor::Imap {
-                    uidvalidity: 1,
-                    last_uid: key,
-                    backlog: None,
-                },
-            })
-            .collect()
-    }
-
-    #[test]
-    fn batches_are_bounded_by_count_and_bytes() {
-        let small: Vec<(i64, u64)> = (1..=120).map(|key| (key, 1000)).collect();
-        let small = listed(&small);
-        assert_eq!(split_batch(&small, 1 << 30).0.len(), BATCH_MESSAGES);
-        let big = listed(&[(1, 20 << 20), (2, 20 << 20), (3, 1)]);
-        assert_eq!(split_batch(&big, 1 << 30).0.len(), 1);
-        let huge = listed(&[(1, 100 << 20), (2, 100 << 20)]);
-        assert_eq!(
-            split_batch(&huge, 1 << 30).0.len(),
-            1,
-            "one message always fits"
-        );
-        assert_eq!(
-            split_batch(&huge, 1 << 20).0.len(),
-            2,
-            "oversized count as nothing"
-        );
-    }
 }

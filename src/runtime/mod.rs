@@ -2,6 +2,7 @@
 //! loop where the exactly-once rules live, the mailboxes' states, what a reloaded
 //! configuration changes, and the leases that share the mailboxes among replicas.
 
+pub mod batch;
 pub mod leases;
 pub mod mailbox;
 pub mod reload;
