@@ -2,10 +2,11 @@
 
 use super::{EXIT_FAILED, EXIT_USAGE, connect_and_migrate};
 use crate::config::Config;
-use crate::pipeline::{self, Outcome, Pipeline};
+use crate::pipeline::{self, Arrival, Decision, Incoming, Outcome, Pipeline};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// `ingest` commits this many messages per transaction at most (one fsync per batch)...
 const BATCH_MESSAGES: usize = 100;
@@ -74,6 +75,56 @@ fn walk(dir: &Path, out: &mut Vec<Input>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One batch of inputs, read and decided, ready to store in one transaction.
+struct ReadBatch {
+    /// How many inputs it covers (read or not).
+    consumed: usize,
+    /// Label and raw bytes of each message read.
+    messages: Vec<(String, Vec<u8>)>,
+    /// One decision per message.
+    decisions: Vec<Option<Decision>>,
+    /// The inputs that could not be read: label and error.
+    unreadable: Vec<String>,
+}
+
+impl ReadBatch {
+    /// Reads up to [`BATCH_MESSAGES`] messages or [`BATCH_BYTES`] from the start of
+    /// `inputs` and decides them (blocking: file reads and MIME parsing).
+    fn read(inputs: &[Input], pipeline: &Pipeline) -> ReadBatch {
+        let mut batch = ReadBatch {
+            consumed: 0,
+            messages: Vec::new(),
+            decisions: Vec::new(),
+            unreadable: Vec::new(),
+        };
+        let mut bytes = 0;
+        for input in inputs {
+            if batch.messages.len() >= BATCH_MESSAGES
+                || (bytes >= BATCH_BYTES && !batch.messages.is_empty())
+            {
+                break;
+            }
+            batch.consumed += 1;
+            match input.read() {
+                Ok(raw) => {
+                    bytes += raw.len();
+                    batch.messages.push((input.label(), raw));
+                }
+                Err(e) => batch
+                    .unreadable
+                    .push(format!("{}: cannot read: {e}", input.label())),
+            }
+        }
+        let items: Vec<Incoming> = batch
+            .messages
+            .iter()
+            .map(|(_, raw)| Incoming::whole(raw, Arrival::FromDateHeader))
+            .collect();
+        batch.decisions = pipeline::decide_batch(pipeline, &items);
+        batch
+    }
+}
+
 pub(super) async fn ingest_command(
     config: &Config,
     parser_name: &str,
@@ -98,46 +149,50 @@ pub(super) async fn ingest_command(
         Ok(pool) => pool,
         Err(code) => return code,
     };
-    let pipeline = Pipeline::from(parser);
+    let pipeline = Arc::new(Pipeline::from(parser));
+    let inputs: Arc<[Input]> = inputs.into();
+    // The next batch is read and parsed on a blocking thread while this one commits.
+    let read_from = |start: usize| {
+        let (inputs, pipeline) = (inputs.clone(), pipeline.clone());
+        tokio::task::spawn_blocking(move || ReadBatch::read(&inputs[start..], &pipeline))
+    };
     let mut tally = Tally::default();
-    let mut pending = inputs.as_slice();
-    while !pending.is_empty() {
-        // Read up to BATCH_MESSAGES messages / BATCH_BYTES, store them in one transaction.
-        let mut batch: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut bytes = 0;
-        while let Some((input, rest)) = pending.split_first() {
-            if batch.len() >= BATCH_MESSAGES || (bytes >= BATCH_BYTES && !batch.is_empty()) {
-                break;
-            }
-            pending = rest;
-            match input.read() {
-                Ok(raw) => {
-                    bytes += raw.len();
-                    batch.push((input.label(), raw));
-                }
-                Err(e) => {
-                    println!("failed       {}: cannot read: {e}", input.label());
-                    tally.failed += 1;
-                }
-            }
+    let mut next = Some(read_from(0));
+    let mut done = 0;
+    while let Some(reading) = next.take() {
+        let batch = match reading.await {
+            Ok(batch) => batch,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        done += batch.consumed;
+        if done < inputs.len() {
+            next = Some(read_from(done));
         }
-        let raws: Vec<Vec<u8>> = batch
-            .iter_mut()
-            .map(|(_, raw)| std::mem::take(raw))
+        for unreadable in &batch.unreadable {
+            println!("failed       {unreadable}");
+            tally.failed += 1;
+        }
+        if batch.messages.is_empty() {
+            continue;
+        }
+        let items: Vec<Incoming> = batch
+            .messages
+            .iter()
+            .map(|(_, raw)| Incoming::whole(raw, Arrival::FromDateHeader))
             .collect();
-        match pipeline::ingest_batch(&pool, &pipeline, &raws).await {
+        match pipeline::commit_decided(&pool, &pipeline, &items, &batch.decisions).await {
             Ok(outcomes) => {
-                for ((label, _), outcome) in batch.iter().zip(&outcomes) {
+                for ((label, _), outcome) in batch.messages.iter().zip(&outcomes) {
                     println!("{}", describe(outcome, label));
                     tally.count(outcome);
                 }
             }
             Err(e) => {
-                for (label, _) in &batch {
+                for (label, _) in &batch.messages {
                     println!("failed       {label}: {e}");
                 }
-                tally.failed += batch.len();
-                tally.not_attempted = pending.len();
+                tally.failed += batch.messages.len();
+                tally.not_attempted = inputs.len() - done;
                 tracing::error!(parser = parser_name, error = %e, "stopping: messages could not be stored");
                 break;
             }

@@ -573,8 +573,19 @@ async fn commit(
     pipeline: &Pipeline,
     items: &[Incoming<'_>],
 ) -> Result<Vec<Outcome>, StoreError> {
+    commit_decided(pool, pipeline, items, &decide_batch(pipeline, items)).await
+}
+
+/// [`store_decided`] in a transaction of its own (for `ingest`, which decides the next
+/// batch while this one commits).
+pub async fn commit_decided(
+    pool: &PgPool,
+    pipeline: &Pipeline,
+    items: &[Incoming<'_>],
+    decisions: &[Option<Decision>],
+) -> Result<Vec<Outcome>, StoreError> {
     let mut tx = pool.begin().await?;
-    let outcomes = store_batch(&mut tx, pipeline, items).await?;
+    let outcomes = store_decided(&mut tx, pipeline, items, decisions).await?;
     tx.commit().await?;
     Ok(outcomes)
 }

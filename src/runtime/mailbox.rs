@@ -324,8 +324,10 @@ impl<S: MailSource> Poller<S> {
         PollError,
     > {
         let (name, key) = (&self.parser.name, self.source.cursor_key());
-        let mut conn = self.pool.acquire().await?;
-        let saved = mailbox::load(&mut conn, name, key).await?;
+        // A connection is never held across the network or while waiting for another:
+        // with hundreds of mailboxes starting at once, a task holding one connection and
+        // waiting for a second would starve the pool (each one holding, none getting).
+        let saved = mailbox::load(&mut *self.pool.acquire().await?, name, key).await?;
         let listing = session.list(saved.as_ref().map(|s| &s.cursor)).await?;
         let mut trouble = saved.and_then(|s| s.trouble);
         if let Some(cursor) = &listing.save_first {
@@ -338,7 +340,8 @@ impl<S: MailSource> Poller<S> {
         // Messages whose Message-ID the source told and that are stored already (a Graph
         // round returns a message again when it changed, e.g. once marked read) are not
         // downloaded again; only the cursor moves past them.
-        let known = stored_already(&mut conn, name, &listing.pending).await?;
+        let known =
+            stored_already(&mut *self.pool.acquire().await?, name, &listing.pending).await?;
         let new = listing
             .pending
             .iter()

