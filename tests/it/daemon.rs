@@ -77,6 +77,39 @@ async fn one_credential_reads_two_shared_mailboxes_with_one_token_request() {
     assert_eq!(s.entra().requests(), 1, "the cached token is reused");
 }
 
+/// Many mailboxes meeting their folders for the first time at once, through a pool of two
+/// connections: no task may hold a connection while it waits for another (or for the
+/// network), or every task holds one and none gets its second until the pool times out.
+#[tokio::test]
+async fn sixteen_first_contacts_share_a_pool_of_two_connections() {
+    let s = TestEnv::granting(&["*@example.test"], 3599).await;
+    let names: Vec<String> = (0..16).map(|i| format!("box{i}")).collect();
+    let emails: Vec<String> = names.iter().map(|n| format!("{n}@example.test")).collect();
+    for email in &emails {
+        s.dovecot().deliver(email, &message(1, email));
+    }
+    let specs: Vec<_> = names
+        .iter()
+        .zip(&emails)
+        .map(|(name, email)| s.ssl(name, email))
+        .collect();
+    let config = s.config(&specs);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&s.db.url)
+        .await
+        .unwrap();
+    let tokens = TokenSources::from_config(&config, None).unwrap();
+    let reports = supervisor::run_once(&config, &pool, &tokens, &CancellationToken::new()).await;
+    for r in &reports {
+        assert!(r.result.is_ok(), "{}: {:?}", r.parser, r.result);
+    }
+    for name in &names {
+        assert_eq!(s.tickets(name).await, vec!["Request 1"], "{name}");
+    }
+}
+
 #[tokio::test]
 async fn a_mailbox_the_app_was_not_granted_fails_clearly_while_the_others_are_ingested() {
     let s = TestEnv::mail().await;
