@@ -18,9 +18,14 @@
 pub mod attachments;
 pub mod boundary;
 pub mod html;
+mod known;
 pub mod mime;
+mod replay;
 pub mod ticket;
 pub mod tnef;
+
+use known::Known;
+pub use replay::{Replay, replay};
 
 use crate::config::ParserConfig;
 use crate::pipeline::ticket::{NewTicket, TicketRules};
@@ -187,49 +192,6 @@ fn quarantine_on_panic(decide: impl FnOnce() -> Decision) -> Decision {
             crate::panic_message(&*panic)
         ))
     })
-}
-
-/// What the batch knows of stored messages, Message-ID to ticket: read for the whole
-/// batch in one query (its messages' own Message-IDs and every one they refer to) and kept
-/// current as the batch stores messages, so that a duplicate within the batch is caught and
-/// a reply threads onto a message stored earlier in the same batch.
-struct Known(std::collections::HashMap<String, i64>);
-
-impl Known {
-    /// Reads what the messages of `decisions` need.
-    async fn read(
-        conn: &mut PgConnection,
-        parser: &str,
-        decisions: &[Option<Decision>],
-    ) -> Result<Known, StoreError> {
-        let mut ids: Vec<&str> = Vec::new();
-        for decision in decisions {
-            if let Some(Decision::Ticket(ticket)) = decision {
-                ids.push(&ticket.message.message_id);
-                ids.extend(ticket.thread_refs.iter().map(String::as_str));
-            }
-        }
-        ids.sort_unstable();
-        ids.dedup();
-        Ok(Known(tickets::message_tickets(conn, parser, &ids).await?))
-    }
-
-    /// The ticket holding `message_id`, if it is stored.
-    fn ticket_of(&self, message_id: &str) -> Option<i64> {
-        self.0.get(message_id).copied()
-    }
-
-    /// The ticket of the first of `refs` that is stored (they come newest first).
-    fn thread(&self, refs: &[String]) -> Option<i64> {
-        refs.iter().find_map(|r| self.ticket_of(r))
-    }
-
-    /// Notes a message just stored.
-    fn stored(&mut self, message_id: &str, outcome: &Outcome) {
-        if let Outcome::Created { ticket_id } | Outcome::Appended { ticket_id } = outcome {
-            self.0.insert(message_id.to_string(), *ticket_id);
-        }
-    }
 }
 
 /// Writes a decision inside the caller's open transaction. `alone`: in a savepoint of its
@@ -588,60 +550,6 @@ pub async fn commit_decided(
     let outcomes = store_decided(&mut tx, pipeline, items, decisions).await?;
     tx.commit().await?;
     Ok(outcomes)
-}
-
-/// What a replay of one quarantine row did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Replay {
-    /// Stored through the current pipeline (the row is marked replayed).
-    Stored(Outcome),
-    /// The current pipeline would keep it in quarantine again: nothing changed.
-    StillHeld,
-    /// Not replayable (already replayed, header only, unknown parser, no such row).
-    Skipped(String),
-}
-
-/// Pushes one quarantine row through the current pipeline of its parser, exactly once:
-/// the row is locked, and marked replayed in the transaction that stores the message.
-pub async fn replay(
-    pool: &PgPool,
-    pipelines: &std::collections::HashMap<String, Pipeline>,
-    id: i64,
-) -> Result<Replay, StoreError> {
-    let mut tx = pool.begin().await?;
-    let Some(row) = quarantine::lock_quarantined(&mut tx, id).await? else {
-        return Ok(Replay::Skipped(format!("no quarantine row #{id}")));
-    };
-    if row.replayed {
-        return Ok(Replay::Skipped("already replayed".into()));
-    }
-    if row.header_only {
-        return Ok(Replay::Skipped(
-            "only the header was kept (too large, or the server never returned it); the message is still in the mailbox"
-                .into(),
-        ));
-    }
-    let Some(pipeline) = pipelines.get(&row.parser) else {
-        return Ok(Replay::Skipped(format!(
-            "parser {:?} is not in the configuration",
-            row.parser
-        )));
-    };
-    let item = Incoming::whole(&row.raw, Arrival::At(row.arrived_at));
-    let outcome = store_batch(&mut tx, pipeline, &[item]).await?.remove(0);
-    let description = match &outcome {
-        Outcome::Created { ticket_id } => format!("created ticket {ticket_id}"),
-        Outcome::Appended { ticket_id } => format!("appended to ticket {ticket_id}"),
-        Outcome::Duplicate { ticket_id } => format!("already in ticket {ticket_id}"),
-        Outcome::Quarantined { .. }
-        | Outcome::Held { .. }
-        | Outcome::DuplicateQuarantined { .. } => {
-            return Ok(Replay::StillHeld);
-        }
-    };
-    quarantine::mark_replayed(&mut tx, id, &description).await?;
-    tx.commit().await?;
-    Ok(Replay::Stored(outcome))
 }
 
 #[cfg(test)]

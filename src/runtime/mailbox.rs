@@ -271,28 +271,12 @@ impl<S: MailSource> Poller<S> {
                 }
                 Some(previous) => {
                     let fresh = batch::fresh(next, &known);
-                    let (stored, fetched) = tokio::join!(
-                        self.store(previous, stats),
-                        batch::fetch(session, next, fresh.clone(), max)
-                    );
-                    // A failed commit stores nothing of either batch: both are fetched
-                    // again on the next pass.
-                    let previous = stored?;
-                    let settled = self.settle(session, &previous).await;
-                    on_progress();
-                    match fetched {
-                        Ok(fetched) => {
-                            settled?;
-                            fetched
-                        }
-                        Err(e) => {
-                            self.record_fetch_failure(&fresh, trouble.as_ref(), false)
-                                .await;
-                            return Err(e.into());
-                        }
-                    }
+                    let trouble = trouble.as_ref();
+                    self.store_while_fetching(session, previous, next, fresh, trouble, stats)
+                        .await?
                 }
             });
+            on_progress();
         }
         if let Some(fetched) = ahead.take() {
             self.store_and_settle(session, fetched, stats).await?;
@@ -424,6 +408,38 @@ impl<S: MailSource> Poller<S> {
         stats.count(&outcomes[0]);
         // The session may have died with the header fetch: reconnect (progress is saved).
         header.map(|_| ()).map_err(PollError::from)
+    }
+
+    /// Stores `previous` while `fresh` (the messages of `next` to store) downloads, then
+    /// settles `previous`. A failed commit stores nothing of either batch (both are fetched
+    /// again on the next pass); a failed download is counted against `next`, after the
+    /// commit, so that it is the first message pending when it is counted.
+    async fn store_while_fetching<'p>(
+        &self,
+        session: &mut S::Session,
+        previous: FetchedBatch<'_>,
+        next: &'p [Pending],
+        fresh: Vec<&'p Pending>,
+        trouble: Option<&FetchTrouble>,
+        stats: &mut PollStats,
+    ) -> Result<FetchedBatch<'p>, PollError> {
+        let max = self.parser.max_message_size;
+        let (stored, fetched) = tokio::join!(
+            self.store(previous, stats),
+            batch::fetch(session, next, fresh.clone(), max)
+        );
+        let previous = stored?;
+        let settled = self.settle(session, &previous).await;
+        match fetched {
+            Ok(fetched) => {
+                settled?;
+                Ok(fetched)
+            }
+            Err(e) => {
+                self.record_fetch_failure(&fresh, trouble, false).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// Downloads the messages of `next` not stored already; a failed download is counted
