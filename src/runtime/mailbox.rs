@@ -228,15 +228,14 @@ impl<S: MailSource> Poller<S> {
                 .map_or(0, |t| t.failures);
             if stored > 0 || failures >= ISOLATE_AFTER {
                 // Out of the ordinary: whatever is in hand is stored first.
-                if let Some(fetched) = ahead.take() {
-                    self.store_and_settle(session, fetched, stats).await?;
-                    on_progress();
-                }
+                self.store_and_settle(session, ahead.take(), stats, on_progress)
+                    .await?;
             }
             if stored > 0 {
                 let (passed, tail) = rest.split_at(stored);
-                let fetched = FetchedBatch::stored_already(passed);
-                self.store_and_settle(session, fetched, stats).await?;
+                let fetched = Some(FetchedBatch::stored_already(passed));
+                self.store_and_settle(session, fetched, stats, on_progress)
+                    .await?;
                 rest = tail;
                 continue;
             }
@@ -250,18 +249,9 @@ impl<S: MailSource> Poller<S> {
             let (next, tail) = batch::split(rest, max);
             rest = tail;
             if failures >= ISOLATE_AFTER {
-                tracing::warn!(
-                    key = %next[0].key,
-                    failures,
-                    "fetches starting here failed repeatedly: fetching these messages one at a time"
-                );
-                for one in next.chunks(1) {
-                    let fetched = self
-                        .fetch(session, one, &known, trouble.as_ref(), true)
-                        .await?;
-                    self.store_and_settle(session, fetched, stats).await?;
-                    on_progress();
-                }
+                let trouble = trouble.as_ref();
+                self.store_one_by_one(session, next, &known, trouble, stats, on_progress)
+                    .await?;
                 continue;
             }
             ahead = Some(match ahead.take() {
@@ -272,16 +262,14 @@ impl<S: MailSource> Poller<S> {
                 Some(previous) => {
                     let fresh = batch::fresh(next, &known);
                     let trouble = trouble.as_ref();
-                    self.store_while_fetching(session, previous, next, fresh, trouble, stats)
+                    let both = (previous, next, fresh);
+                    self.store_while_fetching(session, both, trouble, stats, on_progress)
                         .await?
                 }
             });
-            on_progress();
         }
-        if let Some(fetched) = ahead.take() {
-            self.store_and_settle(session, fetched, stats).await?;
-            on_progress();
-        }
+        self.store_and_settle(session, ahead, stats, on_progress)
+            .await?;
         if !cancel.is_cancelled() {
             if let Some(cursor) = &listing.save_after {
                 let mut tx = self.pool.begin().await?;
@@ -410,18 +398,41 @@ impl<S: MailSource> Poller<S> {
         header.map(|_| ()).map_err(PollError::from)
     }
 
+    /// Fetches and stores `next` one message at a time, after fetches starting at its first
+    /// message failed [`ISOLATE_AFTER`] times.
+    async fn store_one_by_one(
+        &self,
+        session: &mut S::Session,
+        next: &[Pending],
+        known: &HashSet<String>,
+        trouble: Option<&FetchTrouble>,
+        stats: &mut PollStats,
+        on_progress: &(dyn Fn() + Sync),
+    ) -> Result<(), PollError> {
+        tracing::warn!(
+            key = %next[0].key,
+            failures = trouble.map_or(0, |t| t.failures),
+            "fetches starting here failed repeatedly: fetching these messages one at a time"
+        );
+        for one in next.chunks(1) {
+            let fetched = self.fetch(session, one, known, trouble, true).await?;
+            self.store_and_settle(session, Some(fetched), stats, on_progress)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Stores `previous` while `fresh` (the messages of `next` to store) downloads, then
-    /// settles `previous`. A failed commit stores nothing of either batch (both are fetched
+    /// settles `previous` (`on_progress` is called once it is committed). A failed commit stores nothing of either batch (both are fetched
     /// again on the next pass); a failed download is counted against `next`, after the
     /// commit, so that it is the first message pending when it is counted.
     async fn store_while_fetching<'p>(
         &self,
         session: &mut S::Session,
-        previous: FetchedBatch<'_>,
-        next: &'p [Pending],
-        fresh: Vec<&'p Pending>,
+        (previous, next, fresh): (FetchedBatch<'_>, &'p [Pending], Vec<&'p Pending>),
         trouble: Option<&FetchTrouble>,
         stats: &mut PollStats,
+        on_progress: &(dyn Fn() + Sync),
     ) -> Result<FetchedBatch<'p>, PollError> {
         let max = self.parser.max_message_size;
         let (stored, fetched) = tokio::join!(
@@ -429,6 +440,8 @@ impl<S: MailSource> Poller<S> {
             batch::fetch(session, next, fresh.clone(), max)
         );
         let previous = stored?;
+        // Progress, even if the download failed: the backoff starts over.
+        on_progress();
         let settled = self.settle(session, &previous).await;
         match fetched {
             Ok(fetched) => {
@@ -463,14 +476,20 @@ impl<S: MailSource> Poller<S> {
         }
     }
 
-    /// Stores a downloaded batch, then settles it on the server.
+    /// Stores a downloaded batch (if there is one), reports the progress, then settles the
+    /// batch on the server.
     async fn store_and_settle(
         &self,
         session: &mut S::Session,
-        fetched: FetchedBatch<'_>,
+        fetched: Option<FetchedBatch<'_>>,
         stats: &mut PollStats,
+        on_progress: &(dyn Fn() + Sync),
     ) -> Result<(), PollError> {
+        let Some(fetched) = fetched else {
+            return Ok(());
+        };
         let fetched = self.store(fetched, stats).await?;
+        on_progress();
         Ok(self.settle(session, &fetched).await?)
     }
 
