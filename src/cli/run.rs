@@ -65,6 +65,7 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
         );
         return ExitCode::from(EXIT_USAGE);
     }
+    raise_open_files_limit(config);
     let pool = match connect_and_migrate(config).await {
         Ok(pool) => pool,
         Err(code) => return code,
@@ -87,6 +88,24 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
         return run_once(config, &pool, &tokens, &cancel).await;
     }
     run_daemon(config, pool, tokens, cancel).await
+}
+
+/// Raises the soft limit of open files to the hard one, as servers do (the soft limit is
+/// often 1,024: a shell's `ulimit -n`, systemd's default): every mailbox holds a socket,
+/// and the pool, the endpoints and the webhooks more. Warns when even the hard limit
+/// leaves too few for the configured mailboxes (raised later by a reload, it is checked
+/// again only at the next start).
+fn raise_open_files_limit(config: &Config) {
+    let needed = config.parsers.len() as u64 + u64::from(config.database.max_connections) + 64;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            "the limit of open files is below one per mailbox plus the database pool: raise it (systemd: LimitNOFILE=65536; a shell: ulimit -n), or some mailboxes will fail to connect"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the limit of open files"),
+    }
 }
 
 /// The daemon: the operations endpoints, the webhook dispatcher, the supervisor, reload

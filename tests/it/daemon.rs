@@ -110,6 +110,38 @@ async fn sixteen_first_contacts_share_a_pool_of_two_connections() {
     }
 }
 
+/// Started with a soft limit of 40 open files (a shell's or systemd's low default), `run`
+/// raises it to the hard limit, so sixty mailboxes each get their socket.
+#[tokio::test]
+async fn sixty_mailboxes_run_under_a_soft_limit_of_forty_open_files() {
+    let s = TestEnv::granting(&["*@example.test"], 3599).await;
+    let names: Vec<String> = (0..60).map(|i| format!("box{i}")).collect();
+    let emails: Vec<String> = names.iter().map(|n| format!("{n}@example.test")).collect();
+    for email in &emails {
+        s.dovecot().deliver(email, &message(1, email));
+    }
+    let specs: Vec<_> = names
+        .iter()
+        .zip(&emails)
+        .map(|(name, email)| s.ssl(name, email))
+        .collect();
+    let path = s.write_file("many.toml", &s.config_toml(&specs));
+    let out = std::process::Command::new("sh")
+        .args(["-c", "ulimit -Sn 40 && exec \"$0\" \"$@\""])
+        .arg(crate::support::env::binary_path())
+        .args(["run", "--once", "--config"])
+        .arg(&path)
+        .env_remove("MAIL2TICKET_DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    for name in &names {
+        assert_eq!(s.tickets(name).await, vec!["Request 1"], "{name}");
+    }
+}
+
 #[tokio::test]
 async fn a_mailbox_the_app_was_not_granted_fails_clearly_while_the_others_are_ingested() {
     let s = TestEnv::mail().await;
