@@ -82,14 +82,17 @@ impl<'p> FetchedBatch<'p> {
         let pipeline = pipeline.clone();
         let bodies = std::mem::take(&mut self.bodies);
         let (bodies, decisions) = tokio::task::spawn_blocking(move || {
-            let decisions = bodies
+            // The arrival plays no part in deciding.
+            let items: Vec<Incoming> = bodies
                 .iter()
-                .map(|body| {
-                    body.header_only
-                        .is_none()
-                        .then(|| pipeline::decide(&pipeline, &body.raw))
+                .map(|body| Incoming {
+                    raw: &body.raw,
+                    arrival: Arrival::FromDateHeader,
+                    header_only: body.header_only.as_deref(),
                 })
                 .collect();
+            let decisions = pipeline::decide_batch(&pipeline, &items);
+            drop(items);
             (bodies, decisions)
         })
         .await?;

@@ -77,22 +77,25 @@ async fn one_credential_reads_two_shared_mailboxes_with_one_token_request() {
     assert_eq!(s.entra().requests(), 1, "the cached token is reused");
 }
 
+/// `n` mailboxes `box0@example.test` ... (parser names `box0` ...), each with one message.
+fn many_mailboxes(s: &TestEnv, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            let (name, email) = (format!("box{i}"), format!("box{i}@example.test"));
+            s.dovecot().deliver(&email, &message(1, &email));
+            (name, email)
+        })
+        .collect()
+}
+
 /// Many mailboxes meeting their folders for the first time at once, through a pool of two
 /// connections: no task may hold a connection while it waits for another (or for the
 /// network), or every task holds one and none gets its second until the pool times out.
 #[tokio::test]
 async fn sixteen_first_contacts_share_a_pool_of_two_connections() {
     let s = TestEnv::granting(&["*@example.test"], 3599).await;
-    let names: Vec<String> = (0..16).map(|i| format!("box{i}")).collect();
-    let emails: Vec<String> = names.iter().map(|n| format!("{n}@example.test")).collect();
-    for email in &emails {
-        s.dovecot().deliver(email, &message(1, email));
-    }
-    let specs: Vec<_> = names
-        .iter()
-        .zip(&emails)
-        .map(|(name, email)| s.ssl(name, email))
-        .collect();
+    let boxes = many_mailboxes(&s, 16);
+    let specs: Vec<_> = boxes.iter().map(|(n, e)| s.ssl(n, e)).collect();
     let config = s.config(&specs);
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
@@ -105,7 +108,7 @@ async fn sixteen_first_contacts_share_a_pool_of_two_connections() {
     for r in &reports {
         assert!(r.result.is_ok(), "{}: {:?}", r.parser, r.result);
     }
-    for name in &names {
+    for (name, _) in &boxes {
         assert_eq!(s.tickets(name).await, vec!["Request 1"], "{name}");
     }
 }
@@ -115,16 +118,8 @@ async fn sixteen_first_contacts_share_a_pool_of_two_connections() {
 #[tokio::test]
 async fn sixty_mailboxes_run_under_a_soft_limit_of_forty_open_files() {
     let s = TestEnv::granting(&["*@example.test"], 3599).await;
-    let names: Vec<String> = (0..60).map(|i| format!("box{i}")).collect();
-    let emails: Vec<String> = names.iter().map(|n| format!("{n}@example.test")).collect();
-    for email in &emails {
-        s.dovecot().deliver(email, &message(1, email));
-    }
-    let specs: Vec<_> = names
-        .iter()
-        .zip(&emails)
-        .map(|(name, email)| s.ssl(name, email))
-        .collect();
+    let boxes = many_mailboxes(&s, 60);
+    let specs: Vec<_> = boxes.iter().map(|(n, e)| s.ssl(n, e)).collect();
     let path = s.write_file("many.toml", &s.config_toml(&specs));
     let out = std::process::Command::new("sh")
         .args(["-c", "ulimit -Sn 40 && exec \"$0\" \"$@\""])
@@ -137,7 +132,7 @@ async fn sixty_mailboxes_run_under_a_soft_limit_of_forty_open_files() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    for name in &names {
+    for (name, _) in &boxes {
         assert_eq!(s.tickets(name).await, vec!["Request 1"], "{name}");
     }
 }
