@@ -17,6 +17,7 @@
 
 pub mod attachments;
 pub mod boundary;
+mod bulk;
 pub mod html;
 mod known;
 pub mod mime;
@@ -194,10 +195,9 @@ fn quarantine_on_panic(decide: impl FnOnce() -> Decision) -> Decision {
     })
 }
 
-/// Writes a decision inside the caller's open transaction. `alone`: in a savepoint of its
-/// own, so that if Postgres refuses the message's data (see [`StoreError::is_refused_data`])
-/// its partial rows are rolled back and it goes to quarantine instead; without, such a
-/// refusal fails the call (the batch is then stored again message by message).
+/// Writes a decision inside the caller's open transaction, in a savepoint of its own, so
+/// that if Postgres refuses the message's data (see [`StoreError::is_refused_data`]) its
+/// partial rows are rolled back and it goes to quarantine instead.
 async fn store_decision(
     tx: &mut PgConnection,
     pipeline: &Pipeline,
@@ -205,19 +205,12 @@ async fn store_decision(
     item: &Incoming<'_>,
     events: &mut Vec<Queued>,
     known: &mut Known,
-    alone: bool,
 ) -> Result<Outcome, StoreError> {
     let parser = &pipeline.rules.parser;
     let raw = item.raw;
     let arrived_at = item.arrival.resolve(decision);
     let error_hold = match decision {
         Decision::Quarantine(reason) => reason.clone(),
-        Decision::Ticket(ticket) if !alone => {
-            let outcome =
-                store_ticket(tx, pipeline, ticket, raw, arrived_at, events, known).await?;
-            known.stored(&ticket.message.message_id, &outcome);
-            return Ok(outcome);
-        }
         Decision::Ticket(ticket) => {
             let mut savepoint = tx.begin().await?;
             let stored = store_ticket(
@@ -244,7 +237,9 @@ async fn store_decision(
             }
         }
     };
-    quarantine_raw(tx, parser, error_hold, raw, false, arrived_at, events).await
+    let outcome = quarantine_raw(tx, parser, error_hold, raw, false, arrived_at).await?;
+    events.extend(quarantine_event(&outcome));
+    Ok(outcome)
 }
 
 /// Quarantines a message that could not be ticketed, with the reason, inside the caller's
@@ -257,7 +252,6 @@ async fn quarantine_raw(
     raw: &[u8],
     header_only: bool,
     arrived_at: DateTime<Utc>,
-    events: &mut Vec<Queued>,
 ) -> Result<Outcome, StoreError> {
     let hold = Hold {
         kind: HoldKind::Error,
@@ -269,13 +263,52 @@ async fn quarantine_raw(
     };
     Ok(
         match quarantine::insert_quarantine(tx, parser, hold, raw).await? {
-            QuarantineInsert::Created { id } => {
-                events.push(Queued::Quarantine("message.quarantined", id));
-                Outcome::Quarantined { id, reason }
-            }
+            QuarantineInsert::Created { id } => Outcome::Quarantined { id, reason },
             QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
         },
     )
+}
+
+/// The event a quarantine outcome announces, if any (a duplicate has none).
+fn quarantine_event(outcome: &Outcome) -> Option<Queued> {
+    match outcome {
+        Outcome::Quarantined { id, .. } => Some(Queued::Quarantine("message.quarantined", *id)),
+        Outcome::Held { id, .. } => Some(Queued::Quarantine("message.held", *id)),
+        _ => None,
+    }
+}
+
+/// Holds back a message that was read fine (automatic, or loop protection), inside the
+/// caller's transaction.
+async fn hold_message(
+    conn: &mut PgConnection,
+    parser: &str,
+    (kind, reason): (HoldKind, String),
+    ticket: &NewTicket,
+    raw: &[u8],
+    arrived_at: DateTime<Utc>,
+) -> Result<Outcome, StoreError> {
+    let sender = ticket.requester_email.as_str();
+    let hold = Hold {
+        kind,
+        reason: &reason,
+        sender: (!sender.is_empty()).then_some(sender),
+        message_id: Some(&ticket.message.message_id),
+        header_only: false,
+        arrived_at,
+    };
+    Ok(
+        match quarantine::insert_quarantine(conn, parser, hold, raw).await? {
+            QuarantineInsert::Created { id } => Outcome::Held { id, reason },
+            QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
+        },
+    )
+}
+
+/// The raw bytes to keep with a ticket message: all with `keep_raw`, else only those of a
+/// message read with warnings.
+fn kept_raw<'a>(pipeline: &Pipeline, ticket: &NewTicket, raw: &'a [u8]) -> Option<&'a [u8]> {
+    (pipeline.keep_raw || !ticket.message.warnings.is_empty()).then_some(raw)
 }
 
 /// The threading, automatic-message and loop rules (see the module doc).
@@ -294,7 +327,7 @@ async fn store_ticket(
     if let Some(ticket_id) = known.ticket_of(&ticket.message.message_id) {
         return Ok(Outcome::Duplicate { ticket_id });
     }
-    let keep_raw = (pipeline.keep_raw || !ticket.message.warnings.is_empty()).then_some(raw);
+    let keep_raw = kept_raw(pipeline, ticket, raw);
     let thread = match (known.thread(&ticket.thread_refs), ticket.tagged_ticket) {
         (Some(ticket_id), _) => Some(ticket_id),
         (None, Some(tagged)) => tickets::tagged_ticket(conn, &rules.parser, tagged).await?,
@@ -304,26 +337,10 @@ async fn store_ticket(
         let stored = tickets::append_message(conn, ticket_id, ticket, keep_raw, arrived_at).await?;
         return Ok(announce_ticket(stored, events));
     }
-    let sender = ticket.requester_email.as_str();
-    let held = hold_reason(conn, rules, ticket, arrived_at).await?;
-    if let Some((kind, reason)) = held {
-        let hold = Hold {
-            kind,
-            reason: &reason,
-            sender: (!sender.is_empty()).then_some(sender),
-            message_id: Some(&ticket.message.message_id),
-            header_only: false,
-            arrived_at,
-        };
-        return Ok(
-            match quarantine::insert_quarantine(conn, &rules.parser, hold, raw).await? {
-                QuarantineInsert::Created { id } => {
-                    events.push(Queued::Quarantine("message.held", id));
-                    Outcome::Held { id, reason }
-                }
-                QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
-            },
-        );
+    if let Some(held) = hold_reason(conn, rules, ticket, arrived_at).await? {
+        let outcome = hold_message(conn, &rules.parser, held, ticket, raw, arrived_at).await?;
+        events.extend(quarantine_event(&outcome));
+        return Ok(outcome);
     }
     let stored = tickets::insert_ticket(conn, ticket, keep_raw, arrived_at).await?;
     Ok(announce_ticket(stored, events))
@@ -363,31 +380,48 @@ async fn hold_reason(
     // this message arrived (not before now: a backlog is not a loop).
     let sender = ticket.requester_email.as_str();
     let window = rules.sender_window;
-    Ok(if let Some(reason) = &ticket.message.automatic_reason {
-        Some((
-            HoldKind::Automatic,
-            format!("automatic message that answers no ticket: {reason}"),
-        ))
+    Ok(if let Some(held) = automatic_hold(ticket) {
+        Some(held)
     } else if !sender.is_empty()
         && tickets::recent_tickets_from(conn, &rules.parser, sender, arrived_at, window).await?
             >= i64::from(rules.max_tickets_per_sender)
     {
-        if !quarantine::loop_recorded_since(conn, &rules.parser, sender, arrived_at, window).await?
-        {
-            tracing::warn!(parser = %rules.parser, sender, window_s = rules.sender_window.as_secs(),
-                max = rules.max_tickets_per_sender, "loop protection: holding back new tickets from this sender");
-        }
-        Some((
-            HoldKind::Loop,
-            format!(
-                "loop protection: {sender} opened {} tickets that arrived within {} s",
-                rules.max_tickets_per_sender,
-                rules.sender_window.as_secs()
-            ),
-        ))
+        Some(loop_hold(conn, rules, sender, arrived_at).await?)
     } else {
         None
     })
+}
+
+/// The hold of an automatic message that threads nowhere.
+fn automatic_hold(ticket: &NewTicket) -> Option<(HoldKind, String)> {
+    let reason = ticket.message.automatic_reason.as_ref()?;
+    Some((
+        HoldKind::Automatic,
+        format!("automatic message that answers no ticket: {reason}"),
+    ))
+}
+
+/// The hold of a message from a sender over the loop limit; warns once per loop (when no
+/// loop hold of this sender is recorded within the window yet).
+async fn loop_hold(
+    conn: &mut PgConnection,
+    rules: &TicketRules,
+    sender: &str,
+    arrived_at: DateTime<Utc>,
+) -> Result<(HoldKind, String), StoreError> {
+    let window = rules.sender_window;
+    if !quarantine::loop_recorded_since(conn, &rules.parser, sender, arrived_at, window).await? {
+        tracing::warn!(parser = %rules.parser, sender, window_s = window.as_secs(),
+            max = rules.max_tickets_per_sender, "loop protection: holding back new tickets from this sender");
+    }
+    Ok((
+        HoldKind::Loop,
+        format!(
+            "loop protection: {sender} opened {} tickets that arrived within {} s",
+            rules.max_tickets_per_sender,
+            window.as_secs()
+        ),
+    ))
 }
 
 /// One message handed to [`store_batch`].
@@ -456,34 +490,33 @@ pub async fn store_decided(
     assert_eq!(items.len(), decisions.len(), "one decision per item");
     let mut queued = Vec::new();
     let mut batch = tx.begin().await?;
-    match store_each(&mut batch, pipeline, items, decisions, &mut queued, false).await {
+    match bulk::store(&mut batch, pipeline, items, decisions, &mut queued).await {
         Ok(outcomes) => {
             batch.commit().await?;
             // The batch's events, in message order, in one statement of the transaction.
             events::write(tx, &queued).await?;
             return Ok(outcomes);
         }
-        Err(e) if e.is_refused_data() => {
+        Err(e) if e.is_refused_data() || e.is_unique_violation() => {
             batch.rollback().await?;
             tracing::info!(error = %e, messages = items.len(),
-                "the database refused a message of the batch: storing its messages one by one");
+                "the database refused the batch (bad data, or a message stored meanwhile): storing its messages one by one");
         }
         Err(e) => return Err(e),
     }
     queued.clear();
-    let outcomes = store_each(tx, pipeline, items, decisions, &mut queued, true).await?;
+    let outcomes = store_each(tx, pipeline, items, decisions, &mut queued).await?;
     events::write(tx, &queued).await?;
     Ok(outcomes)
 }
 
-/// Stores every item in order (see [`store_decision`] for `alone`).
+/// Stores every item in order, each in a savepoint of its own (see [`store_decision`]).
 async fn store_each(
     tx: &mut PgConnection,
     pipeline: &Pipeline,
     items: &[Incoming<'_>],
     decisions: &[Option<Decision>],
     queued: &mut Vec<Queued>,
-    alone: bool,
 ) -> Result<Vec<Outcome>, StoreError> {
     let parser = &pipeline.rules.parser;
     let mut known = Known::read(tx, parser, decisions).await?;
@@ -491,13 +524,16 @@ async fn store_each(
     for (item, decision) in items.iter().zip(decisions) {
         let outcome = match (decision, item.header_only) {
             (Some(decision), _) => {
-                store_decision(tx, pipeline, decision, item, queued, &mut known, alone).await?
+                store_decision(tx, pipeline, decision, item, queued, &mut known).await?
             }
             (None, reason) => {
                 let reason = reason.unwrap_or_default().to_string();
                 let decision = Decision::Quarantine(reason.clone());
                 let arrived_at = item.arrival.resolve(&decision);
-                quarantine_raw(tx, parser, reason, item.raw, true, arrived_at, queued).await?
+                let outcome =
+                    quarantine_raw(tx, parser, reason, item.raw, true, arrived_at).await?;
+                queued.extend(quarantine_event(&outcome));
+                outcome
             }
         };
         outcomes.push(outcome);

@@ -6,6 +6,7 @@
 //! Functions take a `&mut PgConnection` so that the caller owns the transaction: `ingest`
 //! wraps one message in one transaction, the IMAP poller adds its UID checkpoint to it.
 
+pub mod batch_rows;
 pub mod events;
 pub mod grants;
 pub mod leases;
@@ -53,6 +54,12 @@ impl StoreError {
             StoreError::Sql(sqlx::Error::Encode(_)) => true,
             _ => false,
         }
+    }
+
+    /// True when a unique key refused a row: another writer stored the same thing first.
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, StoreError::Sql(sqlx::Error::Database(db))
+            if db.kind() == sqlx::error::ErrorKind::UniqueViolation)
     }
 }
 

@@ -327,6 +327,35 @@ pub async fn recent_tickets_from(
     .await?)
 }
 
+/// When each of `senders` opened tickets in `parser` that arrived after `after` and no later
+/// than `until` (loop protection for a whole batch in one query).
+pub async fn ticket_arrivals(
+    conn: &mut PgConnection,
+    parser: &str,
+    senders: &[&str],
+    after: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<std::collections::HashMap<String, Vec<DateTime<Utc>>>, StoreError> {
+    let mut arrivals: std::collections::HashMap<String, Vec<DateTime<Utc>>> = Default::default();
+    if senders.is_empty() {
+        return Ok(arrivals);
+    }
+    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "select requester_email, arrived_at from tickets
+          where parser = $1 and requester_email = any($2) and arrived_at > $3 and arrived_at <= $4",
+    )
+    .bind(parser)
+    .bind(senders)
+    .bind(after)
+    .bind(until)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (sender, at) in rows {
+        arrivals.entry(sender).or_default().push(at);
+    }
+    Ok(arrivals)
+}
+
 /// The ticket holding (parser, Message-ID), if that message is stored.
 pub async fn message_ticket(
     conn: &mut PgConnection,

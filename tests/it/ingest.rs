@@ -294,3 +294,65 @@ async fn a_batch_stores_around_the_one_message_the_database_refuses_and_threads_
         .await;
     assert_eq!(events, 3, "one event each, none from the abandoned attempt");
 }
+
+#[tokio::test]
+async fn a_message_another_writer_stores_during_the_batch_is_a_duplicate_and_the_rest_is_stored() {
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let p = env.pipeline("support", "");
+    let mail = |id: &str| {
+        format!(
+            "From: Customer <c@example.com>\r\nTo: support@example.test\r\nSubject: {id}\r\nMessage-ID: <{id}>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nHello.\r\n"
+        )
+        .into_bytes()
+    };
+    let contested = mail("contested@example.com");
+    // Another writer has stored the message and not committed yet: the batch does not
+    // see it when it looks, and its multi-row insert waits on the unique key.
+    let mut other = db.pool.begin().await.unwrap();
+    let item = pipeline::Incoming::whole(&contested, pipeline::Arrival::FromDateHeader);
+    let theirs = pipeline::store_batch(&mut other, &p, &[item])
+        .await
+        .unwrap();
+    let Outcome::Created { ticket_id } = theirs[0] else {
+        panic!("{theirs:?}")
+    };
+    let batch = vec![
+        mail("before@example.com"),
+        contested,
+        mail("after@example.com"),
+    ];
+    let ours = {
+        let (pool, p) = (db.pool.clone(), p.clone());
+        tokio::spawn(async move { pipeline::ingest_batch(&pool, &p, &batch).await })
+    };
+    let waiting = "select count(*) from pg_stat_activity
+                   where datname = current_database() and wait_event_type = 'Lock'";
+    while env.count(waiting).await == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    other.commit().await.unwrap();
+    let outcomes = ours.await.unwrap().unwrap();
+    assert!(
+        matches!(outcomes[0], Outcome::Created { .. }),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes[1],
+        Outcome::Duplicate { ticket_id },
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[2], Outcome::Created { .. }),
+        "{outcomes:?}"
+    );
+    assert_eq!(env.count("select count(*) from ticket_messages").await, 3);
+    assert_eq!(env.count("select count(*) from tickets").await, 3);
+    let events = env
+        .count("select count(*) from ticket_events where kind = 'ticket.created'")
+        .await;
+    assert_eq!(
+        events, 3,
+        "one event per ticket, none from the abandoned attempt"
+    );
+}
