@@ -3,8 +3,9 @@
 //!
 //! Batches exist for two reasons: one commit (and one round of lookups) for many messages,
 //! and a bound on memory: at most two batches are held at once (one being stored while the
-//! next downloads), so a process never holds more than 2 x [`BATCH_BYTES`] of mail per
-//! mailbox however large the backlog.
+//! next downloads and is parsed), so a process never holds more than 2 x [`BATCH_BYTES`]
+//! of mail per mailbox (and the parsed form of those two batches) however large the
+//! backlog.
 
 use crate::pipeline::{self, Arrival, Decision, Incoming, Pipeline};
 use crate::source::{Fetched, Pending, SourceError, SourceSession};
@@ -32,6 +33,8 @@ pub struct FetchedBatch<'p> {
     pub fresh: Vec<&'p Pending>,
     /// Their bodies, in the same order.
     pub bodies: Vec<Body>,
+    /// Their decisions, when made ahead ([`FetchedBatch::decide_ahead`]).
+    decided: Option<Vec<Option<Decision>>>,
 }
 
 impl<'p> FetchedBatch<'p> {
@@ -41,6 +44,7 @@ impl<'p> FetchedBatch<'p> {
             batch,
             fresh: Vec::new(),
             bodies: Vec::new(),
+            decided: None,
         }
     }
 
@@ -69,13 +73,16 @@ impl<'p> FetchedBatch<'p> {
             .collect()
     }
 
-    /// Decides every message on a blocking thread, so that parsing one batch overlaps with
-    /// downloading the next (the runtime's threads stay free for the network). Fails only
-    /// when the runtime is shutting down.
+    /// Decides every message on a blocking thread (the runtime's threads stay free for the
+    /// network), or hands over the decisions made ahead. Fails only when the runtime is
+    /// shutting down.
     pub async fn decide(
         &mut self,
         pipeline: &Pipeline,
     ) -> Result<Vec<Option<Decision>>, tokio::task::JoinError> {
+        if let Some(decided) = self.decided.take() {
+            return Ok(decided);
+        }
         if self.bodies.is_empty() {
             return Ok(Vec::new());
         }
@@ -98,6 +105,17 @@ impl<'p> FetchedBatch<'p> {
         .await?;
         self.bodies = bodies;
         Ok(decisions)
+    }
+
+    /// Decides the batch as soon as it is downloaded, while the batch before is still
+    /// being committed, so that parsing is off the database's critical path; [`decide`]
+    /// hands the decisions over (or, should this fail, decides again and reports it).
+    ///
+    /// [`decide`]: FetchedBatch::decide
+    pub async fn decide_ahead(&mut self, pipeline: &Pipeline) {
+        if let Ok(decided) = self.decide(pipeline).await {
+            self.decided = Some(decided);
+        }
     }
 }
 
@@ -172,6 +190,7 @@ pub async fn fetch<'p, T: SourceSession>(
         batch,
         fresh,
         bodies,
+        decided: None,
     })
 }
 

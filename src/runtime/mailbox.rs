@@ -422,8 +422,9 @@ impl<S: MailSource> Poller<S> {
         Ok(())
     }
 
-    /// Stores `previous` while `fresh` (the messages of `next` to store) downloads, then
-    /// settles `previous` (`on_progress` is called once it is committed). A failed commit stores nothing of either batch (both are fetched
+    /// Stores `previous` while `fresh` (the messages of `next` to store) downloads and is
+    /// parsed, then settles `previous` (`on_progress` is called once it is committed). A
+    /// failed commit stores nothing of either batch (both are fetched
     /// again on the next pass); a failed download is counted against `next`, after the
     /// commit, so that it is the first message pending when it is counted.
     async fn store_while_fetching<'p>(
@@ -435,10 +436,12 @@ impl<S: MailSource> Poller<S> {
         on_progress: &(dyn Fn() + Sync),
     ) -> Result<FetchedBatch<'p>, PollError> {
         let max = self.parser.max_message_size;
-        let (stored, fetched) = tokio::join!(
-            self.store(previous, stats),
-            batch::fetch(session, next, fresh.clone(), max)
-        );
+        let fetch_and_decide = async {
+            let mut fetched = batch::fetch(session, next, fresh.clone(), max).await?;
+            fetched.decide_ahead(&self.pipeline).await;
+            Ok::<_, SourceError>(fetched)
+        };
+        let (stored, fetched) = tokio::join!(self.store(previous, stats), fetch_and_decide);
         let previous = stored?;
         // Progress, even if the download failed: the backoff starts over.
         on_progress();
