@@ -8,9 +8,9 @@
 //! counts the tickets the batch opens. Quarantine and hold rows (rare) are written as
 //! their messages come.
 
+use super::holds::{automatic_hold, hold_message, loop_hold};
 use super::{
-    Decision, Incoming, Outcome, Pipeline, automatic_hold, hold_message, kept_raw, known::Known,
-    loop_hold, quarantine_event, quarantine_raw,
+    Decision, Incoming, Outcome, Pipeline, kept_raw, known::Known, quarantine_event, quarantine_raw,
 };
 use crate::pipeline::ticket::NewTicket;
 use crate::store::StoreError;
@@ -49,6 +49,15 @@ struct PendingMessage<'a> {
     opens: bool,
 }
 
+/// A batch decided in memory: what becomes of each message, and the new rows.
+#[derive(Default)]
+struct Plan<'a> {
+    planned: Vec<Planned>,
+    /// The tickets the batch opens, with the arrival of their first message.
+    opened: Vec<(&'a NewTicket, DateTime<Utc>)>,
+    messages: Vec<PendingMessage<'a>>,
+}
+
 /// Stores the batch inside the caller's transaction; outcomes in input order, events
 /// queued in the same order. An error leaves the transaction to be rolled back (the
 /// caller then stores the batch message by message).
@@ -59,150 +68,209 @@ pub(super) async fn store(
     decisions: &[Option<Decision>],
     events: &mut Vec<Queued>,
 ) -> Result<Vec<Outcome>, StoreError> {
+    let plan = plan(tx, pipeline, items, decisions).await?;
+    let (ticket_ids, message_ids) = plan.write(tx).await?;
+    Ok(plan.outcomes(&ticket_ids, &message_ids, events))
+}
+
+/// Applies the rules to every message in order; quarantine and hold rows are written
+/// as their messages come, the rest is planned.
+async fn plan<'a>(
+    tx: &mut PgConnection,
+    pipeline: &Pipeline,
+    items: &[Incoming<'a>],
+    decisions: &'a [Option<Decision>],
+) -> Result<Plan<'a>, StoreError> {
     let parser = &pipeline.rules.parser;
-    let known = Known::read(tx, parser, decisions).await?;
-    let mut senders = SenderTickets::read(tx, pipeline, items, decisions).await?;
-    let mut in_batch: HashMap<&str, Target> = HashMap::new();
-    let mut opened: Vec<(&NewTicket, DateTime<Utc>)> = Vec::new();
-    let mut messages: Vec<PendingMessage> = Vec::new();
-    let mut planned = Vec::with_capacity(items.len());
+    let mut planner = Planner {
+        known: Known::read(tx, parser, decisions).await?,
+        senders: SenderTickets::read(tx, pipeline, items, decisions).await?,
+        in_batch: HashMap::new(),
+        plan: Plan::default(),
+    };
     for (item, decision) in items.iter().zip(decisions) {
-        let ticket = match (decision, item.header_only) {
-            (Some(Decision::Ticket(ticket)), _) => ticket,
-            (Some(Decision::Quarantine(reason)), _) => {
-                let at = item.arrival.resolve(decision.as_ref().expect("matched"));
-                let outcome = quarantine_raw(tx, parser, reason.clone(), item.raw, false, at);
-                planned.push(Planned::Done(outcome.await?));
-                continue;
+        let planned = match decision {
+            Some(decision @ Decision::Ticket(ticket)) => {
+                let arrived_at = item.arrival.resolve(decision);
+                planner
+                    .ticket(tx, pipeline, ticket, item.raw, arrived_at)
+                    .await?
             }
-            (None, reason) => {
-                let reason = reason.unwrap_or_default().to_string();
-                let at = item.arrival.resolve(&Decision::Quarantine(reason.clone()));
-                let outcome = quarantine_raw(tx, parser, reason, item.raw, true, at);
-                planned.push(Planned::Done(outcome.await?));
-                continue;
-            }
+            _ => Planned::Done(quarantine_item(tx, parser, item, decision).await?),
         };
-        let decision = decision.as_ref().expect("matched");
-        let arrived_at = item.arrival.resolve(decision);
+        planner.plan.planned.push(planned);
+    }
+    Ok(planner.plan)
+}
+
+/// Quarantines a message that is not a ticket: unreadable, or only its header was read.
+async fn quarantine_item(
+    tx: &mut PgConnection,
+    parser: &str,
+    item: &Incoming<'_>,
+    decision: &Option<Decision>,
+) -> Result<Outcome, StoreError> {
+    let (reason, header_only) = match decision {
+        Some(Decision::Quarantine(reason)) => (reason.clone(), false),
+        _ => (item.header_only.unwrap_or_default().to_string(), true),
+    };
+    let arrived_at = item.arrival.resolve(&Decision::Quarantine(reason.clone()));
+    quarantine_raw(tx, parser, reason, item.raw, header_only, arrived_at).await
+}
+
+/// The state of planning a batch: what is stored, what the batch stores, who opened
+/// tickets lately.
+struct Planner<'a> {
+    known: Known,
+    senders: SenderTickets,
+    /// The messages this batch stores, by Message-ID.
+    in_batch: HashMap<&'a str, Target>,
+    plan: Plan<'a>,
+}
+
+impl<'a> Planner<'a> {
+    /// The ticket holding `message_id`: stored by this batch or before it.
+    fn lookup(&self, message_id: &str) -> Option<Target> {
+        let stored = || self.known.ticket_of(message_id).map(Target::Stored);
+        self.in_batch.get(message_id).copied().or_else(stored)
+    }
+
+    /// The rules for one readable message, in the order of the module doc.
+    async fn ticket(
+        &mut self,
+        tx: &mut PgConnection,
+        pipeline: &Pipeline,
+        ticket: &'a NewTicket,
+        raw: &'a [u8],
+        arrived_at: DateTime<Utc>,
+    ) -> Result<Planned, StoreError> {
+        let parser = &pipeline.rules.parser;
         let message_id = ticket.message.message_id.as_str();
-        let lookup = |id: &str| {
-            (in_batch.get(id).copied()).or_else(|| known.ticket_of(id).map(Target::Stored))
-        };
-        if let Some(target) = lookup(message_id) {
-            planned.push(Planned::Duplicate(target));
-            continue;
+        if let Some(target) = self.lookup(message_id) {
+            return Ok(Planned::Duplicate(target));
         }
-        let mut thread = ticket.thread_refs.iter().find_map(|r| lookup(r));
+        let mut thread = ticket.thread_refs.iter().find_map(|r| self.lookup(r));
         if let (None, Some(tagged)) = (thread, ticket.tagged_ticket) {
-            thread = tickets::tagged_ticket(tx, parser, tagged)
-                .await?
-                .map(Target::Stored);
+            let found = tickets::tagged_ticket(tx, parser, tagged).await?;
+            thread = found.map(Target::Stored);
         }
-        let raw = kept_raw(pipeline, ticket, item.raw);
-        let message = PendingMessage {
-            target: Target::New(opened.len()),
-            ticket,
-            raw,
-            arrived_at,
-            opens: true,
-        };
+        let kept = kept_raw(pipeline, ticket, raw);
         if let Some(target) = thread {
-            in_batch.insert(message_id, target);
-            planned.push(Planned::Appended(target, messages.len()));
-            messages.push(PendingMessage {
-                target,
-                opens: false,
-                ..message
-            });
-            continue;
+            self.in_batch.insert(message_id, target);
+            let message = self.message(target, ticket, kept, arrived_at, false);
+            return Ok(Planned::Appended(target, message));
         }
         let sender = ticket.requester_email.as_str();
         let held = match automatic_hold(ticket) {
             Some(held) => Some(held),
-            None if senders.over_limit(pipeline, sender, arrived_at) => {
+            None if self.senders.over_limit(pipeline, sender, arrived_at) => {
                 Some(loop_hold(tx, &pipeline.rules, sender, arrived_at).await?)
             }
             None => None,
         };
         if let Some(held) = held {
-            let outcome = hold_message(tx, parser, held, ticket, item.raw, arrived_at).await?;
-            planned.push(Planned::Done(outcome));
-            continue;
+            let held = hold_message(tx, parser, held, ticket, raw, arrived_at).await?;
+            return Ok(Planned::Done(held));
         }
-        senders.opened(sender, arrived_at);
-        in_batch.insert(message_id, Target::New(opened.len()));
-        planned.push(Planned::Created(opened.len(), messages.len()));
-        opened.push((ticket, arrived_at));
-        messages.push(message);
+        self.senders.opened(sender, arrived_at);
+        let opened = self.plan.opened.len();
+        self.plan.opened.push((ticket, arrived_at));
+        self.in_batch.insert(message_id, Target::New(opened));
+        let message = self.message(Target::New(opened), ticket, kept, arrived_at, true);
+        Ok(Planned::Created(opened, message))
     }
-    let (ticket_ids, message_ids) = if messages.is_empty() {
-        Default::default()
-    } else {
-        batch_rows::allocate_ids(tx, opened.len(), messages.len()).await?
-    };
-    let id_of = |target: Target| match target {
-        Target::Stored(id) => id,
-        Target::New(n) => ticket_ids[n],
-    };
-    if !messages.is_empty() {
-        let ticket_rows: Vec<TicketRow> = opened
-            .iter()
-            .zip(&ticket_ids)
+
+    /// Plans a new message row; its index among the batch's new messages.
+    fn message(
+        &mut self,
+        target: Target,
+        ticket: &'a NewTicket,
+        raw: Option<&'a [u8]>,
+        arrived_at: DateTime<Utc>,
+        opens: bool,
+    ) -> usize {
+        self.plan.messages.push(PendingMessage {
+            target,
+            ticket,
+            raw,
+            arrived_at,
+            opens,
+        });
+        self.plan.messages.len() - 1
+    }
+}
+
+impl Plan<'_> {
+    /// Takes the ids of the new rows and writes them; the ticket and message ids.
+    async fn write(&self, tx: &mut PgConnection) -> Result<(Vec<i64>, Vec<i64>), StoreError> {
+        if self.messages.is_empty() {
+            return Ok(Default::default());
+        }
+        let (ticket_ids, message_ids) =
+            batch_rows::allocate_ids(tx, self.opened.len(), self.messages.len()).await?;
+        let tickets: Vec<TicketRow> = (self.opened.iter().zip(&ticket_ids))
             .map(|(&(ticket, arrived_at), &id)| TicketRow {
                 id,
                 ticket,
                 arrived_at,
             })
             .collect();
-        let message_rows: Vec<MessageRow> = messages
-            .iter()
-            .zip(&message_ids)
+        let messages: Vec<MessageRow> = (self.messages.iter().zip(&message_ids))
             .map(|(m, &id)| MessageRow {
                 id,
-                ticket_id: id_of(m.target),
+                ticket_id: ticket_id(m.target, &ticket_ids),
                 ticket: m.ticket,
                 raw: m.raw,
                 arrived_at: m.arrived_at,
                 appended: !m.opens,
             })
             .collect();
-        batch_rows::insert(tx, &ticket_rows, &message_rows).await?;
+        batch_rows::insert(tx, &tickets, &messages).await?;
+        Ok((ticket_ids, message_ids))
     }
-    Ok(planned
-        .into_iter()
-        .map(|p| {
-            let (outcome, event) = match p {
-                Planned::Done(outcome) => {
-                    let event = quarantine_event(&outcome);
-                    (outcome, event)
-                }
-                Planned::Duplicate(target) => (
-                    Outcome::Duplicate {
-                        ticket_id: id_of(target),
-                    },
-                    None,
-                ),
-                Planned::Created(ticket, message) => (
-                    Outcome::Created {
-                        ticket_id: ticket_ids[ticket],
-                    },
-                    Some(Queued::Message("ticket.created", message_ids[message])),
-                ),
-                Planned::Appended(target, message) => (
-                    Outcome::Appended {
-                        ticket_id: id_of(target),
-                    },
-                    Some(Queued::Message(
-                        "ticket.message_added",
-                        message_ids[message],
-                    )),
-                ),
-            };
-            events.extend(event);
-            outcome
-        })
-        .collect())
+
+    /// The outcomes in input order, their events queued in the same order.
+    fn outcomes(self, tickets: &[i64], messages: &[i64], events: &mut Vec<Queued>) -> Vec<Outcome> {
+        let ticket_id = |target| ticket_id(target, tickets);
+        let outcome = |planned| match planned {
+            Planned::Done(outcome) => {
+                let event = quarantine_event(&outcome);
+                (outcome, event)
+            }
+            Planned::Duplicate(target) => (
+                Outcome::Duplicate {
+                    ticket_id: ticket_id(target),
+                },
+                None,
+            ),
+            Planned::Created(ticket, message) => (
+                Outcome::Created {
+                    ticket_id: tickets[ticket],
+                },
+                Some(Queued::Message("ticket.created", messages[message])),
+            ),
+            Planned::Appended(target, message) => (
+                Outcome::Appended {
+                    ticket_id: ticket_id(target),
+                },
+                Some(Queued::Message("ticket.message_added", messages[message])),
+            ),
+        };
+        (self.planned.into_iter().map(outcome))
+            .map(|(outcome, event)| {
+                events.extend(event);
+                outcome
+            })
+            .collect()
+    }
+}
+
+/// The id of a target ticket, `opened` being the ids of the tickets the batch opens.
+fn ticket_id(target: Target, opened: &[i64]) -> i64 {
+    match target {
+        Target::Stored(id) => id,
+        Target::New(n) => opened[n],
+    }
 }
 
 /// Loop protection for a batch: when each sender's tickets arrived, read once for the

@@ -18,6 +18,7 @@
 pub mod attachments;
 pub mod boundary;
 mod bulk;
+mod holds;
 pub mod html;
 mod known;
 pub mod mime;
@@ -25,6 +26,7 @@ mod replay;
 pub mod ticket;
 pub mod tnef;
 
+use holds::{hold_message, hold_reason};
 use known::Known;
 pub use replay::{Replay, replay};
 
@@ -278,33 +280,6 @@ fn quarantine_event(outcome: &Outcome) -> Option<Queued> {
     }
 }
 
-/// Holds back a message that was read fine (automatic, or loop protection), inside the
-/// caller's transaction.
-async fn hold_message(
-    conn: &mut PgConnection,
-    parser: &str,
-    (kind, reason): (HoldKind, String),
-    ticket: &NewTicket,
-    raw: &[u8],
-    arrived_at: DateTime<Utc>,
-) -> Result<Outcome, StoreError> {
-    let sender = ticket.requester_email.as_str();
-    let hold = Hold {
-        kind,
-        reason: &reason,
-        sender: (!sender.is_empty()).then_some(sender),
-        message_id: Some(&ticket.message.message_id),
-        header_only: false,
-        arrived_at,
-    };
-    Ok(
-        match quarantine::insert_quarantine(conn, parser, hold, raw).await? {
-            QuarantineInsert::Created { id } => Outcome::Held { id, reason },
-            QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
-        },
-    )
-}
-
 /// The raw bytes to keep with a ticket message: all with `keep_raw`, else only those of a
 /// message read with warnings.
 fn kept_raw<'a>(pipeline: &Pipeline, ticket: &NewTicket, raw: &'a [u8]) -> Option<&'a [u8]> {
@@ -366,62 +341,6 @@ fn announce_ticket(stored: TicketInsert, events: &mut Vec<Queued>) -> Outcome {
         }
         TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
     }
-}
-
-/// Why a message that threads nowhere is held instead of opening a ticket: it is
-/// automatic, or its sender is over the loop limit.
-async fn hold_reason(
-    conn: &mut PgConnection,
-    rules: &TicketRules,
-    ticket: &NewTicket,
-    arrived_at: DateTime<Utc>,
-) -> Result<Option<(HoldKind, String)>, StoreError> {
-    // Loop protection counts the sender's tickets that arrived within the window before
-    // this message arrived (not before now: a backlog is not a loop).
-    let sender = ticket.requester_email.as_str();
-    let window = rules.sender_window;
-    Ok(if let Some(held) = automatic_hold(ticket) {
-        Some(held)
-    } else if !sender.is_empty()
-        && tickets::recent_tickets_from(conn, &rules.parser, sender, arrived_at, window).await?
-            >= i64::from(rules.max_tickets_per_sender)
-    {
-        Some(loop_hold(conn, rules, sender, arrived_at).await?)
-    } else {
-        None
-    })
-}
-
-/// The hold of an automatic message that threads nowhere.
-fn automatic_hold(ticket: &NewTicket) -> Option<(HoldKind, String)> {
-    let reason = ticket.message.automatic_reason.as_ref()?;
-    Some((
-        HoldKind::Automatic,
-        format!("automatic message that answers no ticket: {reason}"),
-    ))
-}
-
-/// The hold of a message from a sender over the loop limit; warns once per loop (when no
-/// loop hold of this sender is recorded within the window yet).
-async fn loop_hold(
-    conn: &mut PgConnection,
-    rules: &TicketRules,
-    sender: &str,
-    arrived_at: DateTime<Utc>,
-) -> Result<(HoldKind, String), StoreError> {
-    let window = rules.sender_window;
-    if !quarantine::loop_recorded_since(conn, &rules.parser, sender, arrived_at, window).await? {
-        tracing::warn!(parser = %rules.parser, sender, window_s = window.as_secs(),
-            max = rules.max_tickets_per_sender, "loop protection: holding back new tickets from this sender");
-    }
-    Ok((
-        HoldKind::Loop,
-        format!(
-            "loop protection: {sender} opened {} tickets that arrived within {} s",
-            rules.max_tickets_per_sender,
-            window.as_secs()
-        ),
-    ))
 }
 
 /// One message handed to [`store_batch`].
