@@ -307,6 +307,10 @@ pub struct ParserConfig {
     pub max_attachment_size: u64,
     /// Keep every message's raw bytes beside its ticket message.
     pub keep_raw: bool,
+    /// When a message's raw bytes are kept, store its base64 attachments only there (as
+    /// byte ranges, read through the `attachment_files` view) instead of a second time
+    /// decoded: about 40 % fewer bytes for mail with attachments.
+    pub attachments_in_raw: bool,
     /// What to do on the server with a message once its rows are committed.
     pub after: AfterIngest,
     /// A mailbox with no successful pass or completed wait for this long is `stale`.

@@ -49,6 +49,7 @@ pub(super) fn validate_parsers(
             max_message_size: rules.max_message_size,
             max_attachment_size: rules.max_attachment_size,
             keep_raw: p.keep_raw,
+            attachments_in_raw: p.attachments_in_raw,
             after: rules.after,
             stale_after: Duration::from_secs(p.stale_after.unwrap_or(1200)),
             start_at: rules.start_at,

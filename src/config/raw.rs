@@ -114,6 +114,8 @@ pub(super) struct RawParser {
     pub(super) max_attachment_size: Option<ByteSize>,
     #[serde(default = "yes")]
     pub(super) keep_raw: bool,
+    #[serde(default)]
+    pub(super) attachments_in_raw: bool,
     pub(super) after: Option<String>,
     pub(super) stale_after: Option<u64>,
     pub(super) start_at: Option<String>,

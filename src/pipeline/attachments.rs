@@ -3,7 +3,8 @@
 //! Pure, no IO.
 
 use super::mime::{Attachment, clean, hex_sha256, normalize_id};
-use mail_parser::{MimeHeaders, PartType};
+use base64::Engine;
+use mail_parser::{Encoding, MimeHeaders, PartType};
 
 /// Longest attachment file name kept, in bytes.
 const MAX_FILENAME_LEN: usize = 200;
@@ -53,10 +54,41 @@ pub(super) fn attachments(
                 content: Some(content),
                 content_id,
                 is_inline,
+                raw_range: (part.encoding == Encoding::Base64)
+                    .then(|| part.offset_body as usize..part.offset_end as usize),
             }
         })
         .collect();
     parts.into_iter().flat_map(unpack_tnef).collect()
+}
+
+/// Keeps each attachment's [`Attachment::raw_range`] only where `raw` holds, at that range,
+/// base64 text that decodes to exactly its content (the range came from parsing, which may
+/// have read a repaired copy of the message); `in_raw` false clears them all.
+pub fn place_in_raw(attachments: &mut [Attachment], raw: &[u8], in_raw: bool) {
+    for attachment in attachments {
+        let range = attachment.raw_range.take();
+        attachment.raw_range = range.filter(|range| {
+            let encoded = raw.get(range.clone());
+            let content = attachment.content.as_deref();
+            in_raw && matches!((encoded, content), (Some(e), Some(c)) if base64_decodes_to(e, c))
+        });
+    }
+}
+
+/// True when `encoded` is canonical base64 (the alphabet, `=` padding only at the end)
+/// with no other characters than the whitespace Postgres' `decode(_, 'base64')` skips
+/// (space, tab, CR, LF), and decodes to exactly `content`: then the `attachment_files` view
+/// gives back `content` from the raw message.
+pub fn base64_decodes_to(encoded: &[u8], content: &[u8]) -> bool {
+    let compact: Vec<u8> = encoded
+        .iter()
+        .copied()
+        .filter(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(&compact)
+        .is_ok_and(|decoded| decoded == content)
 }
 
 /// Outlook's `winmail.dat` becomes the files inside it; one that holds no file (only a
@@ -91,6 +123,7 @@ fn unpack_tnef(attachment: Attachment) -> Vec<Attachment> {
                 content: Some(file.data),
                 content_id: None,
                 is_inline: false,
+                raw_range: None,
             }
         })
         .collect()
@@ -177,5 +210,53 @@ mod tests {
         let long = format!("{}.pdf", "ü".repeat(300));
         let s = safe_filename(&long);
         assert!(s.len() <= MAX_FILENAME_LEN && s.ends_with(".pdf"), "{s}");
+    }
+
+    #[test]
+    fn only_base64_that_postgres_decodes_the_same_way_is_kept_as_a_range() {
+        // Line breaks, spaces and tabs are skipped, as Postgres skips them.
+        assert!(base64_decodes_to(
+            b"aGVs\r\nbG8g\r\n d29y\tbGQ=\r\n",
+            b"hello world"
+        ));
+        assert!(base64_decodes_to(b"", b""));
+        // Anything else is not stored as a range: other characters (Postgres would fail),
+        // missing or misplaced padding, nonzero trailing bits, or other content.
+        assert!(!base64_decodes_to(b"aGVs*bG8=", b"hel\x96o"));
+        assert!(!base64_decodes_to(b"aGVsbA", b"hell"));
+        assert!(!base64_decodes_to(b"aGVsbA==aGVs", b"hellhel"));
+        assert!(!base64_decodes_to(b"aGVsbB==", b"hell"));
+        assert!(!base64_decodes_to(b"aGVsbA==", b"help"));
+        assert!(!base64_decodes_to(b"aGVsbA==\x0c", b"hell"));
+    }
+
+    #[test]
+    fn a_range_is_kept_only_when_asked_for_and_when_it_decodes_to_the_content() {
+        let raw = b"header\r\n\r\naGVsbG8=\r\n--b--";
+        let attachment = |range: std::ops::Range<usize>, content: &[u8]| Attachment {
+            filename: "a.bin".into(),
+            content_type: "application/octet-stream".into(),
+            content: Some(content.to_vec()),
+            size: content.len(),
+            sha256: String::new(),
+            content_id: None,
+            is_inline: false,
+            raw_range: Some(range),
+        };
+        let mut kept = vec![attachment(10..20, b"hello"), attachment(11..19, b"hello")];
+        place_in_raw(&mut kept, raw, true);
+        assert_eq!(kept[0].raw_range, Some(10..20));
+        assert_eq!(kept[0].stored_content(), None);
+        assert_eq!(
+            kept[1].raw_range, None,
+            "a range that does not decode to the content"
+        );
+        assert_eq!(kept[1].stored_content(), Some(&b"hello"[..]));
+        let mut not_asked = vec![attachment(10..20, b"hello")];
+        place_in_raw(&mut not_asked, raw, false);
+        assert_eq!(not_asked[0].raw_range, None);
+        let mut outside = vec![attachment(10..99, b"hello")];
+        place_in_raw(&mut outside, raw, true);
+        assert_eq!(outside[0].raw_range, None);
     }
 }

@@ -59,6 +59,22 @@ pub struct Attachment {
     pub content_id: Option<String>,
     /// True when the HTML body shows it through `cid:`.
     pub is_inline: bool,
+    /// Where its base64 text lies in the message's bytes. Parsing sets it for every base64
+    /// part; deciding keeps it only where the part is stored inside the raw message (see
+    /// [`crate::pipeline::Pipeline::attachments_in_raw`]) and those bytes were checked to
+    /// decode to `content`.
+    pub raw_range: Option<std::ops::Range<usize>>,
+}
+
+impl Attachment {
+    /// The bytes to store in `attachments.content`: none when they are read from the raw
+    /// message instead ([`Attachment::raw_range`]), or not kept.
+    pub fn stored_content(&self) -> Option<&[u8]> {
+        match self.raw_range {
+            Some(_) => None,
+            None => self.content.as_deref(),
+        }
+    }
 }
 
 /// Headers that mark a message as sent by a machine (RFC 3834 and common practice).

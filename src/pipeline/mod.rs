@@ -79,6 +79,8 @@ pub struct Pipeline {
     pub max_message_size: u64,
     /// Keep every message's raw bytes (else only those with warnings).
     pub keep_raw: bool,
+    /// Base64 attachments of a message whose raw bytes are kept are stored only there.
+    pub attachments_in_raw: bool,
 }
 
 impl From<&ParserConfig> for Pipeline {
@@ -87,6 +89,7 @@ impl From<&ParserConfig> for Pipeline {
             rules: TicketRules::from(p),
             max_message_size: p.max_message_size,
             keep_raw: p.keep_raw,
+            attachments_in_raw: p.attachments_in_raw,
         }
     }
 }
@@ -178,10 +181,12 @@ pub fn decide(pipeline: &Pipeline, raw: &[u8]) -> Decision {
         ));
     }
     quarantine_on_panic(|| match crate::pipeline::mime::parse(raw) {
-        Ok(parsed) => Decision::Ticket(Box::new(crate::pipeline::ticket::new_ticket(
-            &pipeline.rules,
-            parsed,
-        ))),
+        Ok(parsed) => {
+            let mut ticket = crate::pipeline::ticket::new_ticket(&pipeline.rules, parsed);
+            let in_raw = pipeline.attachments_in_raw && kept_raw(pipeline, &ticket, raw).is_some();
+            attachments::place_in_raw(&mut ticket.attachments, raw, in_raw);
+            Decision::Ticket(Box::new(ticket))
+        }
         Err(e) => Decision::Quarantine(e.to_string()),
     })
 }

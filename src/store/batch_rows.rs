@@ -7,6 +7,7 @@
 //! without relying on the order of `RETURNING`.
 
 use super::StoreError;
+use crate::pipeline::mime::Attachment;
 use crate::pipeline::ticket::{NewTicket, Role};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
@@ -205,18 +206,19 @@ async fn insert_attachments(
     conn: &mut PgConnection,
     rows: &[MessageRow<'_>],
 ) -> Result<(), StoreError> {
-    let all: Vec<(i64, &crate::pipeline::mime::Attachment)> = rows
+    let all: Vec<(i64, &Attachment)> = rows
         .iter()
         .flat_map(|r| r.ticket.attachments.iter().map(move |a| (r.id, a)))
         .collect();
     run_chunked(
         conn,
         "insert into attachments (ticket_message_id, filename, content_type, size, sha256,
-             content_id, is_inline, content) ",
+             content_id, is_inline, content, raw_offset, raw_length) ",
         &all,
-        8,
-        |(_, a)| a.content.as_ref().map_or(0, Vec::len),
+        10,
+        |(_, a)| a.stored_content().map_or(0, <[u8]>::len),
         |mut b, (message_id, a)| {
+            let (offset, length) = raw_place(a);
             b.push_bind(*message_id)
                 .push_bind(&a.filename)
                 .push_bind(&a.content_type)
@@ -224,10 +226,22 @@ async fn insert_attachments(
                 .push_bind(&a.sha256)
                 .push_bind(&a.content_id)
                 .push_bind(a.is_inline)
-                .push_bind(a.content.as_deref());
+                .push_bind(a.stored_content())
+                .push_bind(offset)
+                .push_bind(length);
         },
     )
     .await
+}
+
+/// `attachments.raw_offset` and `raw_length`: where the attachment's base64 text lies in
+/// the raw message, when it is stored only there.
+pub fn raw_place(attachment: &Attachment) -> (Option<i64>, Option<i64>) {
+    let range = attachment.raw_range.as_ref();
+    (
+        range.map(|r| r.start as i64),
+        range.map(|r| (r.end - r.start) as i64),
+    )
 }
 
 async fn insert_raw(conn: &mut PgConnection, rows: &[MessageRow<'_>]) -> Result<(), StoreError> {

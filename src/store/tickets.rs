@@ -2,6 +2,7 @@
 //! `raw_messages`; the threading and loop-protection lookups.
 
 use super::StoreError;
+use super::batch_rows::raw_place;
 use crate::pipeline::ticket::NewTicket;
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -53,7 +54,7 @@ pub async fn insert_ticket(
          ), {}, p as (
             insert into participants (ticket_id, email, name, role)
             select t.id, u.email, u.name, u.role
-              from t, m, unnest($31::text[], $32::text[], $33::text[]) as u(email, name, role)
+              from t, m, unnest($33::text[], $34::text[], $35::text[]) as u(email, name, role)
             on conflict do nothing
          )
          select t.id, (select id from m) from t",
@@ -115,7 +116,7 @@ pub async fn append_message(
          ), {}, p as (
             insert into participants (ticket_id, email, name, role)
             select $1, u.email, u.name, 'cc'
-              from m, unnest($27::text[], $28::text[]) as u(email, name)
+              from m, unnest($29::text[], $30::text[]) as u(email, name)
              where not exists
                    (select 1 from participants p where p.ticket_id = $1 and p.email = u.email)
             on conflict do nothing
@@ -148,19 +149,19 @@ pub async fn append_message(
 }
 
 /// The attachments and raw bytes of the message inserted by CTE `m`, as two more CTEs;
-/// their eight values ([`Parts::bind`] order) are numbered from `first`.
+/// their ten values ([`Parts::bind`] order) are numbered from `first`.
 fn message_parts(first: usize) -> String {
     let n = |i: usize| first + i;
     format!(
         "a as (
             insert into attachments (ticket_message_id, filename, content_type, size, sha256,
-                 content_id, is_inline, content)
+                 content_id, is_inline, content, raw_offset, raw_length)
             select m.id, a.filename, a.content_type, a.size, a.sha256, a.content_id,
-                   a.is_inline, a.content
+                   a.is_inline, a.content, a.raw_offset, a.raw_length
               from m, unnest(${}::text[], ${}::text[], ${}::bigint[], ${}::text[], ${}::text[],
-                   ${}::bool[], ${}::bytea[])
+                   ${}::bool[], ${}::bytea[], ${}::bigint[], ${}::bigint[])
                    with ordinality as a(filename, content_type, size, sha256, content_id,
-                                        is_inline, content, n)
+                                        is_inline, content, raw_offset, raw_length, n)
              order by a.n
          ), r as (
             insert into raw_messages (ticket_message_id, raw)
@@ -173,7 +174,9 @@ fn message_parts(first: usize) -> String {
         n(4),
         n(5),
         n(6),
-        raw = n(7),
+        n(7),
+        n(8),
+        raw = n(9),
     )
 }
 
@@ -187,6 +190,8 @@ struct Parts<'a> {
     ids: Vec<Option<&'a str>>,
     inline: Vec<bool>,
     contents: Vec<Option<&'a [u8]>>,
+    offsets: Vec<Option<i64>>,
+    lengths: Vec<Option<i64>>,
     raw: Option<&'a [u8]>,
 }
 
@@ -200,12 +205,14 @@ impl<'a> Parts<'a> {
             hashes: all.iter().map(|a| a.sha256.as_str()).collect(),
             ids: all.iter().map(|a| a.content_id.as_deref()).collect(),
             inline: all.iter().map(|a| a.is_inline).collect(),
-            contents: all.iter().map(|a| a.content.as_deref()).collect(),
+            contents: all.iter().map(|a| a.stored_content()).collect(),
+            offsets: all.iter().map(|a| raw_place(a).0).collect(),
+            lengths: all.iter().map(|a| raw_place(a).1).collect(),
             raw,
         }
     }
 
-    /// Binds the seven attachment arrays and the raw bytes, in [`message_parts`] order.
+    /// Binds the nine attachment arrays and the raw bytes, in [`message_parts`] order.
     fn bind<'q, T>(&'q self, query: PgQueryAs<'q, T>) -> PgQueryAs<'q, T> {
         query
             .bind(&self.filenames)
@@ -215,6 +222,8 @@ impl<'a> Parts<'a> {
             .bind(&self.ids)
             .bind(&self.inline)
             .bind(&self.contents)
+            .bind(&self.offsets)
+            .bind(&self.lengths)
             .bind(self.raw)
     }
 }

@@ -20,6 +20,7 @@ fn pipeline() -> Pipeline {
         },
         max_message_size: 1 << 20,
         keep_raw: true,
+        attachments_in_raw: false,
     }
 }
 

@@ -241,17 +241,7 @@ async fn a_batch_stores_around_the_one_message_the_database_refuses_and_threads_
         )
         .into_bytes()
     };
-    // A sender address no index can hold (Postgres refuses the ticket row: SQLSTATE
-    // 54000); random, so that compression cannot shrink it under the limit.
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let huge: String = (0..9000)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(seed % 36) as usize])
-        })
-        .collect();
+    let huge = unindexable_local_part();
     let batch = vec![
         mail("first@example.com", "", "Printer broken"),
         mail(
@@ -293,6 +283,99 @@ async fn a_batch_stores_around_the_one_message_the_database_refuses_and_threads_
         .count("select count(*) from ticket_events where kind in ('ticket.created', 'ticket.message_added', 'message.quarantined')")
         .await;
     assert_eq!(events, 3, "one event each, none from the abandoned attempt");
+}
+
+/// A sender address no index can hold (Postgres refuses the ticket row: SQLSTATE 54000);
+/// random, so that compression cannot shrink it under the limit.
+fn unindexable_local_part() -> String {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    (0..9000)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(seed % 36) as usize])
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn attachments_kept_only_in_the_raw_message_read_back_the_same_through_the_view() {
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let corpus: Vec<Vec<u8>> = support::corpus_files()
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    let copy = env.pipeline("copy", "");
+    pipeline::ingest_batch(&db.pool, &copy, &corpus)
+        .await
+        .unwrap();
+    let in_raw = env.pipeline("in_raw", "attachments_in_raw = true");
+    pipeline::ingest_batch(&db.pool, &in_raw, &corpus)
+        .await
+        .unwrap();
+    // The same again, stored message by message (a message Postgres refuses is in the
+    // batch).
+    let alone = env.pipeline("in_raw_alone", "attachments_in_raw = true");
+    let mut batch = corpus.clone();
+    let refused = format!(
+        "From: <{}@example.com>\r\nSubject: refused\r\nMessage-ID: <refused@example.com>\r\n\r\nx\r\n",
+        unindexable_local_part()
+    );
+    batch.push(refused.into_bytes());
+    let outcomes = pipeline::ingest_batch(&db.pool, &alone, &batch)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcomes.last(), Some(Outcome::Quarantined { .. })),
+        "{outcomes:?}"
+    );
+
+    type Row = (String, String, Option<Vec<u8>>, bool);
+    let files = |parser: &'static str| {
+        sqlx::query_as::<_, Row>(
+            "select m.message_id, f.filename, f.content, f.in_raw
+               from attachment_files f join ticket_messages m on m.id = f.ticket_message_id
+              where m.parser = $1 order by m.message_id, f.id",
+        )
+        .bind(parser)
+        .fetch_all(&db.pool)
+    };
+    let expected = files("copy").await.unwrap();
+    assert!(
+        expected.len() >= 10,
+        "the corpus has attachments: {}",
+        expected.len()
+    );
+    assert!(
+        expected
+            .iter()
+            .all(|(_, _, content, in_raw)| content.is_some() && !in_raw)
+    );
+    for parser in ["in_raw", "in_raw_alone"] {
+        let got = files(parser).await.unwrap();
+        let in_raw = got.iter().filter(|row| row.3).count();
+        assert!(
+            in_raw >= 5,
+            "{parser}: {in_raw} attachments kept in the raw message"
+        );
+        let strip = |rows: &[Row]| -> Vec<(String, String, Option<Vec<u8>>)> {
+            rows.iter()
+                .map(|(id, name, content, _)| (id.clone(), name.clone(), content.clone()))
+                .collect()
+        };
+        assert!(
+            strip(&got) == strip(&expected),
+            "{parser}: the view gives other bytes"
+        );
+    }
+    let stored_twice = env
+        .count(
+            "select count(*) from attachments where raw_offset is not null and content is not null",
+        )
+        .await;
+    assert_eq!(stored_twice, 0);
 }
 
 #[tokio::test]
