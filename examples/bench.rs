@@ -88,8 +88,18 @@ async fn backlog(dir: &Path, rounds: usize) {
             record("mbsync (fetch only)", mbsync(&dovecot));
         }
         record("raw IMAP fetch", raw_fetch(&entra, &dovecot).await);
-        record("mail2ticket run --once", run_once(&entra, &dovecot).await);
-        record("mail2ticket ingest", ingest(&entra, dir).await);
+        record(
+            "mail2ticket run --once",
+            run_once(&entra, &dovecot, "").await,
+        );
+        record("mail2ticket ingest", ingest(&entra, dir, "").await);
+        // The same with attachments stored once, inside the raw message.
+        let in_raw = "attachments_in_raw = true\n";
+        record(
+            "run --once, in raw",
+            run_once(&entra, &dovecot, in_raw).await,
+        );
+        record("ingest, in raw", ingest(&entra, dir, in_raw).await);
     }
     println!("medians of {rounds} rounds:");
     let median_rate = |runs: &[Run]| {
@@ -106,11 +116,10 @@ async fn backlog(dir: &Path, rounds: usize) {
             .find(|(n, _)| *n == name)
             .map(|(_, r)| median_rate(r))
     };
-    if let (Some(m2t), Some(mbsync)) = (
-        rate_of("mail2ticket run --once"),
-        rate_of("mbsync (fetch only)"),
-    ) {
-        println!("  run --once / mbsync = {:.2}", m2t / mbsync);
+    for name in ["mail2ticket run --once", "run --once, in raw"] {
+        if let (Some(m2t), Some(mbsync)) = (rate_of(name), rate_of("mbsync (fetch only)")) {
+            println!("  {name} / mbsync = {:.2}", m2t / mbsync);
+        }
     }
 }
 
@@ -191,7 +200,7 @@ async fn raw_fetch(entra: &Entra, dovecot: &Dovecot) -> Run {
     // The configuration only names the database; a raw fetch never connects to it.
     let config = mail2ticket::config::Config::from_toml(
         Path::new("bench.toml"),
-        &backlog_config("postgres://unused@127.0.0.1/unused", entra, dovecot),
+        &backlog_config("postgres://unused@127.0.0.1/unused", entra, dovecot, ""),
     )
     .unwrap();
     let tokens = mail2ticket::auth::TokenSources::from_config(&config, None).unwrap();
@@ -224,12 +233,12 @@ async fn raw_fetch(entra: &Entra, dovecot: &Dovecot) -> Run {
     }
 }
 
-/// `mail2ticket run --once` into a fresh database.
-async fn run_once(entra: &Entra, dovecot: &Dovecot) -> Run {
+/// `mail2ticket run --once` into a fresh database; `extra`: more parser settings.
+async fn run_once(entra: &Entra, dovecot: &Dovecot, extra: &str) -> Run {
     let db = support::postgres::test_db().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m2t.toml");
-    std::fs::write(&path, backlog_config(&db.url, entra, dovecot)).unwrap();
+    std::fs::write(&path, backlog_config(&db.url, entra, dovecot, extra)).unwrap();
     let (seconds, rss) = timed(
         Command::new(binary())
             .args(["run", "--once", "--config"])
@@ -238,13 +247,13 @@ async fn run_once(entra: &Entra, dovecot: &Dovecot) -> Run {
     stored_run(&db.pool, seconds, format!("peak RSS {rss}")).await
 }
 
-/// `mail2ticket ingest` of the files into a fresh database.
-async fn ingest(entra: &Entra, dir: &Path) -> Run {
+/// `mail2ticket ingest` of the files into a fresh database; `extra`: more parser settings.
+async fn ingest(entra: &Entra, dir: &Path, extra: &str) -> Run {
     let db = support::postgres::test_db().await;
     let cfg = tempfile::tempdir().unwrap();
     let path = cfg.path().join("m2t.toml");
     let config = format!(
-        "[database]\nurl = \"{}\"\n{}[[parser]]\nname = \"bulk\"\nemail = \"{MAILBOX}\"\ncredential = \"app\"\nadd_ccs = true\n[parser.imap]\nhost = \"localhost\"\n",
+        "[database]\nurl = \"{}\"\n{}[[parser]]\nname = \"bulk\"\nemail = \"{MAILBOX}\"\ncredential = \"app\"\nadd_ccs = true\n{extra}[parser.imap]\nhost = \"localhost\"\n",
         db.url,
         credential(entra)
     );
@@ -316,19 +325,19 @@ fn credential(entra: &Entra) -> String {
 
 /// One IMAP parser per mailbox, the defaults otherwise (threading, raw archive) except
 /// `after = "none"`, so that every round finds the same mailbox.
-fn parser(name: &str, email: &str, dovecot: &Dovecot) -> String {
+fn parser(name: &str, email: &str, dovecot: &Dovecot, extra: &str) -> String {
     format!(
-        "[[parser]]\nname = \"{name}\"\nemail = \"{email}\"\nshared_mailbox = true\ncredential = \"app\"\nadd_ccs = true\nafter = \"none\"\n[parser.imap]\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\n",
+        "[[parser]]\nname = \"{name}\"\nemail = \"{email}\"\nshared_mailbox = true\ncredential = \"app\"\nadd_ccs = true\nafter = \"none\"\n{extra}[parser.imap]\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\n",
         dovecot.imaps_port,
         dovecot.ca_file.display()
     )
 }
 
-fn backlog_config(db_url: &str, entra: &Entra, dovecot: &Dovecot) -> String {
+fn backlog_config(db_url: &str, entra: &Entra, dovecot: &Dovecot, extra: &str) -> String {
     format!(
         "[database]\nurl = \"{db_url}\"\n{}{}",
         credential(entra),
-        parser("bulk", MAILBOX, dovecot)
+        parser("bulk", MAILBOX, dovecot, extra)
     )
 }
 
@@ -359,7 +368,7 @@ async fn mailboxes(n: usize, appends: usize) {
         credential(&entra)
     );
     for (i, email) in emails.iter().enumerate() {
-        config.push_str(&parser(&format!("mb{i:04}"), email, &dovecot));
+        config.push_str(&parser(&format!("mb{i:04}"), email, &dovecot, ""));
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m2t.toml");

@@ -4,7 +4,8 @@
 # tests need (.ci/run installs it), as root for Dovecot; mbsync (package isync) is compared
 # when installed.
 #
-#   scripts/bench.sh backlog [N=5000] [ROUNDS=3]   mbsync, a raw fetch, run --once and ingest,
+#   scripts/bench.sh backlog [N=5000] [ROUNDS=3]   mbsync, a raw fetch, run --once and ingest
+#                                                   (each also with attachments_in_raw),
 #                                                   interleaved on the same N-message mailbox
 #   scripts/bench.sh mailboxes [N=1000] [APPENDS=300]
 #                                                   N mailboxes in one process: start-up, RSS,

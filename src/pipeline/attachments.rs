@@ -55,7 +55,7 @@ pub(super) fn attachments(
                 content_id,
                 is_inline,
                 raw_range: (part.encoding == Encoding::Base64)
-                    .then(|| part.offset_body as usize..part.offset_end as usize),
+                    .then_some(part.offset_body as usize..part.offset_end as usize),
             }
         })
         .collect();
