@@ -377,10 +377,12 @@ impl<'a> Incoming<'a> {
 /// the same commit. Outcomes come back in input order; on error the caller's transaction
 /// is to be abandoned, and running the batch again is harmless (the Message-ID key holds).
 ///
-/// The batch is stored at once under one savepoint, its lookups done for the whole batch
-/// (see [`Known`]). Only when Postgres refuses some message's data is the batch rolled back
-/// to that savepoint and stored again one message at a time, each in a savepoint of its
-/// own, so that the refused message alone is quarantined and nothing else is lost.
+/// The batch is stored at once under one savepoint: its lookups done for the whole batch,
+/// the rules applied in memory, its rows written with a few statements (`bulk`). Only
+/// when Postgres refuses some message's data, or another writer stored one of its messages
+/// meanwhile, is the batch rolled back to that savepoint and stored again one message at
+/// a time, each in a savepoint of its own, so that the refused message alone is
+/// quarantined and nothing else is lost.
 pub async fn store_batch(
     tx: &mut PgConnection,
     pipeline: &Pipeline,
