@@ -12,7 +12,7 @@ use crate::source::{Fetched, Pending, SourceError, SourceSession};
 use std::collections::HashSet;
 
 /// Messages fetched per batch (and per transaction).
-pub const BATCH_MESSAGES: usize = 50;
+pub const BATCH_MESSAGES: usize = 100;
 /// Bytes fetched per batch, at most (async-imap buffers a whole response in memory).
 pub const BATCH_BYTES: u64 = 24 << 20;
 
@@ -207,13 +207,23 @@ fn too_large(message: &Pending, size: u64, max: u64) -> String {
     )
 }
 
+/// A message whose size the source does not tell (Graph lists none) counts this much
+/// against [`BATCH_BYTES`]: such batches hold 50 messages, as they did before batches grew
+/// to 100, so that memory stays bounded by count where it cannot be by bytes.
+const UNKNOWN_SIZE: u64 = BATCH_BYTES / 50;
+
 /// The next batch: up to [`BATCH_MESSAGES`] messages and [`BATCH_BYTES`] (always at least
-/// one message; oversized ones count as nothing, since only their header is fetched).
+/// one message; oversized ones count as nothing, since only their header is fetched; one
+/// of unknown size as [`UNKNOWN_SIZE`]).
 pub fn split(pending: &[Pending], max_message_size: u64) -> (&[Pending], &[Pending]) {
     let mut bytes = 0u64;
     let mut end = 0;
     for (i, m) in pending.iter().enumerate() {
-        let size = if m.size > max_message_size { 0 } else { m.size };
+        let size = match m.size {
+            0 => UNKNOWN_SIZE,
+            size if size > max_message_size => 0,
+            size => size,
+        };
         if i >= BATCH_MESSAGES || (i > 0 && bytes + size > BATCH_BYTES) {
             break;
         }
@@ -259,6 +269,12 @@ mod tests {
             split(&huge, 1 << 20).0.len(),
             2,
             "oversized count as nothing"
+        );
+        let unknown: Vec<(i64, u64)> = (1..=120).map(|key| (key, 0)).collect();
+        assert_eq!(
+            split(&listed(&unknown), 1 << 30).0.len(),
+            50,
+            "unknown sizes"
         );
     }
 }

@@ -312,14 +312,14 @@ async fn a_password_parser_logs_in_with_a_username_that_is_not_an_address() {
 async fn a_link_that_keeps_dropping_retries_at_once_while_batches_commit() {
     let s = TestEnv::mail().await;
     let body = "x".repeat(4000);
-    for n in 0..300 {
+    for n in 0..500 {
         let raw = format!(
             "From: c{n}@example.com\r\nSubject: backlog {n}\r\nMessage-ID: <b{n}@test>\r\n\r\n{body}\r\n"
         );
         s.dovecot().deliver(SHARED_A, raw.as_bytes());
     }
-    // Every connection drops after ~300 KB: one batch of 50 (~200 KB) commits per session.
-    let proxy = CuttingProxy::start_cutting_every(s.dovecot().imap_port, 300_000).await;
+    // Every connection drops after ~600 KB: one batch of 100 (~400 KB) commits per session.
+    let proxy = CuttingProxy::start_cutting_every(s.dovecot().imap_port, 600_000).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dropping.toml");
     std::fs::write(
@@ -337,7 +337,7 @@ async fn a_link_that_keeps_dropping_retries_at_once_while_batches_commit() {
         .unwrap();
     let daemon = KillOnDrop(child);
     wait_for(Duration::from_secs(120), || async {
-        s.count("select count(*) from tickets").await == 300
+        s.count("select count(*) from tickets").await == 500
     })
     .await;
     drop(daemon);
