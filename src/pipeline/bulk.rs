@@ -1,7 +1,7 @@
 //! Storing a whole batch with a few statements: the rules of the module doc applied to
 //! every message in memory (what is stored already and the senders' recent tickets are
 //! read once for the batch), then the new tickets and messages written together
-//! ([`store::batch_rows`]).
+//! ([`crate::store::batch_rows`]).
 //!
 //! The outcome is the same as storing the messages one by one in order: a message
 //! threads onto, or duplicates, one stored earlier in the same batch; loop protection
