@@ -308,7 +308,7 @@ impl SenderTickets {
     }
 
     /// True when `sender` opened `max_tickets_per_sender` tickets that arrived within the
-    /// window before `at` (as [`tickets::recent_tickets_from`] counts).
+    /// window before `at`.
     fn over_limit(&self, pipeline: &Pipeline, sender: &str, at: DateTime<Utc>) -> bool {
         if sender.is_empty() {
             return false;

@@ -6,7 +6,6 @@ use super::Outcome;
 use crate::pipeline::ticket::{NewTicket, TicketRules};
 use crate::store::StoreError;
 use crate::store::quarantine::{self, Hold, HoldKind, QuarantineInsert};
-use crate::store::tickets;
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
@@ -35,30 +34,6 @@ pub(super) async fn hold_message(
             QuarantineInsert::Duplicate { id } => Outcome::DuplicateQuarantined { id },
         },
     )
-}
-
-/// Why a message that threads nowhere is held instead of opening a ticket: it is
-/// automatic, or its sender is over the loop limit.
-pub(super) async fn hold_reason(
-    conn: &mut PgConnection,
-    rules: &TicketRules,
-    ticket: &NewTicket,
-    arrived_at: DateTime<Utc>,
-) -> Result<Option<(HoldKind, String)>, StoreError> {
-    // Loop protection counts the sender's tickets that arrived within the window before
-    // this message arrived (not before now: a backlog is not a loop).
-    let sender = ticket.requester_email.as_str();
-    let window = rules.sender_window;
-    Ok(if let Some(held) = automatic_hold(ticket) {
-        Some(held)
-    } else if !sender.is_empty()
-        && tickets::recent_tickets_from(conn, &rules.parser, sender, arrived_at, window).await?
-            >= i64::from(rules.max_tickets_per_sender)
-    {
-        Some(loop_hold(conn, rules, sender, arrived_at).await?)
-    } else {
-        None
-    })
 }
 
 /// The hold of an automatic message that threads nowhere.

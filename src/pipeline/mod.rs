@@ -2,7 +2,7 @@
 //!
 //! Every source of mail uses it: the `ingest` command (MTA pipe, .eml backfill), and the
 //! IMAP pollers. [`decide`] is pure (size limit, MIME parsing, ticket mapping);
-//! [`store_decision`] writes the result inside the caller's transaction; [`ingest_one`]
+//! [`store_decided`] writes the results inside the caller's transaction; [`ingest_one`]
 //! does both in a transaction of its own.
 //!
 //! The rules, in order: a message already stored for the parser is a duplicate; one that
@@ -26,8 +26,6 @@ mod replay;
 pub mod ticket;
 pub mod tnef;
 
-use holds::{hold_message, hold_reason};
-use known::Known;
 pub use replay::{Replay, replay};
 
 use crate::config::ParserConfig;
@@ -35,7 +33,6 @@ use crate::pipeline::ticket::{NewTicket, TicketRules};
 use crate::store::StoreError;
 use crate::store::events::{self, Queued};
 use crate::store::quarantine::{self, Hold, HoldKind, QuarantineInsert};
-use crate::store::tickets::{self, TicketInsert};
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -202,53 +199,6 @@ fn quarantine_on_panic(decide: impl FnOnce() -> Decision) -> Decision {
     })
 }
 
-/// Writes a decision inside the caller's open transaction, in a savepoint of its own, so
-/// that if Postgres refuses the message's data (see [`StoreError::is_refused_data`]) its
-/// partial rows are rolled back and it goes to quarantine instead.
-async fn store_decision(
-    tx: &mut PgConnection,
-    pipeline: &Pipeline,
-    decision: &Decision,
-    item: &Incoming<'_>,
-    events: &mut Vec<Queued>,
-    known: &mut Known,
-) -> Result<Outcome, StoreError> {
-    let parser = &pipeline.rules.parser;
-    let raw = item.raw;
-    let arrived_at = item.arrival.resolve(decision);
-    let error_hold = match decision {
-        Decision::Quarantine(reason) => reason.clone(),
-        Decision::Ticket(ticket) => {
-            let mut savepoint = tx.begin().await?;
-            let stored = store_ticket(
-                &mut savepoint,
-                pipeline,
-                ticket,
-                raw,
-                arrived_at,
-                events,
-                known,
-            )
-            .await;
-            match stored {
-                Ok(outcome) => {
-                    savepoint.commit().await?;
-                    known.stored(&ticket.message.message_id, &outcome);
-                    return Ok(outcome);
-                }
-                Err(e) if e.is_refused_data() => {
-                    savepoint.rollback().await?;
-                    format!("the database refused the message: {e}")
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    };
-    let outcome = quarantine_raw(tx, parser, error_hold, raw, false, arrived_at).await?;
-    events.extend(quarantine_event(&outcome));
-    Ok(outcome)
-}
-
 /// Quarantines a message that could not be ticketed, with the reason, inside the caller's
 /// transaction. `header_only`: `raw` is only what could be read of a message that stays on
 /// the server (too large, or never returned), so replay skips it.
@@ -289,63 +239,6 @@ fn quarantine_event(outcome: &Outcome) -> Option<Queued> {
 /// message read with warnings.
 fn kept_raw<'a>(pipeline: &Pipeline, ticket: &NewTicket, raw: &'a [u8]) -> Option<&'a [u8]> {
     (pipeline.keep_raw || !ticket.message.warnings.is_empty()).then_some(raw)
-}
-
-/// The threading, automatic-message and loop rules (see the module doc).
-async fn store_ticket(
-    conn: &mut PgConnection,
-    pipeline: &Pipeline,
-    ticket: &NewTicket,
-    raw: &[u8],
-    arrived_at: DateTime<Utc>,
-    events: &mut Vec<Queued>,
-    known: &Known,
-) -> Result<Outcome, StoreError> {
-    let rules = &pipeline.rules;
-    // A message already stored is a duplicate whatever the rules would say now: checked
-    // here, before any rule runs (re-fetches after a crash take this path).
-    if let Some(ticket_id) = known.ticket_of(&ticket.message.message_id) {
-        return Ok(Outcome::Duplicate { ticket_id });
-    }
-    let keep_raw = kept_raw(pipeline, ticket, raw);
-    let thread = match (known.thread(&ticket.thread_refs), ticket.tagged_ticket) {
-        (Some(ticket_id), _) => Some(ticket_id),
-        (None, Some(tagged)) => tickets::tagged_ticket(conn, &rules.parser, tagged).await?,
-        (None, None) => None,
-    };
-    if let Some(ticket_id) = thread {
-        let stored = tickets::append_message(conn, ticket_id, ticket, keep_raw, arrived_at).await?;
-        return Ok(announce_ticket(stored, events));
-    }
-    if let Some(held) = hold_reason(conn, rules, ticket, arrived_at).await? {
-        let outcome = hold_message(conn, &rules.parser, held, ticket, raw, arrived_at).await?;
-        events.extend(quarantine_event(&outcome));
-        return Ok(outcome);
-    }
-    let stored = tickets::insert_ticket(conn, ticket, keep_raw, arrived_at).await?;
-    Ok(announce_ticket(stored, events))
-}
-
-/// The outcome of storing a ticket message, with its event queued for the batch's
-/// transaction (a duplicate has none).
-fn announce_ticket(stored: TicketInsert, events: &mut Vec<Queued>) -> Outcome {
-    match stored {
-        TicketInsert::Created {
-            ticket_id,
-            message_row_id,
-        } => {
-            events.push(Queued::Message("ticket.created", message_row_id));
-            Outcome::Created { ticket_id }
-        }
-        TicketInsert::Appended {
-            ticket_id,
-            message_row_id,
-        } => {
-            events.push(Queued::Message("ticket.message_added", message_row_id));
-            Outcome::Appended { ticket_id }
-        }
-        TicketInsert::Duplicate { ticket_id } => Outcome::Duplicate { ticket_id },
-    }
 }
 
 /// One message handed to [`store_batch`].
@@ -436,7 +329,9 @@ pub async fn store_decided(
     Ok(outcomes)
 }
 
-/// Stores every item in order, each in a savepoint of its own (see [`store_decision`]).
+/// Stores every item in order, each in a savepoint of its own, by the same rules
+/// ([`bulk::store`] of that one message), so that a message whose data Postgres refuses
+/// is quarantined alone and nothing else is lost.
 async fn store_each(
     tx: &mut PgConnection,
     pipeline: &Pipeline,
@@ -444,27 +339,53 @@ async fn store_each(
     decisions: &[Option<Decision>],
     queued: &mut Vec<Queued>,
 ) -> Result<Vec<Outcome>, StoreError> {
-    let parser = &pipeline.rules.parser;
-    let mut known = Known::read(tx, parser, decisions).await?;
     let mut outcomes = Vec::with_capacity(items.len());
     for (item, decision) in items.iter().zip(decisions) {
-        let outcome = match (decision, item.header_only) {
-            (Some(decision), _) => {
-                store_decision(tx, pipeline, decision, item, queued, &mut known).await?
-            }
-            (None, reason) => {
-                let reason = reason.unwrap_or_default().to_string();
-                let decision = Decision::Quarantine(reason.clone());
-                let arrived_at = item.arrival.resolve(&decision);
-                let outcome =
-                    quarantine_raw(tx, parser, reason, item.raw, true, arrived_at).await?;
-                queued.extend(quarantine_event(&outcome));
-                outcome
-            }
-        };
-        outcomes.push(outcome);
+        outcomes.push(store_alone(tx, pipeline, item, decision, queued).await?);
     }
     Ok(outcomes)
+}
+
+/// One message in a savepoint of its own. A unique key that refuses it means another
+/// writer committed the same message meanwhile: looked at again, it is a duplicate.
+async fn store_alone(
+    tx: &mut PgConnection,
+    pipeline: &Pipeline,
+    item: &Incoming<'_>,
+    decision: &Option<Decision>,
+    queued: &mut Vec<Queued>,
+) -> Result<Outcome, StoreError> {
+    let (one, decided) = (std::slice::from_ref(item), std::slice::from_ref(decision));
+    let mut looked_again = false;
+    loop {
+        let mut savepoint = tx.begin().await?;
+        let mut events = Vec::new();
+        match bulk::store(&mut savepoint, pipeline, one, decided, &mut events).await {
+            Ok(mut outcome) => {
+                savepoint.commit().await?;
+                queued.extend(events);
+                return Ok(outcome.remove(0));
+            }
+            Err(e) if e.is_unique_violation() && !looked_again => {
+                savepoint.rollback().await?;
+                looked_again = true;
+            }
+            Err(e) if e.is_refused_data() => {
+                savepoint.rollback().await?;
+                let reason = format!("the database refused the message: {e}");
+                let arrived_at = match decision {
+                    Some(decision) => item.arrival.resolve(decision),
+                    None => item.arrival.resolve(&Decision::Quarantine(reason.clone())),
+                };
+                let parser = &pipeline.rules.parser;
+                let outcome = quarantine_raw(tx, parser, reason, item.raw, false, arrived_at);
+                let outcome = outcome.await?;
+                queued.extend(quarantine_event(&outcome));
+                return Ok(outcome);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Stores messages read from files or a pipe in one transaction: one commit (one fsync)

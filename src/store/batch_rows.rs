@@ -1,6 +1,6 @@
-//! The rows of a whole batch of new tickets and messages, written with a few multi-row
-//! statements instead of one statement per message (the per-message SQL is in
-//! [`super::tickets`], used when a batch has to be stored message by message).
+//! The rows of a batch of new tickets and messages, written with a few multi-row
+//! statements instead of one statement per message (a batch stored message by message is
+//! a series of batches of one).
 //!
 //! Row ids are taken from the tables' own identity sequences first ([`allocate_ids`]), so
 //! that messages, attachments, raw bytes and events can name their ticket and message rows
