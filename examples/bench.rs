@@ -13,6 +13,10 @@
 //! the time until every mailbox is idle (logged in, listed, waiting in IDLE), the resident
 //! memory, then APPENDS messages delivered one by one to random mailboxes and the time from
 //! delivery to committed row (percentiles).
+//!
+//! For profiling: `BENCH_ONLY=text` runs only the backlog steps whose name contains it, and
+//! `BENCH_PERF_CTL=fifo` writes `enable`/`disable` to a `perf record --control fifo:...`
+//! control pipe around each timed mail2ticket run, so a machine-wide profile holds only it.
 
 #[path = "../tests/it/support/mod.rs"]
 #[allow(dead_code)]
@@ -82,24 +86,32 @@ async fn backlog(dir: &Path, rounds: usize) {
         }
     };
     let have_mbsync = Command::new("mbsync").arg("--version").output().is_ok();
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wanted = |name: &str| name.contains(only.as_str());
+    let in_raw = "attachments_in_raw = true\n";
     for round in 1..=rounds {
         println!("round {round}:");
-        if have_mbsync {
+        if have_mbsync && wanted("mbsync (fetch only)") {
             record("mbsync (fetch only)", mbsync(&dovecot));
         }
-        record("raw IMAP fetch", raw_fetch(&entra, &dovecot).await);
-        record(
-            "mail2ticket run --once",
-            run_once(&entra, &dovecot, "").await,
-        );
-        record("mail2ticket ingest", ingest(&entra, dir, "").await);
+        if wanted("raw IMAP fetch") {
+            record("raw IMAP fetch", raw_fetch(&entra, &dovecot).await);
+        }
+        if wanted("mail2ticket run --once") {
+            let run = run_once(&entra, &dovecot, "").await;
+            record("mail2ticket run --once", run);
+        }
+        if wanted("mail2ticket ingest") {
+            record("mail2ticket ingest", ingest(&entra, dir, "").await);
+        }
         // The same with attachments stored once, inside the raw message.
-        let in_raw = "attachments_in_raw = true\n";
-        record(
-            "run --once, in raw",
-            run_once(&entra, &dovecot, in_raw).await,
-        );
-        record("ingest, in raw", ingest(&entra, dir, in_raw).await);
+        if wanted("run --once, in raw") {
+            let run = run_once(&entra, &dovecot, in_raw).await;
+            record("run --once, in raw", run);
+        }
+        if wanted("ingest, in raw") {
+            record("ingest, in raw", ingest(&entra, dir, in_raw).await);
+        }
     }
     println!("medians of {rounds} rounds:");
     let median_rate = |runs: &[Run]| {
@@ -273,6 +285,7 @@ fn timed(command: &mut Command) -> (f64, String) {
     let mut timed = Command::new("/usr/bin/time");
     timed.args(["-f", "%M"]).arg(command.get_program());
     timed.args(command.get_args()).env("RUST_LOG", "warn");
+    perf_control("enable");
     let started = Instant::now();
     let out = timed
         .stderr(Stdio::piped())
@@ -280,6 +293,7 @@ fn timed(command: &mut Command) -> (f64, String) {
         .output()
         .unwrap();
     let seconds = started.elapsed().as_secs_f64();
+    perf_control("disable");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?} failed: {stderr}", command);
     let kb: f64 = stderr
@@ -288,6 +302,13 @@ fn timed(command: &mut Command) -> (f64, String) {
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or(0.0);
     (seconds, format!("{:.0} MB", kb / 1024.0))
+}
+
+/// Tells a `perf record --control fifo:PATH` (PATH in `BENCH_PERF_CTL`) to `command`.
+fn perf_control(command: &str) {
+    if let Ok(path) = std::env::var("BENCH_PERF_CTL") {
+        std::fs::write(path, format!("{command}\n")).expect("perf's control pipe");
+    }
 }
 
 /// What a run stored: ticket messages and quarantine rows.

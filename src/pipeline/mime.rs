@@ -154,7 +154,7 @@ pub fn parse(raw: &[u8]) -> Result<ParsedMessage, ParseError> {
 /// from (offsets point into them), `original` the message as received (for the derived
 /// Message-ID and the size).
 fn read(
-    message: mail_parser::Message,
+    mut message: mail_parser::Message,
     bytes: &[u8],
     original: &[u8],
 ) -> Result<ParsedMessage, ParseError> {
@@ -184,9 +184,23 @@ fn read(
         .and_then(|d| DateTime::from_timestamp(d.to_timestamp(), 0));
 
     let (mut body_text, body_html) = bodies(&message, raw, &mut warnings);
-    let mut attachments = super::attachments::attachments(&message, body_html.as_deref());
+    let misplaced = super::boundary::is_misplaced(&message, raw);
+    let subject = subject(&message, raw);
+    let auto = auto_signals(&message);
+    let (from, sender) = (mailboxes(message.from()), mailboxes(message.sender()));
+    let (reply_to, to, cc) = (
+        mailboxes(message.reply_to()),
+        mailboxes(message.to()),
+        mailboxes(message.cc()),
+    );
+    let return_path = message
+        .return_address()
+        .map(|a| clean(a.trim().trim_matches(|c| c == '<' || c == '>')))
+        .filter(|a| !a.is_empty());
+    // Last: this moves the attachments' bytes out of `message`.
+    let mut attachments = super::attachments::attachments(&mut message, body_html.as_deref());
     read_unbounded_multipart(&mut attachments, &mut body_text, &mut warnings);
-    if super::boundary::is_misplaced(&message, raw) {
+    if misplaced {
         warnings.push(BOUNDARY_WARNING.to_string());
         // The desk must see that text may be missing, not only a database column.
         body_text.push_str("\n\n[mail2ticket: part of this message may be hidden by its MIME structure; the raw message is kept with the ticket]");
@@ -197,21 +211,18 @@ fn read(
         message_id_derived,
         in_reply_to,
         references,
-        subject: subject(&message, raw),
-        from: mailboxes(message.from()),
-        sender: mailboxes(message.sender()).into_iter().next(),
-        reply_to: mailboxes(message.reply_to()),
-        return_path: message
-            .return_address()
-            .map(|a| clean(a.trim().trim_matches(|c| c == '<' || c == '>')))
-            .filter(|a| !a.is_empty()),
-        to: mailboxes(message.to()),
-        cc: mailboxes(message.cc()),
+        subject,
+        from,
+        sender: sender.into_iter().next(),
+        reply_to,
+        return_path,
+        to,
+        cc,
         date,
         body_text,
         body_html,
         attachments,
-        auto: auto_signals(&message),
+        auto,
         warnings,
         raw_size: original.len(),
     })

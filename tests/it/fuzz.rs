@@ -140,6 +140,31 @@ proptest! {
             prop_assert!(!file.data.is_empty());
         }
     }
+
+    /// The check that keeps an attachment only inside the raw message answers as decoding
+    /// the text without its whitespace would: for base64 of the content with line breaks,
+    /// spaces and tabs anywhere, and for the same text with one byte changed.
+    #[test]
+    fn base64_in_raw_check_agrees_with_decoding(
+        content in prop::collection::vec(any::<u8>(), 0..300),
+        breaks in prop::collection::vec((any::<prop::sample::Index>(), prop::sample::select(vec![&b"\r\n"[..], b"\n", b" ", b"\t", b"\r\n\r\n"])), 0..12),
+        change in prop::option::of((any::<prop::sample::Index>(), any::<u8>())),
+    ) {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let mut text = engine.encode(&content).into_bytes();
+        for (at, gap) in breaks {
+            let at = at.index(text.len() + 1);
+            text.splice(at..at, gap.iter().copied());
+        }
+        if let Some((at, byte)) = change.filter(|_| !text.is_empty()) {
+            let at = at.index(text.len());
+            text[at] = byte;
+        }
+        let compact: Vec<u8> = text.iter().copied().filter(|b| !b" \t\r\n".contains(b)).collect();
+        let decodes = engine.decode(&compact).is_ok_and(|d| d == content);
+        prop_assert_eq!(mail2ticket::pipeline::attachments::base64_decodes_to(&text, &content), decodes);
+    }
 }
 
 #[test]
