@@ -31,8 +31,15 @@ pub async fn message_tickets(
         return Ok(Default::default());
     }
     let rows: Vec<(String, i64)> = sqlx::query_as(
-        "select message_id, ticket_id from ticket_messages
-          where parser = $1 and message_id = any($2)",
+        // One probe of the unique key per Message-ID. `message_id = any($2)` was planned
+        // by statistics: a plan made while the table was still small (the first batches
+        // of a first-day backlog) was a sequential scan, kept for the connection's life,
+        // comparing every stored message with every ID of every batch.
+        "select m.id, t.ticket_id
+           from (select distinct id from unnest($2::text[]) as u(id)) as m
+           cross join lateral (
+             select ticket_id from ticket_messages where parser = $1 and message_id = m.id
+             limit 1) as t",
     )
     .bind(parser)
     .bind(message_ids)
