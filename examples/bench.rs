@@ -89,6 +89,11 @@ async fn backlog(dir: &Path, rounds: usize) {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let wanted = |name: &str| name.contains(only.as_str());
     let in_raw = "attachments_in_raw = true\n";
+    // BENCH_BINARIES=a,b: each mail2ticket step once per binary, alternating (A/B runs).
+    let binaries: Vec<Option<String>> = match std::env::var("BENCH_BINARIES") {
+        Ok(list) => list.split(',').map(|b| Some(b.to_string())).collect(),
+        Err(_) => vec![None],
+    };
     for round in 1..=rounds {
         println!("round {round}:");
         if have_mbsync && wanted("mbsync (fetch only)") {
@@ -97,20 +102,29 @@ async fn backlog(dir: &Path, rounds: usize) {
         if wanted("raw IMAP fetch") {
             record("raw IMAP fetch", raw_fetch(&entra, &dovecot).await);
         }
-        if wanted("mail2ticket run --once") {
-            let run = run_once(&entra, &dovecot, "").await;
-            record("mail2ticket run --once", run);
-        }
-        if wanted("mail2ticket ingest") {
-            record("mail2ticket ingest", ingest(&entra, dir, "").await);
-        }
-        // The same with attachments stored once, inside the raw message.
-        if wanted("run --once, in raw") {
-            let run = run_once(&entra, &dovecot, in_raw).await;
-            record("run --once, in raw", run);
-        }
-        if wanted("ingest, in raw") {
-            record("ingest, in raw", ingest(&entra, dir, in_raw).await);
+        for bin in &binaries {
+            *BINARY.lock().unwrap() = bin.as_ref().map(PathBuf::from);
+            let tag = |name: &str| -> &'static str {
+                match bin {
+                    Some(b) => format!("{name} [{b}]").leak(),
+                    None => name.to_string().leak(),
+                }
+            };
+            if wanted("mail2ticket run --once") {
+                let run = run_once(&entra, &dovecot, "").await;
+                record(tag("mail2ticket run --once"), run);
+            }
+            if wanted("mail2ticket ingest") {
+                record(tag("mail2ticket ingest"), ingest(&entra, dir, "").await);
+            }
+            // The same with attachments stored once, inside the raw message.
+            if wanted("run --once, in raw") {
+                let run = run_once(&entra, &dovecot, in_raw).await;
+                record(tag("run --once, in raw"), run);
+            }
+            if wanted("ingest, in raw") {
+                record(tag("ingest, in raw"), ingest(&entra, dir, in_raw).await);
+            }
         }
     }
     println!("medians of {rounds} rounds:");
@@ -128,7 +142,10 @@ async fn backlog(dir: &Path, rounds: usize) {
             .find(|(n, _)| *n == name)
             .map(|(_, r)| median_rate(r))
     };
-    for name in ["mail2ticket run --once", "run --once, in raw"] {
+    let once = |name: &str| {
+        name.starts_with("mail2ticket run --once") || name.starts_with("run --once, in raw")
+    };
+    for (name, _) in results.iter().filter(|(name, _)| once(name)) {
         if let (Some(m2t), Some(mbsync)) = (rate_of(name), rate_of("mbsync (fetch only)")) {
             println!("  {name} / mbsync = {:.2}", m2t / mbsync);
         }
@@ -326,8 +343,14 @@ async fn stored_run(pool: &sqlx::PgPool, seconds: f64, note: String) -> Run {
     }
 }
 
-/// The release binary (`cargo build --release` first).
+/// The binary the next step runs, when not the release build (`BENCH_BINARIES`).
+static BINARY: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The release binary (`cargo build --release` first), or the one `BENCH_BINARIES` names.
 fn binary() -> PathBuf {
+    if let Some(path) = BINARY.lock().unwrap().clone() {
+        return path;
+    }
     let path = support::env::binary_path();
     assert!(
         path.exists(),
