@@ -74,7 +74,6 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let wake = Arc::new(Notify::new());
-    tokio::spawn(listen(pool.clone(), wake.clone(), cancel.clone()));
     tokio::spawn(clean_up(pool.clone(), config.clone(), cancel.clone()));
     loop {
         let current = config.borrow_and_update().clone();
@@ -87,7 +86,7 @@ pub async fn run(
             }
         }
         let round = cancel.child_token();
-        let tasks: Vec<_> = current
+        let mut tasks: Vec<_> = current
             .webhooks
             .iter()
             .map(|webhook| {
@@ -105,6 +104,13 @@ pub async fn run(
                 ))
             })
             .collect();
+        if !current.webhooks.is_empty() {
+            tasks.push(tokio::spawn(listen(
+                pool.clone(),
+                wake.clone(),
+                round.clone(),
+            )));
+        }
         tokio::select! {
             changed = config.changed() => {
                 round.cancel();
@@ -142,11 +148,17 @@ fn client(webhook: &WebhookConfig) -> reqwest::Client {
 }
 
 /// Wakes every endpoint task on each `NOTIFY mail2ticket_events` (reconnecting when the
-/// connection drops; the tasks' timers cover the gap).
+/// connection drops; the tasks' timers cover the gap). Runs only while webhooks are
+/// configured, on a connection of its own: a listener holds its connection for good, and
+/// one taken from `pool` would leave the mailboxes one fewer (none with
+/// `max_connections = 1`).
 async fn listen(pool: PgPool, wake: Arc<Notify>, cancel: CancellationToken) {
+    let own = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with((*pool.connect_options()).clone());
     while !cancel.is_cancelled() {
         let listened = async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
             listener.listen(crate::store::events::CHANNEL).await?;
             loop {
                 listener.recv().await?;

@@ -614,6 +614,32 @@ async fn restarting_after_kill_9_mid_backlog_tickets_every_message_exactly_once(
     );
 }
 
+/// `max_connections = 1` is a valid setting: nothing in the daemon may keep the only
+/// connection for itself (the webhook dispatcher's NOTIFY listener once took one from the
+/// pool for good, even with no webhook configured, and every mailbox waited forever).
+#[tokio::test]
+async fn a_pool_of_one_connection_serves_the_daemon() {
+    let s = TestEnv::mail().await;
+    s.dovecot().deliver(SHARED_A, &message(1, SHARED_A));
+    let text = s.config_toml(&[s.ssl("support", SHARED_A)]).replacen(
+        "[database]\n",
+        "[database]\nmax_connections = 1\n",
+        1,
+    );
+    let (path, _) = s.write_config("mail2ticket.toml", &text);
+    let _daemon =
+        crate::support::KillOnDrop(binary(&["run", "--config"]).arg(&path).spawn().unwrap());
+    wait_for(Duration::from_secs(30), || async {
+        s.count("select count(*) from tickets").await == 1
+    })
+    .await;
+    s.dovecot().deliver(SHARED_A, &message(2, SHARED_A));
+    wait_for(Duration::from_secs(30), || async {
+        s.count("select count(*) from tickets").await == 2
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn sigterm_stops_the_daemon_cleanly() {
     let s = TestEnv::mail().await;
