@@ -16,7 +16,7 @@
 //!
 //! For profiling: `BENCH_ONLY=text` runs only the backlog steps whose name contains it, and
 //! `BENCH_PERF_CTL=fifo` writes `enable`/`disable` to a `perf record --control fifo:...`
-//! control pipe around each timed mail2ticket run, so a machine-wide profile holds only it.
+//! control pipe around each timed mail2ticket and mbsync run, so a machine-wide profile holds only it.
 
 #[path = "../tests/it/support/mod.rs"]
 #[allow(dead_code)]
@@ -201,6 +201,7 @@ fn mbsync(dovecot: &Dovecot) -> Run {
         ),
     )
     .unwrap();
+    perf_control("enable");
     let started = Instant::now();
     let out = Command::new("mbsync")
         .args(["-q", "-c"])
@@ -209,6 +210,7 @@ fn mbsync(dovecot: &Dovecot) -> Run {
         .output()
         .unwrap();
     let seconds = started.elapsed().as_secs_f64();
+    perf_control("disable");
     assert!(
         out.status.success(),
         "mbsync failed: {}",
