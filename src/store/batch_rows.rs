@@ -19,6 +19,10 @@ const MAX_PARAMETERS: usize = 65_535;
 /// go to another statement): both sides hold one statement's parameters whole in memory.
 const STATEMENT_BYTES: usize = 8 << 20;
 
+/// Raw messages are sent to `COPY` in pieces of about this many bytes (one message larger
+/// than this is sent from its own buffer).
+const COPY_CHUNK: usize = 256 << 10;
+
 /// A new ticket: its id (from [`allocate_ids`]), the message that opens it, its arrival.
 pub struct TicketRow<'a> {
     /// `tickets.id`.
@@ -244,22 +248,50 @@ pub fn raw_place(attachment: &Attachment) -> (Option<i64>, Option<i64>) {
     )
 }
 
+/// Writes the batch's raw messages by binary `COPY`: the bytes stream to Postgres in
+/// chunks of [`COPY_CHUNK`] (a large message straight from its buffer) instead of being
+/// held as one statement's parameters of up to [`STATEMENT_BYTES`], copied once more into
+/// the connection's buffer; Postgres reads them without a statement to plan. sqlx has no
+/// binary COPY encoder, hence the few lines of the format below (PostgreSQL docs, "COPY",
+/// Binary Format: signature, flags, header extension, tuples of length-prefixed fields,
+/// trailer).
 async fn insert_raw(conn: &mut PgConnection, rows: &[MessageRow<'_>]) -> Result<(), StoreError> {
     let kept: Vec<(i64, &[u8])> = rows
         .iter()
         .filter_map(|r| r.raw.map(|raw| (r.id, raw)))
         .collect();
-    run_chunked(
-        conn,
-        "insert into raw_messages (ticket_message_id, raw) ",
-        &kept,
-        2,
-        |(_, raw)| raw.len(),
-        |mut b, (id, raw)| {
-            b.push_bind(*id).push_bind(*raw);
-        },
-    )
-    .await
+    if kept.is_empty() {
+        return Ok(());
+    }
+    let mut copy = conn
+        .copy_in_raw("copy raw_messages (ticket_message_id, raw) from stdin (format binary)")
+        .await?;
+    let mut chunk = Vec::with_capacity(COPY_CHUNK);
+    chunk.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    chunk.extend_from_slice(&[0; 8]); // flags, header extension length
+    for &(id, raw) in &kept {
+        let length = i32::try_from(raw.len()).map_err(|_| {
+            let too_large = format!("{} bytes of raw message: over Postgres' limit", raw.len());
+            StoreError::Sql(sqlx::Error::Encode(too_large.into()))
+        })?;
+        chunk.extend_from_slice(&2i16.to_be_bytes());
+        chunk.extend_from_slice(&8i32.to_be_bytes());
+        chunk.extend_from_slice(&id.to_be_bytes());
+        chunk.extend_from_slice(&length.to_be_bytes());
+        if raw.len() >= COPY_CHUNK {
+            copy.send(std::mem::take(&mut chunk)).await?;
+            copy.send(raw).await?;
+        } else {
+            chunk.extend_from_slice(raw);
+        }
+        if chunk.len() >= COPY_CHUNK {
+            copy.send(std::mem::take(&mut chunk)).await?;
+        }
+    }
+    chunk.extend_from_slice(&(-1i16).to_be_bytes());
+    copy.send(chunk).await?;
+    copy.finish().await?;
+    Ok(())
 }
 
 /// Runs `insert` + `values (...), (...)` over `rows`, as many statements as the parameter
