@@ -93,10 +93,14 @@ pub(super) async fn run_command(config: &Config, once: bool) -> ExitCode {
 /// Raises the soft limit of open files to the hard one, as servers do (the soft limit is
 /// often 1,024: a shell's `ulimit -n`, systemd's default): every mailbox holds a socket,
 /// and the pool, the endpoints and the webhooks more. Warns when even the hard limit
-/// leaves too few for the configured mailboxes (raised later by a reload, it is checked
+/// leaves too few for the active mailboxes (raised later by a reload, it is checked
 /// again only at the next start).
 fn raise_open_files_limit(config: &Config) {
-    let needed = config.parsers.len() as u64 + u64::from(config.database.max_connections) + 64;
+    let active = (config.parsers.iter())
+        .filter(|p| p.status == crate::config::ParserStatus::Active)
+        .count();
+    // The pool, the webhook listener's own connection, the endpoints and some spare.
+    let needed = active as u64 + u64::from(config.database.max_connections) + 64;
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < needed => tracing::warn!(
             limit,
