@@ -248,20 +248,37 @@ pub fn raw_place(attachment: &Attachment) -> (Option<i64>, Option<i64>) {
     )
 }
 
-/// Writes the batch's raw messages by binary `COPY`: the bytes stream to Postgres in
-/// chunks of [`COPY_CHUNK`] (a large message straight from its buffer) instead of being
-/// held as one statement's parameters of up to [`STATEMENT_BYTES`], copied once more into
-/// the connection's buffer; Postgres reads them without a statement to plan. sqlx has no
-/// binary COPY encoder, hence the few lines of the format below (PostgreSQL docs, "COPY",
-/// Binary Format: signature, flags, header extension, tuples of length-prefixed fields,
-/// trailer).
+/// Writes the batch's raw messages: by binary `COPY` when they are more than
+/// [`COPY_CHUNK`] bytes (a backlog's batches), else in one statement.
+///
+/// `COPY` streams the bytes to Postgres in chunks of [`COPY_CHUNK`] (a large message
+/// straight from its buffer) instead of holding them as one statement's parameters of up
+/// to [`STATEMENT_BYTES`], copied once more into the connection's buffer. A small batch (a
+/// daemon's usual batch of one new message) takes the statement: `COPY` ends with a
+/// separate small `CopyDone` write right after a small data write, and sqlx's sockets do
+/// not set TCP_NODELAY, so Nagle held it until Postgres' delayed ACK, ~40 ms per batch
+/// (measured: delivery to row p50 0.557 s instead of 0.513 s over 1,000 mailboxes). sqlx
+/// has no binary COPY encoder, hence the few lines of the format below (PostgreSQL docs,
+/// "COPY", Binary Format: signature, flags, header extension, tuples of length-prefixed
+/// fields, trailer).
 async fn insert_raw(conn: &mut PgConnection, rows: &[MessageRow<'_>]) -> Result<(), StoreError> {
     let kept: Vec<(i64, &[u8])> = rows
         .iter()
         .filter_map(|r| r.raw.map(|raw| (r.id, raw)))
         .collect();
-    if kept.is_empty() {
-        return Ok(());
+    if kept.iter().map(|(_, raw)| raw.len()).sum::<usize>() <= COPY_CHUNK {
+        let insert = "insert into raw_messages (ticket_message_id, raw) ";
+        return run_chunked(
+            conn,
+            insert,
+            &kept,
+            2,
+            |(_, raw)| raw.len(),
+            |mut b, (id, raw)| {
+                b.push_bind(*id).push_bind(*raw);
+            },
+        )
+        .await;
     }
     let mut copy = conn
         .copy_in_raw("copy raw_messages (ticket_message_id, raw) from stdin (format binary)")

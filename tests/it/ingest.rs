@@ -225,6 +225,60 @@ async fn keep_raw_keeps_every_message_unless_turned_off() {
     }
 }
 
+/// A backlog's batch writes its raw messages by `COPY` (in pieces, a large message on its
+/// own), a small batch by a statement: either way every message's bytes come back exactly,
+/// 8-bit bytes and all.
+#[tokio::test]
+async fn raw_messages_of_large_and_small_batches_come_back_byte_for_byte() {
+    let env = TestEnv::database().await;
+    let db = &env.db;
+    let p = env.pipeline("support", "");
+    let message = |n: usize, body_bytes: usize| {
+        let mut raw = format!(
+            "From: Customer {n} <c{n}@example.com>\r\nTo: support@example.test\r\nSubject: Raw {n}\r\nMessage-ID: <raw-{n}@example.com>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        )
+        .into_bytes();
+        // Lines of every byte value but CR and LF, so that nothing is text-only by chance.
+        let line: Vec<u8> = (0u8..=255).filter(|b| *b != b'\r' && *b != b'\n').collect();
+        while raw.len() < body_bytes {
+            raw.extend_from_slice(&line[n % 7..]);
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw
+    };
+    // 60 messages of 6 KB and one of 700 KB: more than one COPY piece, and one message
+    // larger than a piece; then a batch of one small message.
+    let mut large: Vec<(usize, Vec<u8>)> = (0..60).map(|n| (n, message(n, 6_000))).collect();
+    large.insert(30, (60, message(60, 700_000)));
+    let small = vec![(61, message(61, 2_000))];
+    for batch in [&large, &small] {
+        let raws: Vec<Vec<u8>> = batch.iter().map(|(_, raw)| raw.clone()).collect();
+        let outcomes = pipeline::ingest_batch(&db.pool, &p, &raws).await.unwrap();
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Created { .. })),
+            "{outcomes:?}"
+        );
+    }
+    for (n, raw) in large.iter().chain(&small) {
+        let stored: Vec<u8> = sqlx::query_scalar(
+            "select r.raw from raw_messages r join ticket_messages m on m.id = r.ticket_message_id
+              where m.message_id = $1",
+        )
+        .bind(format!("raw-{n}@example.com"))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(
+            stored == *raw,
+            "message {n}: {} bytes stored, {} sent",
+            stored.len(),
+            raw.len()
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_batch_stores_around_the_one_message_the_database_refuses_and_threads_within_itself() {
     let env = TestEnv::database().await;
