@@ -378,7 +378,8 @@ async fn store_alone(
                     None => item.arrival.resolve(&Decision::Quarantine(reason.clone())),
                 };
                 let parser = &pipeline.rules.parser;
-                let outcome = quarantine_raw(tx, parser, reason, item.raw, false, arrived_at);
+                let header_only = item.header_only.is_some();
+                let outcome = quarantine_raw(tx, parser, reason, item.raw, header_only, arrived_at);
                 let outcome = outcome.await?;
                 queued.extend(quarantine_event(&outcome));
                 return Ok(outcome);
