@@ -296,13 +296,15 @@ async fn insert_raw(conn: &mut PgConnection, rows: &[MessageRow<'_>]) -> Result<
         chunk.extend_from_slice(&id.to_be_bytes());
         chunk.extend_from_slice(&length.to_be_bytes());
         if raw.len() >= COPY_CHUNK {
-            copy.send(std::mem::take(&mut chunk)).await?;
+            copy.send(chunk.as_slice()).await?;
+            chunk.clear();
             copy.send(raw).await?;
         } else {
             chunk.extend_from_slice(raw);
         }
         if chunk.len() >= COPY_CHUNK {
-            copy.send(std::mem::take(&mut chunk)).await?;
+            copy.send(chunk.as_slice()).await?;
+            chunk.clear();
         }
     }
     chunk.extend_from_slice(&(-1i16).to_be_bytes());
