@@ -4,7 +4,9 @@
 //!
 //! The exactly-once rules live here, once for every source:
 //! - the cursor moves only in the transaction that stored the messages it covers;
-//! - a message is settled on the server (read, moved, deleted) only after that commit;
+//! - a message is settled on the server (read, moved, deleted) only after that commit,
+//!   which records the settle it owes; should the pass end first (a crash, a cut
+//!   connection), the next pass settles what is recorded before anything else (`settle`);
 //! - a crash anywhere re-fetches at most the uncommitted batch, and re-storing a committed
 //!   message is a no-op (the (parser, Message-ID) key);
 //! - a message the server never manages to return (the connection is cut, or the fetch
@@ -32,6 +34,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+mod settle;
 
 /// After this many failed fetches starting at the same message, fetch one at a time.
 const ISOLATE_AFTER: i32 = 2;
@@ -273,7 +277,7 @@ impl<S: MailSource> Poller<S> {
         if !cancel.is_cancelled() {
             if let Some(cursor) = &listing.save_after {
                 let mut tx = self.pool.begin().await?;
-                mailbox::save(&mut tx, name, key, cursor).await?;
+                mailbox::save(&mut tx, name, key, cursor, &[]).await?;
                 self.commit_fenced(tx).await?;
             }
             self.states.ok(name);
@@ -301,13 +305,17 @@ impl<S: MailSource> Poller<S> {
         // waiting for a second would starve the pool (each one holding, none getting).
         let saved = mailbox::load(&mut *self.pool.acquire().await?, name, key).await?;
         let listing = session.list(saved.as_ref().map(|s| &s.cursor)).await?;
-        let mut trouble = saved.and_then(|s| s.trouble);
+        let mut trouble = saved.as_ref().and_then(|s| s.trouble.clone());
         if let Some(cursor) = &listing.save_first {
             // Recorded at once: a first contact's choice holds whatever happens next.
             let mut tx = self.pool.begin().await?;
             mailbox::save_start(&mut tx, name, key, cursor).await?;
             self.commit_fenced(tx).await?;
             trouble = None;
+        } else if let Some(saved) = saved.filter(|s| !s.unsettled.is_empty()) {
+            // The saved cursor holds, so the recorded keys still name those messages.
+            self.settle_owed(session, &saved.unsettled, &saved.cursor)
+                .await?;
         }
         // Messages whose Message-ID the source told and that are stored already (a Graph
         // round returns a message again when it changed, e.g. once marked read) are not
@@ -390,7 +398,8 @@ impl<S: MailSource> Poller<S> {
         );
         let items = [batch::incoming(message, &raw, Some(&reason))];
         let decisions = pipeline::decide_batch(&self.pipeline, &items);
-        let outcomes = self.commit(&items, &decisions, message).await?;
+        // Left on the server: nothing to settle.
+        let outcomes = self.commit(&items, &decisions, message, &[]).await?;
         tracing::error!(key = %message.key, failures, outcome = ?outcomes[0],
             "gave up on a message the server does not return; quarantined, left in the mailbox");
         stats.count(&outcomes[0]);
@@ -493,7 +502,7 @@ impl<S: MailSource> Poller<S> {
         };
         let fetched = self.store(fetched, stats).await?;
         on_progress();
-        Ok(self.settle(session, &fetched).await?)
+        self.settle(session, &fetched).await
     }
 
     /// Parses (on a blocking thread) and stores a downloaded batch, moving the cursor past
@@ -508,7 +517,11 @@ impl<S: MailSource> Poller<S> {
             .await
             .map_err(|e| PollError::Panicked(format!("parsing a batch was cut short: {e}")))?;
         let last = fetched.last();
-        for outcome in self.commit(&fetched.items(), &decisions, last).await? {
+        let settle = self.owed(&fetched);
+        for outcome in self
+            .commit(&fetched.items(), &decisions, last, &settle)
+            .await?
+        {
             tracing::debug!(?outcome, "stored");
             stats.count(&outcome);
         }
@@ -518,35 +531,23 @@ impl<S: MailSource> Poller<S> {
         Ok(fetched)
     }
 
-    /// Settles a committed batch on the server: only now, with its rows committed, may its
-    /// messages leave the "new" state. Those kept only by their header stay untouched.
-    async fn settle(
-        &self,
-        session: &mut S::Session,
-        fetched: &FetchedBatch<'_>,
-    ) -> Result<(), SourceError> {
-        let done = fetched.settled();
-        if done.is_empty() {
-            return Ok(());
-        }
-        session.settle(&done).await
-    }
-
-    /// Stores `items` (decided as `decisions`) and moves the cursor past `last`, in one
-    /// transaction.
+    /// Stores `items` (decided as `decisions`), moves the cursor past `last` and records
+    /// that `settle` is owed to the server, in one transaction.
     async fn commit(
         &self,
         items: &[Incoming<'_>],
         decisions: &[Option<pipeline::Decision>],
         last: &Pending,
+        settle: &[&Pending],
     ) -> Result<Vec<pipeline::Outcome>, PollError> {
+        let owed: Vec<&str> = settle.iter().map(|m| m.key.as_str()).collect();
         let started = std::time::Instant::now();
         let stored = async {
             let mut tx = self.pool.begin().await?;
             let outcomes =
                 pipeline::store_decided(&mut tx, &self.pipeline, items, decisions).await?;
             let key = self.source.cursor_key();
-            mailbox::save(&mut tx, &self.parser.name, key, &last.after).await?;
+            mailbox::save(&mut tx, &self.parser.name, key, &last.after, &owed).await?;
             self.commit_fenced(tx).await?;
             Ok::<_, StoreError>(outcomes)
         };

@@ -124,6 +124,18 @@ impl SourceError {
             SourceError::Graph(e) => e.retry_after(),
         }
     }
+
+    /// True when the server answered and refused (IMAP NO/BAD, a Graph 4xx other than an
+    /// expired token): asking again the same way will not help.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            SourceError::Imap(e) => matches!(e, imap::ImapError::Command { .. }),
+            SourceError::Graph(graph::GraphError::Api { status, .. }) => {
+                (400..500).contains(status) && *status != 401
+            }
+            _ => false,
+        }
+    }
 }
 
 /// One mailbox reached through some protocol.

@@ -1,5 +1,5 @@
 //! SQL of `mailbox_state`: each mailbox's cursor (saved in the transaction of the rows it
-//! covers) and its failed-fetch counter. The loop treats the cursor as opaque; this module
+//! covers), the settle that commit still owes the server, and its failed-fetch counter. The loop treats the cursor as opaque; this module
 //! maps each kind of [`Cursor`] to its columns.
 
 use super::StoreError;
@@ -33,6 +33,9 @@ pub struct Saved {
     pub cursor: Cursor,
     /// Failed fetches counted against one message, if any.
     pub trouble: Option<FetchTrouble>,
+    /// Keys of committed messages not yet settled on the server (the pass that committed
+    /// them ended before its settle succeeded); empty when nothing is owed.
+    pub unsettled: Vec<String>,
 }
 
 /// One `mailbox_state` row.
@@ -48,6 +51,7 @@ struct Row {
     backlog_uids: Option<Vec<i64>>,
     delta_link: Option<String>,
     first_contact_at: Option<chrono::DateTime<chrono::Utc>>,
+    unsettled: Option<Vec<String>>,
 }
 
 /// The saved cursor of (parser, key), if one was ever recorded (one read per pass).
@@ -58,7 +62,7 @@ pub async fn load(
 ) -> Result<Option<Saved>, StoreError> {
     let row: Option<Row> = sqlx::query_as(
         "select source, uidvalidity, last_uid, fetch_trouble_uid, fetch_trouble_key, fetch_failures,
-                backlog_until, backlog_uids, delta_link, first_contact_at
+                backlog_until, backlog_uids, delta_link, first_contact_at, unsettled
          from mailbox_state where parser = $1 and folder = $2",
     )
     .bind(parser)
@@ -67,6 +71,7 @@ pub async fn load(
     .await?;
     Ok(row.map(|r| {
         let failures = r.fetch_failures;
+        let unsettled = r.unsettled.unwrap_or_default();
         if r.source == "graph" {
             return Saved {
                 cursor: Cursor::Graph {
@@ -76,6 +81,7 @@ pub async fn load(
                 trouble: r
                     .fetch_trouble_key
                     .map(|key| FetchTrouble { key, failures }),
+                unsettled,
             };
         }
         let last_uid = r.last_uid;
@@ -95,13 +101,15 @@ pub async fn load(
                 key: uid.to_string(),
                 failures,
             }),
+            unsettled,
         }
     }))
 }
 
 /// Records the cursor a pass starts from (a first contact, with what `start_at` chose, or
 /// a reset after a UIDVALIDITY change or a lost Graph sync state, without): the
-/// failed-fetch counter is cleared.
+/// failed-fetch counter and any settle still owed are cleared (after a UIDVALIDITY change
+/// the recorded UIDs name other messages, or none).
 pub async fn save_start(
     conn: &mut PgConnection,
     parser: &str,
@@ -114,7 +122,7 @@ pub async fn save_start(
             last_uid,
             backlog,
         } => (uidvalidity, last_uid, backlog),
-        Cursor::Graph { .. } => return save_graph(conn, parser, key, cursor, true).await,
+        Cursor::Graph { .. } => return save_graph(conn, parser, key, cursor, true, &[]).await,
     };
     let backlog = backlog.as_ref().filter(|b| b.until > *last_uid);
     sqlx::query(
@@ -124,7 +132,7 @@ pub async fn save_start(
          set source = 'imap', uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid,
              updated_at = now(), fetch_trouble_uid = null, fetch_trouble_key = null, fetch_failures = 0,
              backlog_until = excluded.backlog_until, backlog_uids = excluded.backlog_uids,
-             delta_link = null, first_contact_at = null",
+             delta_link = null, first_contact_at = null, unsettled = null",
     )
     .bind(parser)
     .bind(key)
@@ -137,28 +145,35 @@ pub async fn save_start(
     Ok(())
 }
 
-/// Records progress; call it in the transaction that stored the messages it covers. A
-/// failed-fetch counter and the first-contact choice survive only while they are ahead of
-/// the cursor (the choice is never rewritten, only dropped once passed).
+/// Records progress; call it in the transaction that stored the messages it covers, with
+/// the keys of those of them the server must still settle (replacing what was recorded:
+/// the loop settles one batch before it commits the next). A failed-fetch counter and the
+/// first-contact choice survive only while they are ahead of the cursor (the choice is
+/// never rewritten, only dropped once passed).
 pub async fn save(
     conn: &mut PgConnection,
     parser: &str,
     key: &str,
     cursor: &Cursor,
+    unsettled: &[&str],
 ) -> Result<(), StoreError> {
+    let unsettled = (!unsettled.is_empty()).then_some(unsettled);
     let (uidvalidity, last_uid) = match cursor {
         Cursor::Imap {
             uidvalidity,
             last_uid,
             ..
         } => (uidvalidity, last_uid),
-        Cursor::Graph { .. } => return save_graph(conn, parser, key, cursor, false).await,
+        Cursor::Graph { .. } => {
+            return save_graph(conn, parser, key, cursor, false, unsettled.unwrap_or(&[])).await;
+        }
     };
     sqlx::query(
-        "insert into mailbox_state (parser, folder, uidvalidity, last_uid, updated_at)
-         values ($1, $2, $3, $4, now())
+        "insert into mailbox_state (parser, folder, uidvalidity, last_uid, updated_at, unsettled)
+         values ($1, $2, $3, $4, now(), $5)
          on conflict (parser, folder) do update
          set uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, updated_at = now(),
+             unsettled = excluded.unsettled,
              fetch_trouble_uid = case
                when mailbox_state.uidvalidity = excluded.uidvalidity
                 and mailbox_state.fetch_trouble_uid > excluded.last_uid
@@ -180,21 +195,45 @@ pub async fn save(
     .bind(key)
     .bind(uidvalidity)
     .bind(last_uid)
+    .bind(unsettled)
     .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
-/// A Graph cursor: the link and the first-contact time. A start clears the failed-fetch
-/// counter; progress keeps it (Graph ids have no order to tell whether it was passed; a
-/// counter for a message no longer first in line is never used).
+/// Forgets the settle recorded with the last commit once the server has done it (or
+/// refused it for good). Only a record of exactly these keys is cleared: a replica that
+/// took the mailbox over meanwhile keeps its own.
+pub async fn forget_unsettled(
+    conn: &mut PgConnection,
+    parser: &str,
+    key: &str,
+    keys: &[&str],
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "update mailbox_state set unsettled = null
+         where parser = $1 and folder = $2 and unsettled = $3::text[]",
+    )
+    .bind(parser)
+    .bind(key)
+    .bind(keys)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A Graph cursor: the link and the first-contact time, with the settle owed. A start
+/// clears the failed-fetch counter; progress keeps it (Graph ids have no order to tell
+/// whether it was passed; a counter for a message no longer first in line is never used).
 async fn save_graph(
     conn: &mut PgConnection,
     parser: &str,
     key: &str,
     cursor: &Cursor,
     start: bool,
+    unsettled: &[&str],
 ) -> Result<(), StoreError> {
+    let unsettled = (!unsettled.is_empty()).then_some(unsettled);
     let Cursor::Graph {
         link,
         first_contact_at,
@@ -203,11 +242,12 @@ async fn save_graph(
         unreachable!("called for Graph cursors")
     };
     sqlx::query(
-        "insert into mailbox_state (parser, folder, source, uidvalidity, last_uid, updated_at, delta_link, first_contact_at)
-         values ($1, $2, 'graph', 0, 0, now(), $3, $4)
+        "insert into mailbox_state (parser, folder, source, uidvalidity, last_uid, updated_at, delta_link, first_contact_at, unsettled)
+         values ($1, $2, 'graph', 0, 0, now(), $3, $4, $6)
          on conflict (parser, folder) do update
          set source = 'graph', uidvalidity = 0, last_uid = 0, updated_at = now(),
              delta_link = excluded.delta_link, first_contact_at = excluded.first_contact_at,
+             unsettled = excluded.unsettled,
              fetch_trouble_uid = null, backlog_until = null, backlog_uids = null,
              fetch_trouble_key = case when $5 then null else mailbox_state.fetch_trouble_key end,
              fetch_failures = case when $5 then 0 else mailbox_state.fetch_failures end",
@@ -217,6 +257,7 @@ async fn save_graph(
     .bind(link)
     .bind(first_contact_at)
     .bind(start)
+    .bind(unsettled)
     .execute(&mut *conn)
     .await?;
     Ok(())

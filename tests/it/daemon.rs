@@ -465,21 +465,9 @@ async fn after_ingest_moves_or_deletes_only_committed_messages() {
             r.result
         );
     }
-    let files = |mailbox: &str, folder: &str| -> usize {
-        let dir = s
-            .dovecot()
-            .root
-            .join("mail")
-            .join(mailbox)
-            .join("Maildir")
-            .join(folder);
-        ["new", "cur"]
-            .iter()
-            .map(|sub| std::fs::read_dir(dir.join(sub)).map_or(0, |d| d.count()))
-            .sum()
-    };
+    let files = |mailbox: &str, folder: &str| s.dovecot().messages_in(mailbox, folder);
     assert_eq!(files(SHARED_A, ""), 0, "moved out of INBOX");
-    assert_eq!(files(SHARED_A, ".Processed"), 1, "into Processed");
+    assert_eq!(files(SHARED_A, "Processed"), 1, "into Processed");
     assert_eq!(files(SHARED_B, ""), 0, "deleted");
     assert_eq!(
         s.tickets("support").await.len() + s.tickets("sales").await.len(),

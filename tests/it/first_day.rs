@@ -1,6 +1,7 @@
 //! A real mailbox's first day: what existing mail becomes (`start_at`), loop protection
 //! that judges a backlog by arrival time, one ungranted mailbox that costs the others no
-//! token, plain IMAP usernames, a link that keeps dropping, and a throttled token endpoint.
+//! token, plain IMAP usernames, a link that keeps dropping, a connection lost between a
+//! batch's commit and its move, and a throttled token endpoint.
 
 use crate::daemon::message;
 use crate::support::KillOnDrop;
@@ -355,6 +356,46 @@ async fn a_link_that_keeps_dropping_retries_at_once_while_batches_commit() {
     );
     // Each session committed a batch: the backoff starts over (1 s, with jitter up to 2 s).
     assert!(delays.iter().all(|d| *d <= 2.0), "{delays:?}");
+}
+
+#[tokio::test]
+async fn a_batch_committed_but_not_yet_moved_is_moved_by_the_next_pass_and_stored_once() {
+    let s = TestEnv::mail().await;
+    for n in 0..3 {
+        s.dovecot().deliver(SHARED_A, &message(n, SHARED_A));
+    }
+    // The connection dies as the batch's MOVE is sent: after the commit, before the server
+    // moved anything.
+    let proxy = CuttingProxy::start_cutting_on_client(s.dovecot().imap_port, b"UID MOVE").await;
+    let config = s.config(&[s
+        .plain_via("support", SHARED_A, proxy.port)
+        .with("after = \"move:Processed\"")]);
+    let first = s.run_once(&config).await;
+    assert!(first[0].result.is_err(), "{:?}", first[0].result);
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(s.tickets("support").await.len(), 3, "committed");
+    assert_eq!(s.dovecot().messages_in(SHARED_A, ""), 3, "not moved yet");
+
+    let second = s.run_once(&config).await;
+    let outcomes = &second[0].result.as_ref().unwrap().outcomes;
+    assert_eq!(outcomes.created, 0, "nothing stored twice: {outcomes:?}");
+    assert_eq!(
+        s.dovecot().messages_in(SHARED_A, ""),
+        0,
+        "moved out of INBOX"
+    );
+    assert_eq!(s.dovecot().messages_in(SHARED_A, "Processed"), 3);
+    assert_eq!(s.tickets("support").await.len(), 3);
+    assert_eq!(
+        s.count("select count(*) from mailbox_state where unsettled is not null")
+            .await,
+        0,
+        "nothing owed any more"
+    );
+    // A later pass has nothing to settle again.
+    let third = s.run_once(&config).await;
+    assert!(third[0].result.is_ok(), "{:?}", third[0].result);
+    assert_eq!(s.dovecot().messages_in(SHARED_A, "Processed"), 3);
 }
 
 #[tokio::test]

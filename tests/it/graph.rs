@@ -1,7 +1,7 @@
 //! Microsoft Graph mailboxes against the test Graph endpoint (`support::graph`), the test
 //! Entra and Postgres: delta rounds over several pages, exactly once, messages not
 //! downloaded twice, `start_at`, throttling, a lost sync state, cut downloads, oversized
-//! messages, each `after`, one credential serving IMAP and Graph, and doctor.
+//! messages, each `after`, a move that fails after the commit, one credential serving IMAP and Graph, and doctor.
 
 use crate::daemon::message;
 use crate::support::env::{NOT_GRANTED, SHARED_A, SHARED_B, TestEnv, binary};
@@ -183,6 +183,49 @@ async fn cut_downloads_oversized_messages_and_every_after() {
             .iter()
             .all(|(_, read)| !read)
     );
+}
+
+#[tokio::test]
+async fn messages_whose_move_failed_after_the_commit_are_moved_by_the_next_pass() {
+    let (s, graph) = graph_env().await;
+    for n in 0..3 {
+        graph.deliver(SHARED_A, "inbox", &message(n, SHARED_A), false, Utc::now());
+    }
+    graph.add_folder(SHARED_A, "inbox", "Done");
+    let parser = graph_parser("support", SHARED_A, &graph, "after = \"move:Inbox/Done\"");
+    let config = config(&s, &parser);
+    // The first move fails (500): the batch is committed, nothing is moved yet.
+    graph.fail_next_moves(1, 500);
+    let first = run_once(&s, &config, "support").await;
+    assert!(first.is_err(), "{first:?}");
+    assert_eq!(s.tickets("support").await.len(), 3);
+    assert_eq!(graph.messages(SHARED_A, "inbox").len(), 3);
+
+    assert_eq!(run_once(&s, &config, "support").await, Ok((0, 0)));
+    assert!(graph.messages(SHARED_A, "inbox").is_empty());
+    assert_eq!(graph.messages(SHARED_A, "Done").len(), 3);
+    assert_eq!(s.tickets("support").await.len(), 3);
+    let owed = "select count(*) from mailbox_state where unsettled is not null";
+    assert_eq!(s.count(owed).await, 0);
+
+    // A move Graph refuses when it is owed (403) is reported and not asked again: the pass
+    // goes on, and the message stays where it is.
+    graph.deliver(SHARED_A, "inbox", &message(3, SHARED_A), false, Utc::now());
+    graph.fail_next_moves(1, 500);
+    assert!(run_once(&s, &config, "support").await.is_err());
+    assert_eq!(s.count(owed).await, 1);
+    graph.fail_next_moves(1, 403);
+    graph.deliver(SHARED_A, "inbox", &message(4, SHARED_A), false, Utc::now());
+    assert_eq!(run_once(&s, &config, "support").await, Ok((1, 0)));
+    assert_eq!(s.count(owed).await, 0);
+    let inbox = graph.messages(SHARED_A, "inbox");
+    assert_eq!(
+        inbox.len(),
+        1,
+        "the refused one stays; the new one is moved"
+    );
+    assert_eq!(graph.messages(SHARED_A, "Done").len(), 4);
+    assert_eq!(s.tickets("support").await.len(), 5);
 }
 
 #[tokio::test]

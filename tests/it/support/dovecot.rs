@@ -171,6 +171,23 @@ rm -rf "$ROOT"
         std::fs::rename(&tmp, target).unwrap();
     }
 
+    /// How many messages `mailbox`'s `folder` holds ("" for INBOX, else the folder's name
+    /// as created over IMAP), counted in its Maildir.
+    pub fn messages_in(&self, mailbox: &str, folder: &str) -> usize {
+        let mut dir = self
+            .root
+            .join("mail")
+            .join(mailbox.to_lowercase())
+            .join("Maildir");
+        if !folder.is_empty() {
+            dir = dir.join(format!(".{folder}"));
+        }
+        ["new", "cur"]
+            .iter()
+            .map(|sub| std::fs::read_dir(dir.join(sub)).map_or(0, |d| d.count()))
+            .sum()
+    }
+
     /// Dovecot's log (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.root.join("dovecot.log")).unwrap_or_default()

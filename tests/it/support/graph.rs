@@ -15,7 +15,7 @@
 //!   claim standing for RBAC-for-Applications scoping or the user's FullAccess (403
 //!   `ErrorAccessDenied` otherwise); unknown users `404 ErrorInvalidUser`;
 //! - faults on demand: `429` with `Retry-After`, `410` for outstanding sync tokens, a
-//!   `$value` download cut off mid-body.
+//!   `$value` download cut off mid-body, a `move` failing with `500`.
 //!
 //! Errors have Graph's shape: `{"error": {"code", "message"}}`.
 
@@ -85,6 +85,8 @@ struct Shared {
     cut_next: AtomicUsize,
     /// Messages whose every download is cut off.
     cut_always: Mutex<Vec<String>>,
+    /// The next this many `move` requests fail with this status.
+    fail_next_moves: Mutex<(usize, u16)>,
     /// Every request: "METHOD kind".
     log: Mutex<Vec<String>>,
     base: Mutex<String>,
@@ -123,6 +125,7 @@ impl GraphFake {
             throttled_next: Mutex::new((0, String::new())),
             cut_next: AtomicUsize::new(0),
             cut_always: Mutex::default(),
+            fail_next_moves: Mutex::new((0, 500)),
             log: Mutex::default(),
             base: Mutex::default(),
             in_flight: AtomicUsize::new(0),
@@ -268,6 +271,12 @@ impl GraphFake {
     /// manages to send).
     pub fn cut_always(&self, id: &str) {
         self.shared.cut_always.lock().unwrap().push(id.to_string());
+    }
+
+    /// The next `n` moves fail with `status` (500: `generalException`, a server fault;
+    /// 403: `ErrorAccessDenied`, a refusal); the message stays.
+    pub fn fail_next_moves(&self, n: usize, status: u16) {
+        *self.shared.fail_next_moves.lock().unwrap() = (n, status);
     }
 
     /// Every request takes at least `ms` milliseconds.
@@ -850,6 +859,29 @@ async fn move_message(
         Ok(guard) => guard,
         Err(r) => return r,
     };
+    let failing = {
+        let mut failing = state.fail_next_moves.lock().unwrap();
+        let fails = failing.0 > 0;
+        failing.0 = failing.0.saturating_sub(1);
+        fails.then_some(failing.1)
+    };
+    match failing {
+        Some(403) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "ErrorAccessDenied",
+                "Access is denied. Check credentials and try again.",
+            );
+        }
+        Some(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "generalException",
+                "An internal server error occurred.",
+            );
+        }
+        None => {}
+    }
     let target = body["destinationId"]
         .as_str()
         .unwrap_or_default()

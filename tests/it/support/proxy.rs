@@ -2,7 +2,8 @@
 //! has sent a given number of bytes ("the server dropped the connection in the middle of
 //! a FETCH", "the link drops every few seconds"),
 //! or every connection whose server data carries a marker ("this message never comes
-//! through"), can rewrite the server's answers (to play Exchange's error texts),
+//! through"), or the connection on which a client first sends a marker, before passing it
+//! on ("the connection died as the MOVE was sent"), can rewrite the server's answers (to play Exchange's error texts),
 //! records what clients sent (to check which commands a client used), counts connections
 //! (to check that a session stayed open), and can play an
 //! outage (every connection cut, new ones refused) until told to recover.
@@ -32,6 +33,8 @@ enum Cut {
     EveryAfter(usize),
     /// Every connection, as soon as the server's data holds this marker.
     OnMarker(Vec<u8>),
+    /// The first connection whose client sends this marker, before it is passed on.
+    OnClientMarker(Vec<u8>),
     /// Never; everything passes unchanged.
     Pass,
     /// Never; the server's `from` bytes are replaced by `to` (within one read).
@@ -55,6 +58,12 @@ impl CuttingProxy {
     /// passed on, when the server sends `marker` (plain IMAP only: TLS hides it).
     pub async fn start_cutting_on(target: u16, marker: &[u8]) -> CuttingProxy {
         Self::start_with(target, Cut::OnMarker(marker.to_vec())).await
+    }
+
+    /// Forwards to `127.0.0.1:target`; the first connection on which the client sends
+    /// `marker` is closed before the marker reaches the server (plain IMAP only).
+    pub async fn start_cutting_on_client(target: u16, marker: &[u8]) -> CuttingProxy {
+        Self::start_with(target, Cut::OnClientMarker(marker.to_vec())).await
     }
 
     /// Forwards to `127.0.0.1:target`, cutting nothing (to count connections).
@@ -101,8 +110,14 @@ impl CuttingProxy {
                     Cut::EveryAfter(n) => (Some(*n), None, None),
                     Cut::OnMarker(m) => (None, Some(m.clone()), None),
                     Cut::Rewrite(from, to) => (None, None, Some((from.clone(), to.clone()))),
-                    Cut::Pass => (None, None, None),
+                    Cut::Pass | Cut::OnClientMarker(_) => (None, None, None),
                 };
+                let client_marker = match &rule {
+                    Cut::OnClientMarker(m) => Some((m.clone(), armed.clone())),
+                    _ => None,
+                };
+                let cut_by_client = Arc::new(tokio::sync::Notify::new());
+                let cutting = cut_by_client.clone();
                 let counter = counter.clone();
                 let recorder = recorder.clone();
                 tokio::spawn(async move {
@@ -114,9 +129,23 @@ impl CuttingProxy {
                     };
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
+                    let client_counter = counter.clone();
                     let upstream = tokio::spawn(async move {
                         let mut buf = vec![0u8; 16 * 1024];
+                        let mut window: Vec<u8> = Vec::new();
                         while let Ok(n) = cr.read(&mut buf).await {
+                            if let Some((marker, armed)) = &client_marker {
+                                window.extend_from_slice(&buf[..n]);
+                                if window.windows(marker.len()).any(|w| w == marker.as_slice())
+                                    && armed.swap(false, Ordering::SeqCst)
+                                {
+                                    client_counter.fetch_add(1, Ordering::SeqCst);
+                                    cutting.notify_one();
+                                    break;
+                                }
+                                let keep = window.len().saturating_sub(marker.len());
+                                window.drain(..keep);
+                            }
                             if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
@@ -163,6 +192,7 @@ impl CuttingProxy {
                     tokio::select! {
                         _ = downstream => {}
                         _ = outage.wait_for(|down| *down) => {}
+                        _ = cut_by_client.notified() => {}
                     }
                     let _ = cw.shutdown().await;
                     upstream.abort();
