@@ -1,7 +1,8 @@
 //! A real mailbox's first day: what existing mail becomes (`start_at`), loop protection
 //! that judges a backlog by arrival time, one ungranted mailbox that costs the others no
 //! token, plain IMAP usernames, a link that keeps dropping, a connection lost between a
-//! batch's commit and its move, and a throttled token endpoint.
+//! batch's commit and its move, folders with international names, and a throttled token
+//! endpoint.
 
 use crate::daemon::message;
 use crate::support::KillOnDrop;
@@ -396,6 +397,38 @@ async fn a_batch_committed_but_not_yet_moved_is_moved_by_the_next_pass_and_store
     let third = s.run_once(&config).await;
     assert!(third[0].result.is_ok(), "{:?}", third[0].result);
     assert_eq!(s.dovecot().messages_in(SHARED_A, "Processed"), 3);
+}
+
+#[tokio::test]
+async fn folders_with_international_names_are_read_and_moved_to() {
+    let s = TestEnv::mail().await;
+    // IMAP4rev1 names folders in modified UTF-7 (RFC 3501 5.1.3), and so does Dovecot's
+    // Maildir on disk: "Überprüfung" is "&ANw-berpr&APw-fung".
+    for n in 0..2 {
+        let raw = message(n, SHARED_A);
+        s.dovecot().deliver_into(
+            SHARED_A,
+            "&ANw-berpr&APw-fung",
+            &raw,
+            false,
+            SystemTime::now(),
+        );
+    }
+    s.dovecot().deliver(SHARED_A, &message(9, SHARED_A));
+    // Written as Outlook shows them: an umlaut, "&", and a character outside the BMP.
+    let text = s.config_toml(&[s
+        .ssl("support", SHARED_A)
+        .with("after = \"move:Erledigt & geprüft 📨\"")])
+        + "folder = \"Überprüfung\"\n";
+    let config = Config::from_toml(Path::new("intl.toml"), &text).unwrap();
+    let reports = s.run_once(&config).await;
+    let once = reports[0].result.as_ref().unwrap();
+    assert_eq!(once.outcomes.created, 2, "only the folder's messages");
+    assert_eq!(s.dovecot().messages_in(SHARED_A, "&ANw-berpr&APw-fung"), 0);
+    assert_eq!(s.dovecot().messages_in(SHARED_A, ""), 1, "INBOX untouched");
+    // U+1F4E8 is the surrogate pair D83D DCE8 in UTF-16.
+    let moved = "Erledigt &- gepr&APw-ft &2D3c6A-";
+    assert_eq!(s.dovecot().messages_in(SHARED_A, moved), 2, "{moved}");
 }
 
 #[tokio::test]

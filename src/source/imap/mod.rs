@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod first_contact;
+pub mod folder_name;
 pub mod session;
 
 pub use client::{COMMAND_TIMEOUT, Connection, ImapError, Io, Login, Stream, connect};

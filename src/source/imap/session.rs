@@ -1,8 +1,9 @@
 //! The commands of a logged-in IMAP session (SELECT, UID SEARCH/FETCH/STORE, MOVE,
 //! IDLE), each with a timeout, each checked against what async-imap gets wrong (see
-//! [`super::client`]).
+//! [`super::client`]). Folder names go out in modified UTF-7 ([`super::folder_name`]).
 
 use super::client::{COMMAND_TIMEOUT, ImapError, Stream, command_error, timed};
+use super::folder_name::to_wire;
 use async_imap::Session;
 use async_imap::types::{Fetch, UnsolicitedResponse};
 use futures::TryStreamExt;
@@ -69,7 +70,8 @@ impl ImapSession {
 
     /// SELECTs a folder.
     pub async fn select(&mut self, folder: &str) -> Result<FolderStatus, ImapError> {
-        let result = tokio::time::timeout(COMMAND_TIMEOUT, self.session.select(folder)).await;
+        let result =
+            tokio::time::timeout(COMMAND_TIMEOUT, self.session.select(to_wire(folder))).await;
         let mailbox = match result {
             Err(_) => {
                 return Err(ImapError::Timeout {
@@ -213,7 +215,7 @@ impl ImapSession {
 
     /// Creates `folder` unless it exists (the target of `after = "move:..."`).
     pub async fn ensure_folder(&mut self, folder: &str) -> Result<(), ImapError> {
-        match tokio::time::timeout(COMMAND_TIMEOUT, self.session.create(folder)).await {
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.session.create(to_wire(folder))).await {
             Err(_) => Err(ImapError::Timeout {
                 step: "CREATE",
                 after: COMMAND_TIMEOUT,
@@ -232,9 +234,9 @@ impl ImapSession {
         let set = uid_set(uids);
         let caps = timed("CAPABILITY", self.session.capabilities()).await?;
         if caps.has_str("MOVE") {
-            timed("UID MOVE", self.session.uid_mv(&set, folder)).await?;
+            timed("UID MOVE", self.session.uid_mv(&set, to_wire(folder))).await?;
         } else {
-            timed("UID COPY", self.session.uid_copy(&set, folder)).await?;
+            timed("UID COPY", self.session.uid_copy(&set, to_wire(folder))).await?;
             self.delete(uids).await?;
         }
         self.drain_unsolicited()

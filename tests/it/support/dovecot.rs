@@ -134,17 +134,30 @@ rm -rf "$ROOT"
         seen: bool,
         received: std::time::SystemTime,
     ) {
+        self.deliver_into(mailbox, "", raw, seen, received);
+    }
+
+    /// Delivers a message into `mailbox`'s `folder` ("" for INBOX; else the folder's
+    /// directory name as Dovecot keeps it: Maildir++ in modified UTF-7, e.g. `Entw&APw-rfe`).
+    pub fn deliver_into(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        raw: &[u8],
+        seen: bool,
+        received: std::time::SystemTime,
+    ) {
         let (uid, gid) = dovecot_ids();
         let home = self.root.join("mail").join(mailbox.to_lowercase());
-        let maildir = home.join("Maildir");
+        let mut maildir = home.join("Maildir");
+        let mut dirs = vec![home, maildir.clone()];
+        if !folder.is_empty() {
+            maildir = maildir.join(format!(".{folder}"));
+            dirs.push(maildir.clone());
+        }
         if !maildir.join("new").exists() {
-            for dir in [
-                home.clone(),
-                maildir.clone(),
-                maildir.join("new"),
-                maildir.join("cur"),
-                maildir.join("tmp"),
-            ] {
+            dirs.extend(["new", "cur", "tmp"].map(|sub| maildir.join(sub)));
+            for dir in dirs {
                 std::fs::create_dir_all(&dir).unwrap();
                 std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
             }
@@ -171,8 +184,8 @@ rm -rf "$ROOT"
         std::fs::rename(&tmp, target).unwrap();
     }
 
-    /// How many messages `mailbox`'s `folder` holds ("" for INBOX, else the folder's name
-    /// as created over IMAP), counted in its Maildir.
+    /// How many messages `mailbox`'s `folder` holds ("" for INBOX, else the folder's
+    /// directory name as in [`deliver_into`](Self::deliver_into)), counted in its Maildir.
     pub fn messages_in(&self, mailbox: &str, folder: &str) -> usize {
         let mut dir = self
             .root
