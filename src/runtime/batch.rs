@@ -4,8 +4,8 @@
 //! Batches exist for two reasons: one commit (and one round of lookups) for many messages,
 //! and a bound on memory: at most two batches are held at once (one being stored while the
 //! next downloads and is parsed), so a process never holds more than 2 x [`BATCH_BYTES`]
-//! of mail per mailbox (and the parsed form of those two batches) however large the
-//! backlog.
+//! of mail per mailbox (plus one message per batch where sizes are unknown until
+//! downloaded, and the parsed form of those two batches) however large the backlog.
 
 use crate::pipeline::{self, Arrival, Decision, Incoming, Pipeline};
 use crate::source::{Fetched, Pending, SourceError, SourceSession};
@@ -148,7 +148,9 @@ pub fn is_known(message: &Pending, known: &HashSet<String>) -> bool {
 
 /// Downloads `fresh` (the messages of `batch` to store), in order: whole messages, and
 /// only the header of those over `max` (by the listed size, or found while downloading),
-/// with the reason.
+/// with the reason. Where sizes are unknown the download may stop early (see
+/// [`download`]): the batch then ends with the last message in hand, and the caller goes
+/// on after [`FetchedBatch::batch`].
 pub async fn fetch<'p, T: SourceSession>(
     session: &mut T,
     batch: &'p [Pending],
@@ -156,11 +158,20 @@ pub async fn fetch<'p, T: SourceSession>(
     max: u64,
 ) -> Result<FetchedBatch<'p>, SourceError> {
     let whole: Vec<&Pending> = fresh.iter().copied().filter(|m| m.size <= max).collect();
-    let mut downloaded = if whole.is_empty() {
-        Vec::new().into_iter()
+    let downloaded = download(session, &whole, max).await?;
+    let (batch, fresh) = if downloaded.len() < whole.len() {
+        // Stopped early: the batch ends with the last message downloaded.
+        let last = &whole[downloaded.len() - 1].key;
+        let in_batch = batch.iter().position(|m| m.key == *last);
+        let in_fresh = fresh.iter().position(|m| m.key == *last);
+        let (Some(in_batch), Some(in_fresh)) = (in_batch, in_fresh) else {
+            unreachable!("`whole` is taken from `fresh`, itself from `batch`")
+        };
+        (&batch[..=in_batch], fresh[..=in_fresh].to_vec())
     } else {
-        session.fetch(&whole, max).await?.into_iter()
+        (batch, fresh)
     };
+    let mut downloaded = downloaded.into_iter();
     let mut bodies = Vec::with_capacity(fresh.len());
     for message in &fresh {
         let size = if message.size > max {
@@ -194,6 +205,38 @@ pub async fn fetch<'p, T: SourceSession>(
     })
 }
 
+/// Downloads `whole`, in order. When the source listed every size, in one request (the
+/// batch's bytes were bounded by [`split`]); otherwise (Graph lists none) one message at
+/// a time, stopping once [`BATCH_BYTES`] are in hand, so that memory stays bounded by bytes
+/// there too: at most [`BATCH_BYTES`] plus one message (itself at most `max`, cut off
+/// while downloading). The rest waits for the next batch.
+async fn download<T: SourceSession>(
+    session: &mut T,
+    whole: &[&Pending],
+    max: u64,
+) -> Result<Vec<Fetched>, SourceError> {
+    if whole.iter().all(|m| m.size > 0) {
+        return match whole {
+            [] => Ok(Vec::new()),
+            _ => session.fetch(whole, max).await,
+        };
+    }
+    let mut fetched = Vec::with_capacity(whole.len());
+    let mut bytes = 0u64;
+    for message in whole {
+        let one = session.fetch(&[message], max).await?;
+        let one = one.into_iter().next().expect("one result per message");
+        if let Fetched::Whole(raw) = &one {
+            bytes += raw.len() as u64;
+        }
+        fetched.push(one);
+        if bytes >= BATCH_BYTES {
+            break;
+        }
+    }
+    Ok(fetched)
+}
+
 /// Why a message is only kept by its header.
 fn too_large(message: &Pending, size: u64, max: u64) -> String {
     let counted = if size > message.size {
@@ -207,20 +250,14 @@ fn too_large(message: &Pending, size: u64, max: u64) -> String {
     )
 }
 
-/// A message whose size the source does not tell (Graph lists none) counts this much
-/// against [`BATCH_BYTES`]: such batches hold 50 messages, as they did before batches grew
-/// to 100, so that memory stays bounded by count where it cannot be by bytes.
-const UNKNOWN_SIZE: u64 = BATCH_BYTES / 50;
-
 /// The next batch: up to [`BATCH_MESSAGES`] messages and [`BATCH_BYTES`] (always at least
 /// one message; oversized ones count as nothing, since only their header is fetched; one
-/// of unknown size as [`UNKNOWN_SIZE`]).
+/// of unknown size too: [`download`] bounds those by the bytes it receives).
 pub fn split(pending: &[Pending], max_message_size: u64) -> (&[Pending], &[Pending]) {
     let mut bytes = 0u64;
     let mut end = 0;
     for (i, m) in pending.iter().enumerate() {
         let size = match m.size {
-            0 => UNKNOWN_SIZE,
             size if size > max_message_size => 0,
             size => size,
         };
@@ -273,8 +310,8 @@ mod tests {
         let unknown: Vec<(i64, u64)> = (1..=120).map(|key| (key, 0)).collect();
         assert_eq!(
             split(&listed(&unknown), 1 << 30).0.len(),
-            50,
-            "unknown sizes"
+            BATCH_MESSAGES,
+            "unknown sizes are bounded while downloading"
         );
     }
 }

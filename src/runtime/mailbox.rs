@@ -250,15 +250,15 @@ impl<S: MailSource> Poller<S> {
                 on_progress();
                 continue;
             }
-            let (next, tail) = batch::split(rest, max);
-            rest = tail;
+            let (next, _) = batch::split(rest, max);
             if failures >= ISOLATE_AFTER {
                 let trouble = trouble.as_ref();
                 self.store_one_by_one(session, next, &known, trouble, stats, on_progress)
                     .await?;
+                rest = &rest[next.len()..];
                 continue;
             }
-            ahead = Some(match ahead.take() {
+            let fetched = match ahead.take() {
                 None => {
                     self.fetch(session, next, &known, trouble.as_ref(), false)
                         .await?
@@ -270,7 +270,10 @@ impl<S: MailSource> Poller<S> {
                     self.store_while_fetching(session, both, trouble, stats, on_progress)
                         .await?
                 }
-            });
+            };
+            // A download of messages of unknown size may stop early (bytes in hand).
+            rest = &rest[fetched.batch.len()..];
+            ahead = Some(fetched);
         }
         self.store_and_settle(session, ahead, stats, on_progress)
             .await?;

@@ -1,7 +1,8 @@
 //! Microsoft Graph mailboxes against the test Graph endpoint (`support::graph`), the test
 //! Entra and Postgres: delta rounds over several pages, exactly once, messages not
 //! downloaded twice, `start_at`, throttling, a lost sync state, cut downloads, oversized
-//! messages, each `after`, a move that fails after the commit, one credential serving IMAP and Graph, and doctor.
+//! messages, batches bounded by bytes without listed sizes, each `after`, a move that fails
+//! after the commit, one credential serving IMAP and Graph, and doctor.
 
 use crate::daemon::message;
 use crate::support::env::{NOT_GRANTED, SHARED_A, SHARED_B, TestEnv, binary};
@@ -183,6 +184,24 @@ async fn cut_downloads_oversized_messages_and_every_after() {
             .iter()
             .all(|(_, read)| !read)
     );
+}
+
+#[tokio::test]
+async fn large_messages_of_unknown_size_are_stored_in_batches_bounded_by_bytes() {
+    let (s, graph) = graph_env().await;
+    // Graph lists no sizes: a batch ends once 24 MiB are downloaded (with the message that
+    // passed the mark). Three messages of 13 MB: two batches, not one of 39 MB.
+    let line = "x".repeat(76) + "\r\n";
+    for n in 0..3 {
+        let mut raw = message(n, SHARED_A);
+        raw.extend_from_slice(line.repeat(170_000).as_bytes());
+        graph.deliver(SHARED_A, "inbox", &raw, false, Utc::now());
+    }
+    let config = config(&s, &graph_parser("support", SHARED_A, &graph, ""));
+    assert_eq!(run_once(&s, &config, "support").await, Ok((3, 0)));
+    let transactions = "select count(distinct xmin::text) from ticket_messages";
+    assert_eq!(s.count(transactions).await, 2);
+    assert_eq!(graph.requests("$value"), 3, "each downloaded once");
 }
 
 #[tokio::test]
