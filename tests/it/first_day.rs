@@ -360,43 +360,76 @@ async fn a_link_that_keeps_dropping_retries_at_once_while_batches_commit() {
 }
 
 #[tokio::test]
-async fn a_batch_committed_but_not_yet_moved_is_moved_by_the_next_pass_and_stored_once() {
+async fn a_batch_committed_but_not_yet_settled_is_settled_by_the_next_pass_and_stored_once() {
     let s = TestEnv::mail().await;
     for n in 0..3 {
         s.dovecot().deliver(SHARED_A, &message(n, SHARED_A));
+        s.dovecot().deliver(SHARED_B, &message(n, SHARED_B));
     }
-    // The connection dies as the batch's MOVE is sent: after the commit, before the server
-    // moved anything.
-    let proxy = CuttingProxy::start_cutting_on_client(s.dovecot().imap_port, b"UID MOVE").await;
-    let config = s.config(&[s
-        .plain_via("support", SHARED_A, proxy.port)
-        .with("after = \"move:Processed\"")]);
+    // Each connection dies as the batch's settle is sent: after the commit, before the
+    // server moved anything (support) or marked anything read (sales, the default after).
+    let port = s.dovecot().imap_port;
+    let moving = CuttingProxy::start_cutting_on_client(port, b"UID MOVE").await;
+    let marking = CuttingProxy::start_cutting_on_client(port, b"UID STORE").await;
+    let config = s.config(&[
+        s.plain_via("support", SHARED_A, moving.port)
+            .with("after = \"move:Processed\""),
+        s.plain_via("sales", SHARED_B, marking.port),
+    ]);
     let first = s.run_once(&config).await;
-    assert!(first[0].result.is_err(), "{:?}", first[0].result);
-    assert_eq!(proxy.cuts(), 1);
-    assert_eq!(s.tickets("support").await.len(), 3, "committed");
+    assert!(first.iter().all(|r| r.result.is_err()), "{first:?}");
+    assert_eq!((moving.cuts(), marking.cuts()), (1, 1));
+    assert_eq!(
+        s.count("select count(*) from tickets").await,
+        6,
+        "committed"
+    );
     assert_eq!(s.dovecot().messages_in(SHARED_A, ""), 3, "not moved yet");
+    assert_eq!(unseen_on_server(&s, SHARED_B), 3, "not marked read yet");
 
     let second = s.run_once(&config).await;
-    let outcomes = &second[0].result.as_ref().unwrap().outcomes;
-    assert_eq!(outcomes.created, 0, "nothing stored twice: {outcomes:?}");
-    assert_eq!(
-        s.dovecot().messages_in(SHARED_A, ""),
-        0,
-        "moved out of INBOX"
-    );
+    for report in &second {
+        let outcomes = &report.result.as_ref().unwrap().outcomes;
+        assert_eq!(outcomes.created, 0, "nothing stored twice: {outcomes:?}");
+    }
+    assert_eq!(s.dovecot().messages_in(SHARED_A, ""), 0, "moved");
     assert_eq!(s.dovecot().messages_in(SHARED_A, "Processed"), 3);
-    assert_eq!(s.tickets("support").await.len(), 3);
-    assert_eq!(
-        s.count("select count(*) from mailbox_state where unsettled is not null")
-            .await,
-        0,
-        "nothing owed any more"
-    );
+    assert_eq!(unseen_on_server(&s, SHARED_B), 0, "marked read");
+    assert_eq!(s.count("select count(*) from tickets").await, 6);
+    let owed = "select count(*) from mailbox_state where unsettled is not null";
+    assert_eq!(s.count(owed).await, 0, "nothing owed any more");
     // A later pass has nothing to settle again.
     let third = s.run_once(&config).await;
-    assert!(third[0].result.is_ok(), "{:?}", third[0].result);
+    assert!(third.iter().all(|r| r.result.is_ok()), "{third:?}");
     assert_eq!(s.dovecot().messages_in(SHARED_A, "Processed"), 3);
+}
+
+#[tokio::test]
+async fn a_first_contact_whose_search_is_cut_decides_nothing_until_it_can_search() {
+    let s = TestEnv::mail().await;
+    let read = message(1, SHARED_A);
+    s.dovecot()
+        .deliver_as(SHARED_A, &read, true, SystemTime::now());
+    for n in 2..4 {
+        s.dovecot().deliver(SHARED_A, &message(n, SHARED_A));
+    }
+    // start_at = "unseen" (the default): the connection dies as it asks which are unread.
+    // Read as "none", the first contact would skip the unread mail for good.
+    let port = s.dovecot().imap_port;
+    let proxy = CuttingProxy::start_cutting_on_client(port, b"UID SEARCH UNSEEN").await;
+    let config = s.config(&[s.plain_via("support", SHARED_A, proxy.port)]);
+    let first = s.run_once(&config).await;
+    // Failed at the search itself (async-imap's own search returns an empty set there,
+    // and only a later command would notice the lost connection, if any).
+    let error = first[0].result.as_ref().unwrap_err();
+    assert!(error.contains("lost during UID SEARCH"), "{error}");
+    assert_eq!(proxy.cuts(), 1);
+    let recorded = s.count("select count(*) from mailbox_state").await;
+    assert_eq!(recorded, 0, "no first contact recorded");
+
+    let second = s.run_once(&config).await;
+    let once = second[0].result.as_ref().unwrap();
+    assert_eq!(once.outcomes.created, 2, "the two unread messages");
 }
 
 #[tokio::test]

@@ -148,11 +148,14 @@ impl ImapSession {
     }
 
     /// `UID SEARCH` with `criteria` (`"UNSEEN"`, `"SINCE 1-Nov-2026"`): the UIDs, sorted.
+    /// A refused or cut search is an error, never "nothing found" (at first contact that
+    /// would skip the folder's unread mail for good).
     pub async fn search(&mut self, criteria: &str) -> Result<Vec<u32>, ImapError> {
-        let found = timed("UID SEARCH", self.session.uid_search(criteria)).await?;
-        self.drain_unsolicited()?;
-        let mut uids: Vec<u32> = found.into_iter().collect();
+        let mut uids = self
+            .run_checked("UID SEARCH", format!("UID SEARCH {criteria}"))
+            .await?;
         uids.sort_unstable();
+        uids.dedup();
         Ok(uids)
     }
 
@@ -251,19 +254,10 @@ impl ImapSession {
         let set = uid_set(uids);
         let caps = timed("CAPABILITY", self.session.capabilities()).await?;
         if caps.has_str("UIDPLUS") {
-            timed("UID EXPUNGE", async {
-                self.session
-                    .uid_expunge(&set)
-                    .await?
-                    .try_collect::<Vec<_>>()
-                    .await
-            })
-            .await?;
+            self.run_checked("UID EXPUNGE", format!("UID EXPUNGE {set}"))
+                .await?;
         } else {
-            timed("EXPUNGE", async {
-                self.session.expunge().await?.try_collect::<Vec<_>>().await
-            })
-            .await?;
+            self.run_checked("EXPUNGE", "EXPUNGE".into()).await?;
         }
         self.drain_unsolicited()
     }
@@ -273,15 +267,61 @@ impl ImapSession {
             return Ok(());
         }
         let set = uid_set(uids);
-        timed("UID STORE", async {
-            self.session
-                .uid_store(&set, change)
-                .await?
-                .try_collect::<Vec<_>>()
-                .await
-        })
-        .await?;
+        self.run_checked("UID STORE", format!("UID STORE {set} {change}"))
+            .await?;
         self.drain_unsolicited()
+    }
+
+    /// Runs `command` and reads its answer through its tagged status, which must be OK;
+    /// returns the UIDs of any `* SEARCH` response on the way. An EXISTS there is news, a
+    /// BYE a lost connection.
+    ///
+    /// Written here rather than taken from async-imap: its `uid_search`, `uid_store` and
+    /// `expunge` stop at the tagged answer without looking at it, and end quietly when the
+    /// server closes the connection, so a refused or cut command reads as success with
+    /// less data (upstream #95; the connection-cutting tests showed a cut `UID STORE`
+    /// passing as done).
+    async fn run_checked(
+        &mut self,
+        step: &'static str,
+        command: String,
+    ) -> Result<Vec<u32>, ImapError> {
+        use async_imap::error::Error;
+        use async_imap::imap_proto::{MailboxDatum, Response, Status};
+        let (mut found, mut news) = (Vec::new(), false);
+        let session = &mut self.session;
+        let answer = async {
+            let id = session.run_command(&command).await?;
+            loop {
+                let Some(response) = session.read_response().await? else {
+                    return Err(Error::ConnectionLost);
+                };
+                match response.parsed() {
+                    Response::Done {
+                        tag,
+                        status,
+                        outcome,
+                    } if *tag == id => {
+                        let words = || outcome.information.as_deref().unwrap_or("").to_string();
+                        return match status {
+                            Status::Ok => Ok(()),
+                            Status::No => Err(Error::No(words())),
+                            _ => Err(Error::Bad(words())),
+                        };
+                    }
+                    Response::MailboxData(MailboxDatum::Search(uids)) => found.extend(uids),
+                    Response::MailboxData(MailboxDatum::Exists(_)) => news = true,
+                    Response::Data {
+                        status: Status::Bye,
+                        ..
+                    } => return Err(Error::ConnectionLost),
+                    _ => {}
+                }
+            }
+        };
+        timed(step, answer).await?;
+        self.news |= news;
+        Ok(found)
     }
 
     /// Whether the server offers IDLE.
