@@ -405,31 +405,38 @@ async fn a_batch_committed_but_not_yet_settled_is_settled_by_the_next_pass_and_s
 }
 
 #[tokio::test]
-async fn a_first_contact_whose_search_is_cut_decides_nothing_until_it_can_search() {
-    let s = TestEnv::mail().await;
-    let read = message(1, SHARED_A);
-    s.dovecot()
-        .deliver_as(SHARED_A, &read, true, SystemTime::now());
-    for n in 2..4 {
-        s.dovecot().deliver(SHARED_A, &message(n, SHARED_A));
-    }
-    // start_at = "unseen" (the default): the connection dies as it asks which are unread.
-    // Read as "none", the first contact would skip the unread mail for good.
-    let port = s.dovecot().imap_port;
-    let proxy = CuttingProxy::start_cutting_on_client(port, b"UID SEARCH UNSEEN").await;
-    let config = s.config(&[s.plain_via("support", SHARED_A, proxy.port)]);
-    let first = s.run_once(&config).await;
-    // Failed at the search itself (async-imap's own search returns an empty set there,
-    // and only a later command would notice the lost connection, if any).
-    let error = first[0].result.as_ref().unwrap_err();
-    assert!(error.contains("lost during UID SEARCH"), "{error}");
-    assert_eq!(proxy.cuts(), 1);
-    let recorded = s.count("select count(*) from mailbox_state").await;
-    assert_eq!(recorded, 0, "no first contact recorded");
+async fn a_cut_search_or_listing_fails_the_pass_instead_of_finding_nothing() {
+    // async-imap's own SEARCH and FETCH end with an empty answer there; only a later
+    // command would notice the lost connection, if any. Read as "none unread", a first
+    // contact (start_at = "unseen", the default) would skip the unread mail for good;
+    // read as "nothing new", a listing leaves new mail waiting for the next news.
+    let cases: [(&[u8], &str); 2] = [
+        (b"UID SEARCH UNSEEN", "lost during UID SEARCH"),
+        (
+            b"RFC822.SIZE INTERNALDATE",
+            "lost during UID FETCH (RFC822.SIZE INTERNALDATE)",
+        ),
+    ];
+    for (command, step) in cases {
+        let s = TestEnv::mail().await;
+        let read = message(1, SHARED_A);
+        s.dovecot()
+            .deliver_as(SHARED_A, &read, true, SystemTime::now());
+        for n in 2..4 {
+            s.dovecot().deliver(SHARED_A, &message(n, SHARED_A));
+        }
+        let port = s.dovecot().imap_port;
+        let proxy = CuttingProxy::start_cutting_on_client(port, command).await;
+        let config = s.config(&[s.plain_via("support", SHARED_A, proxy.port)]);
+        let first = s.run_once(&config).await;
+        let error = first[0].result.as_ref().unwrap_err();
+        assert!(error.contains(step), "{error}");
+        assert_eq!(proxy.cuts(), 1);
 
-    let second = s.run_once(&config).await;
-    let once = second[0].result.as_ref().unwrap();
-    assert_eq!(once.outcomes.created, 2, "the two unread messages");
+        let second = s.run_once(&config).await;
+        let once = second[0].result.as_ref().unwrap();
+        assert_eq!(once.outcomes.created, 2, "the two unread messages: {step}");
+    }
 }
 
 #[tokio::test]

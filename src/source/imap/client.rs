@@ -7,10 +7,11 @@
 //! - a timeout on every network step (async-imap has none) and TCP keepalive;
 //! - the server greeting is read explicitly (async-imap does not);
 //! - a FETCH that returns fewer messages than asked is an error (async-imap reports a
-//!   tagged NO/BAD or a clean close in mid-fetch as success: upstream #95), and UID
-//!   SEARCH, UID STORE and EXPUNGE read their tagged answer themselves
-//!   (`ImapSession::run_checked`) for the same reason: a refused or cut search is not
-//!   "nothing found", a refused or cut `\Seen` is not "marked read";
+//!   tagged NO/BAD or a clean close in mid-fetch as success: upstream #95), and the
+//!   listing (UID FETCH of sizes and dates), UID SEARCH, UID STORE and EXPUNGE read their
+//!   tagged answer themselves (`ImapSession::run_checked`) for the same reason: a refused
+//!   or cut listing or search is not "nothing new", a refused or cut `\Seen` is not
+//!   "marked read";
 //! - `UID FETCH n:*` returns the last message even when n is past it: results are filtered;
 //! - the unsolicited-response channel (which drops items past 100) is drained after each
 //!   command, and a BYE found there is a lost connection;

@@ -5,6 +5,7 @@
 use super::client::{COMMAND_TIMEOUT, ImapError, Stream, command_error, timed};
 use super::folder_name::to_wire;
 use async_imap::Session;
+use async_imap::imap_proto::{AttributeValue, MailboxDatum, Response, Status};
 use async_imap::types::{Fetch, UnsolicitedResponse};
 use futures::TryStreamExt;
 use std::time::Duration;
@@ -123,26 +124,20 @@ impl ImapSession {
     /// INTERNALDATE. A `n:*` range also returns the last message when n is past it: the
     /// caller filters.
     pub async fn pending_in(&mut self, set: &str) -> Result<Vec<Listed>, ImapError> {
-        let fetches: Vec<Fetch> = timed("UID FETCH (RFC822.SIZE INTERNALDATE)", async {
-            self.session
-                .uid_fetch(set, "(UID RFC822.SIZE INTERNALDATE)")
-                .await?
-                .try_collect()
-                .await
-        })
+        let mut listed = Vec::new();
+        let command = format!("UID FETCH {set} (UID RFC822.SIZE INTERNALDATE)");
+        self.run_checked(
+            "UID FETCH (RFC822.SIZE INTERNALDATE)",
+            command,
+            |response| {
+                if let Response::Fetch(_, attributes) = response {
+                    listed.extend(listed_from(attributes));
+                }
+            },
+        )
         .await?;
-        self.drain_unsolicited()?;
-        let mut listed: Vec<Listed> = fetches
-            .iter()
-            .filter_map(|f| {
-                Some(Listed {
-                    uid: f.uid?,
-                    size: f.size.unwrap_or(0),
-                    arrived: f.internal_date().map(|d| d.with_timezone(&chrono::Utc)),
-                })
-            })
-            .collect();
-        listed.sort_unstable_by_key(|p| p.uid);
+        // A flag change announced meanwhile comes as a FETCH too: keep the listing's entry.
+        listed.sort_unstable_by_key(|p| (p.uid, std::cmp::Reverse(p.size)));
         listed.dedup_by_key(|p| p.uid);
         Ok(listed)
     }
@@ -151,9 +146,14 @@ impl ImapSession {
     /// A refused or cut search is an error, never "nothing found" (at first contact that
     /// would skip the folder's unread mail for good).
     pub async fn search(&mut self, criteria: &str) -> Result<Vec<u32>, ImapError> {
-        let mut uids = self
-            .run_checked("UID SEARCH", format!("UID SEARCH {criteria}"))
-            .await?;
+        let mut uids = Vec::new();
+        let command = format!("UID SEARCH {criteria}");
+        self.run_checked("UID SEARCH", command, |response| {
+            if let Response::MailboxData(MailboxDatum::Search(found)) = response {
+                uids.extend(found);
+            }
+        })
+        .await?;
         uids.sort_unstable();
         uids.dedup();
         Ok(uids)
@@ -254,12 +254,11 @@ impl ImapSession {
         let set = uid_set(uids);
         let caps = timed("CAPABILITY", self.session.capabilities()).await?;
         if caps.has_str("UIDPLUS") {
-            self.run_checked("UID EXPUNGE", format!("UID EXPUNGE {set}"))
-                .await?;
+            let command = format!("UID EXPUNGE {set}");
+            self.run_checked("UID EXPUNGE", command, |_| {}).await
         } else {
-            self.run_checked("EXPUNGE", "EXPUNGE".into()).await?;
+            self.run_checked("EXPUNGE", "EXPUNGE".into(), |_| {}).await
         }
-        self.drain_unsolicited()
     }
 
     async fn store_flags(&mut self, uids: &[u32], change: &str) -> Result<(), ImapError> {
@@ -267,28 +266,27 @@ impl ImapSession {
             return Ok(());
         }
         let set = uid_set(uids);
-        self.run_checked("UID STORE", format!("UID STORE {set} {change}"))
-            .await?;
-        self.drain_unsolicited()
+        let command = format!("UID STORE {set} {change}");
+        self.run_checked("UID STORE", command, |_| {}).await
     }
 
     /// Runs `command` and reads its answer through its tagged status, which must be OK;
-    /// returns the UIDs of any `* SEARCH` response on the way. An EXISTS there is news, a
-    /// BYE a lost connection.
+    /// `take` sees every untagged response on the way (an EXISTS there is also news, a BYE
+    /// a lost connection).
     ///
-    /// Written here rather than taken from async-imap: its `uid_search`, `uid_store` and
-    /// `expunge` stop at the tagged answer without looking at it, and end quietly when the
-    /// server closes the connection, so a refused or cut command reads as success with
-    /// less data (upstream #95; the connection-cutting tests showed a cut `UID STORE`
-    /// passing as done).
+    /// Written here rather than taken from async-imap: its `uid_fetch`, `uid_search`,
+    /// `uid_store` and `expunge` stop at the tagged answer without looking at it, and end
+    /// quietly when the server closes the connection, so a refused or cut command reads as
+    /// success with less data (upstream #95; the connection-cutting tests showed a cut
+    /// `UID STORE` passing as done, and a cut `UID SEARCH` as "nothing found").
     async fn run_checked(
         &mut self,
         step: &'static str,
         command: String,
-    ) -> Result<Vec<u32>, ImapError> {
+        mut take: impl FnMut(&Response<'_>) + Send,
+    ) -> Result<(), ImapError> {
         use async_imap::error::Error;
-        use async_imap::imap_proto::{MailboxDatum, Response, Status};
-        let (mut found, mut news) = (Vec::new(), false);
+        let mut news = false;
         let session = &mut self.session;
         let answer = async {
             let id = session.run_command(&command).await?;
@@ -309,19 +307,18 @@ impl ImapSession {
                             _ => Err(Error::Bad(words())),
                         };
                     }
-                    Response::MailboxData(MailboxDatum::Search(uids)) => found.extend(uids),
-                    Response::MailboxData(MailboxDatum::Exists(_)) => news = true,
                     Response::Data {
                         status: Status::Bye,
                         ..
                     } => return Err(Error::ConnectionLost),
-                    _ => {}
+                    Response::MailboxData(MailboxDatum::Exists(_)) => news = true,
+                    other => take(other),
                 }
             }
         };
         timed(step, answer).await?;
         self.news |= news;
-        Ok(found)
+        self.drain_unsolicited()
     }
 
     /// Whether the server offers IDLE.
@@ -403,6 +400,29 @@ impl ImapSession {
     }
 }
 
+/// A listed message from the attributes of a FETCH response, if it carries a UID.
+fn listed_from(attributes: &[AttributeValue<'_>]) -> Option<Listed> {
+    let (mut uid, mut size, mut arrived) = (None, 0, None);
+    for attribute in attributes {
+        match attribute {
+            AttributeValue::Uid(u) => uid = Some(*u),
+            AttributeValue::Rfc822Size(s) => size = *s,
+            // RFC 3501's date-time, its day space-padded below 10.
+            AttributeValue::InternalDate(text) => {
+                arrived = chrono::DateTime::parse_from_str(text.trim(), "%d-%b-%Y %H:%M:%S %z")
+                    .ok()
+                    .map(|d| d.with_timezone(&chrono::Utc));
+            }
+            _ => {}
+        }
+    }
+    Some(Listed {
+        uid: uid?,
+        size,
+        arrived,
+    })
+}
+
 /// "1:3,7,9:10" for sorted UIDs.
 pub fn uid_set(uids: &[u32]) -> String {
     let mut out = String::new();
@@ -436,5 +456,29 @@ mod tests {
         assert_eq!(uid_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
         assert_eq!(uid_set(&[5]), "5");
         assert_eq!(uid_set(&[]), "");
+    }
+
+    #[test]
+    fn a_listing_entry_needs_a_uid_and_reads_size_and_arrival() {
+        use std::borrow::Cow;
+        let entry = |date: &'static str| {
+            listed_from(&[
+                AttributeValue::Uid(42),
+                AttributeValue::Rfc822Size(1234),
+                AttributeValue::InternalDate(Cow::Borrowed(date)),
+            ])
+        };
+        let arrived = chrono::DateTime::parse_from_rfc3339("2026-12-07T08:00:00Z").unwrap();
+        for date in ["07-Dec-2026 09:00:00 +0100", " 7-Dec-2026 09:00:00 +0100"] {
+            let listed = entry(date).unwrap();
+            assert_eq!((listed.uid, listed.size), (42, 1234));
+            assert_eq!(
+                listed.arrived,
+                Some(arrived.with_timezone(&chrono::Utc)),
+                "{date}"
+            );
+        }
+        assert_eq!(entry("yesterday").unwrap().arrived, None);
+        assert!(listed_from(&[AttributeValue::Rfc822Size(1)]).is_none());
     }
 }
