@@ -51,7 +51,7 @@ impl<S: MailSource> Poller<S> {
         keys: &[String],
         cursor: &Cursor,
     ) -> Result<(), PollError> {
-        let owed: Vec<Pending> = keys.iter().map(|key| owed(key, cursor)).collect();
+        let owed: Vec<Pending> = keys.iter().map(|key| owed_message(key, cursor)).collect();
         let refs: Vec<&Pending> = owed.iter().collect();
         match session.settle(&refs).await {
             Ok(()) => tracing::info!(
@@ -79,7 +79,7 @@ impl<S: MailSource> Poller<S> {
 }
 
 /// A message owed a settle, as the source's `settle` takes it: only its key counts.
-fn owed(key: &str, cursor: &Cursor) -> Pending {
+fn owed_message(key: &str, cursor: &Cursor) -> Pending {
     Pending {
         key: key.to_owned(),
         size: 0,
