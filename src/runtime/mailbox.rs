@@ -216,7 +216,6 @@ impl<S: MailSource> Poller<S> {
         let (name, key) = (&self.parser.name, self.source.cursor_key());
         self.states.set(name, MailboxState::Fetching);
         let (listing, known, mut trouble) = self.pending(session).await?;
-        let max = self.parser.max_message_size;
         let mut rest = listing.pending.as_slice();
         // Downloaded, not yet stored.
         let mut ahead: Option<FetchedBatch> = None;
@@ -250,7 +249,7 @@ impl<S: MailSource> Poller<S> {
                 on_progress();
                 continue;
             }
-            let (next, _) = batch::split(rest, max);
+            let (next, _) = batch::split(rest, self.parser.max_message_size);
             if failures >= ISOLATE_AFTER {
                 let trouble = trouble.as_ref();
                 self.store_one_by_one(session, next, &known, trouble, stats, on_progress)
