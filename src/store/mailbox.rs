@@ -1,6 +1,7 @@
 //! SQL of `mailbox_state`: each mailbox's cursor (saved in the transaction of the rows it
-//! covers), the settle that commit still owes the server, and its failed-fetch counter. The loop treats the cursor as opaque; this module
-//! maps each kind of [`Cursor`] to its columns.
+//! covers), the settle that commit still owes the server, and its failed-fetch counter.
+//! The loop treats the cursor as opaque; this module maps each kind of [`Cursor`] to its
+//! columns.
 
 use super::StoreError;
 use crate::source::Cursor;
@@ -122,7 +123,7 @@ pub async fn save_start(
             last_uid,
             backlog,
         } => (uidvalidity, last_uid, backlog),
-        Cursor::Graph { .. } => return save_graph(conn, parser, key, cursor, true, &[]).await,
+        Cursor::Graph { .. } => return save_graph(conn, parser, key, cursor, true, None).await,
     };
     let backlog = backlog.as_ref().filter(|b| b.until > *last_uid);
     sqlx::query(
@@ -165,7 +166,7 @@ pub async fn save(
             ..
         } => (uidvalidity, last_uid),
         Cursor::Graph { .. } => {
-            return save_graph(conn, parser, key, cursor, false, unsettled.unwrap_or(&[])).await;
+            return save_graph(conn, parser, key, cursor, false, unsettled).await;
         }
     };
     sqlx::query(
@@ -222,18 +223,18 @@ pub async fn forget_unsettled(
     Ok(())
 }
 
-/// A Graph cursor: the link and the first-contact time, with the settle owed. A start
-/// clears the failed-fetch counter; progress keeps it (Graph ids have no order to tell
-/// whether it was passed; a counter for a message no longer first in line is never used).
+/// A Graph cursor: the link and the first-contact time, with the settle owed (`None`:
+/// nothing). A start clears the failed-fetch counter; progress keeps it (Graph ids have no
+/// order to tell whether it was passed; a counter for a message no longer first in line is
+/// never used).
 async fn save_graph(
     conn: &mut PgConnection,
     parser: &str,
     key: &str,
     cursor: &Cursor,
     start: bool,
-    unsettled: &[&str],
+    unsettled: Option<&[&str]>,
 ) -> Result<(), StoreError> {
-    let unsettled = (!unsettled.is_empty()).then_some(unsettled);
     let Cursor::Graph {
         link,
         first_contact_at,
