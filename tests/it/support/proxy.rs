@@ -132,19 +132,16 @@ impl CuttingProxy {
                     let client_counter = counter.clone();
                     let upstream = tokio::spawn(async move {
                         let mut buf = vec![0u8; 16 * 1024];
-                        let mut window: Vec<u8> = Vec::new();
+                        let mut client_marker =
+                            client_marker.map(|(marker, armed)| (Watch::new(marker), armed));
                         while let Ok(n) = cr.read(&mut buf).await {
-                            if let Some((marker, armed)) = &client_marker {
-                                window.extend_from_slice(&buf[..n]);
-                                if window.windows(marker.len()).any(|w| w == marker.as_slice())
-                                    && armed.swap(false, Ordering::SeqCst)
-                                {
-                                    client_counter.fetch_add(1, Ordering::SeqCst);
-                                    cutting.notify_one();
-                                    break;
-                                }
-                                let keep = window.len().saturating_sub(marker.len());
-                                window.drain(..keep);
+                            if let Some((watch, armed)) = &mut client_marker
+                                && watch.seen(&buf[..n])
+                                && armed.swap(false, Ordering::SeqCst)
+                            {
+                                client_counter.fetch_add(1, Ordering::SeqCst);
+                                cutting.notify_one();
+                                break;
                             }
                             if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
                                 break;
@@ -156,21 +153,17 @@ impl CuttingProxy {
                     let downstream = async {
                         let mut sent = 0usize;
                         let mut buf = vec![0u8; 16 * 1024];
-                        // The end of the previous read, so a marker split across reads is seen.
-                        let mut window: Vec<u8> = Vec::new();
+                        let mut marker = marker.map(Watch::new);
                         loop {
                             let n = match sr.read(&mut buf).await {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
-                            if let Some(marker) = &marker {
-                                window.extend_from_slice(&buf[..n]);
-                                if window.windows(marker.len()).any(|w| w == marker.as_slice()) {
-                                    counter.fetch_add(1, Ordering::SeqCst);
-                                    break;
-                                }
-                                let keep = window.len().saturating_sub(marker.len());
-                                window.drain(..keep);
+                            if let Some(watch) = &mut marker
+                                && watch.seen(&buf[..n])
+                            {
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                break;
                             }
                             if let Some(limit) = cut
                                 && sent + n >= limit
@@ -258,4 +251,31 @@ fn replace_all(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Watches one direction of a connection for a marker, also when it is split across reads.
+struct Watch {
+    marker: Vec<u8>,
+    /// The last bytes read, as many as the marker has.
+    window: Vec<u8>,
+}
+
+impl Watch {
+    fn new(marker: Vec<u8>) -> Self {
+        Watch {
+            marker,
+            window: Vec::new(),
+        }
+    }
+
+    /// True when the marker is in what was read so far, up to and including `read`.
+    fn seen(&mut self, read: &[u8]) -> bool {
+        self.window.extend_from_slice(read);
+        let seen = (self.window)
+            .windows(self.marker.len())
+            .any(|w| w == self.marker.as_slice());
+        let keep = self.window.len().saturating_sub(self.marker.len());
+        self.window.drain(..keep);
+        seen
+    }
 }
