@@ -31,7 +31,7 @@ fn at(year: i32, month: u32, day: u32, hour: u32, minute: u32, second: u32) -> D
 
 /// Messages of a Maildir mailbox that are not `\Seen`.
 fn unseen_on_server(s: &TestEnv, mailbox: &str) -> usize {
-    let maildir = s.dovecot().root.join("mail").join(mailbox).join("Maildir");
+    let maildir = s.dovecot().maildir(mailbox, "");
     let new = std::fs::read_dir(maildir.join("new")).map_or(0, |d| d.count());
     let cur_unseen = std::fs::read_dir(maildir.join("cur")).map_or(0, |d| {
         d.filter(|e| {

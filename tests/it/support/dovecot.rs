@@ -148,14 +148,13 @@ rm -rf "$ROOT"
         received: std::time::SystemTime,
     ) {
         let (uid, gid) = dovecot_ids();
-        let home = self.root.join("mail").join(mailbox.to_lowercase());
-        let mut maildir = home.join("Maildir");
-        let mut dirs = vec![home, maildir.clone()];
-        if !folder.is_empty() {
-            maildir = maildir.join(format!(".{folder}"));
-            dirs.push(maildir.clone());
-        }
+        let maildir = self.maildir(mailbox, folder);
         if !maildir.join("new").exists() {
+            let home = self.root.join("mail").join(mailbox.to_lowercase());
+            let mut dirs = vec![home.clone(), home.join("Maildir")];
+            if !folder.is_empty() {
+                dirs.push(maildir.clone());
+            }
             dirs.extend(["new", "cur", "tmp"].map(|sub| maildir.join(sub)));
             for dir in dirs {
                 std::fs::create_dir_all(&dir).unwrap();
@@ -187,18 +186,23 @@ rm -rf "$ROOT"
     /// How many messages `mailbox`'s `folder` holds ("" for INBOX, else the folder's
     /// directory name as in [`deliver_into`](Self::deliver_into)), counted in its Maildir.
     pub fn messages_in(&self, mailbox: &str, folder: &str) -> usize {
-        let mut dir = self
-            .root
-            .join("mail")
-            .join(mailbox.to_lowercase())
-            .join("Maildir");
-        if !folder.is_empty() {
-            dir = dir.join(format!(".{folder}"));
-        }
+        let dir = self.maildir(mailbox, folder);
         ["new", "cur"]
             .iter()
             .map(|sub| std::fs::read_dir(dir.join(sub)).map_or(0, |d| d.count()))
             .sum()
+    }
+
+    /// The Maildir directory of `mailbox`'s `folder` ("" for INBOX, else the folder's
+    /// directory name as in [`deliver_into`](Self::deliver_into)).
+    pub fn maildir(&self, mailbox: &str, folder: &str) -> PathBuf {
+        let maildir = (self.root.join("mail"))
+            .join(mailbox.to_lowercase())
+            .join("Maildir");
+        match folder {
+            "" => maildir,
+            _ => maildir.join(format!(".{folder}")),
+        }
     }
 
     /// Dovecot's log (for failure messages).
